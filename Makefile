@@ -1,0 +1,58 @@
+# Set-up is two commands on a fresh machine: `make serve` and `make test` (see README.md).
+# Every target creates and fills .venv itself; stamps make reruns cheap.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL_DIR ?= models/cdnow
+MODEL  := $(MODEL_DIR)/model.onnx
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+SEEDS  ?= 5
+
+.PHONY: env system-deps train serve test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first and pinned exactly: the train extra names torch==2.13.0 too, but installing it up
+# front keeps pip from resolving it against the registry's CUDA builds.
+$(VENV)/.stamp-train: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[train]'
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-train
+	$(BIN)/pip install --quiet -e '.[train,dev]'
+	touch $@
+
+env: $(VENV)/.stamp-dev
+
+$(MODEL): | $(VENV)/.stamp-train
+	$(BIN)/python -m model_export train --data cdnow --protocol customer-split --seeds $(SEEDS) --out $(MODEL_DIR)
+
+# Retrains unconditionally; `make serve` trains only when the model file is missing.
+train: $(VENV)/.stamp-train
+	$(BIN)/python -m model_export train --data cdnow --protocol customer-split --seeds $(SEEDS) --out $(MODEL_DIR)
+
+serve: $(MODEL)
+	$(BIN)/python -m service --model $(MODEL) --host $(HOST) --port $(PORT)
+
+system-deps:
+	scripts/system-deps.sh
+
+test: $(VENV)/.stamp-dev system-deps
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(VENV)/.stamp-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

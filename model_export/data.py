@@ -1,0 +1,247 @@
+"""Reading and cleaning a transaction log, and turning it into the encoder's columnar arrays.
+
+Cleaning policy (every count lands in the report):
+
+1. A file that is malformed fails loudly: a required column missing, a timestamp that does not
+   parse, an amount or quantity that is not a number. The error names the column and the first bad
+   line; we never train on garbage silently.
+2. Rows with an empty user id or timestamp are dropped (``dropped_missing_user``,
+   ``dropped_missing_timestamp``); so are rows with an empty amount or quantity.
+3. Non-finite or negative amounts are dropped (``dropped_bad_amount``); zero or negative
+   quantities too (``dropped_bad_quantity``).
+4. Exact duplicate rows (same user, timestamp, amount, quantity) are dropped
+   (``dropped_exact_duplicates``): a logging retry, not a second purchase.
+5. Rows of the same user on the same UTC day are merged into one purchase (amounts and quantities
+   summed; ``merged_same_day``): the encoder counts purchase days, and so do BG/NBD and RFM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+REQUIRED = ("user_id", "timestamp", "amount", "quantity")
+CDNOW_NAME = "cdnow"
+
+
+class DataError(ValueError):
+    """The input log is malformed; the message names the column and the first bad line."""
+
+
+@dataclass
+class CleaningReport:
+    source: str
+    rows_read: int = 0
+    dropped_missing_user: int = 0
+    dropped_missing_timestamp: int = 0
+    dropped_missing_value: int = 0
+    dropped_bad_amount: int = 0
+    dropped_bad_quantity: int = 0
+    dropped_exact_duplicates: int = 0
+    merged_same_day: int = 0
+    rows_kept: int = 0
+    users: int = 0
+    first_timestamp: str = ""
+    last_timestamp: str = ""
+
+    def to_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Transactions:
+    """A cleaned log: one row per user-day purchase, sorted by user then time.
+
+    ``frame`` columns: user_id (str), timestamp (int64 epoch seconds, UTC), amount, quantity.
+    """
+
+    frame: pd.DataFrame
+    report: CleaningReport
+    fingerprint: str  # sha256 of the cleaned rows: identifies the training data in the model file
+
+    @property
+    def last_timestamp(self) -> int:
+        return int(self.frame["timestamp"].max())
+
+
+def cdnow_path() -> Path:
+    """The CDNOW master file inside the installed ``lifetimes`` wheel.
+
+    ``import lifetimes.datasets`` fails on current setuptools (it needs ``pkg_resources``), so the
+    file is found relative to the package instead.
+    """
+    import lifetimes
+
+    path = Path(lifetimes.__file__).parent / "datasets" / "CDNOW_master.txt"
+    if not path.is_file():
+        raise DataError(f"CDNOW data not found at {path}: is the 'lifetimes' package installed?")
+    return path
+
+
+def _read_raw(path: Path, columns: dict[str, str]) -> tuple[pd.DataFrame, int]:
+    """Returns the frame (all columns as strings) and the file line number of its first row."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        frame = pd.read_parquet(path).astype("string")
+        first_line = 1  # parquet has no lines; report row numbers from 1
+    elif path.name == "CDNOW_master.txt":
+        frame = pd.read_csv(path, sep=r"\s+", dtype=str, keep_default_na=False, na_values=[""])
+        first_line = 2
+    else:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        first_line = 2
+    frame.columns = [str(c).strip() for c in frame.columns]
+    rename = {src: dst for dst, src in columns.items()}
+    frame = frame.rename(columns=rename)
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        wanted = {c: columns.get(c, c) for c in missing}
+        raise DataError(
+            f"{path}: missing required column(s) {', '.join(f'{k} (looked for {v!r})' for k, v in wanted.items())}; "
+            f"found {list(frame.columns)}"
+        )
+    return frame[list(REQUIRED)].copy(), first_line
+
+
+def _parse_timestamps(raw: pd.Series, path: Path, first_line: int) -> pd.Series:
+    text = raw.str.strip()
+    if text.dropna().str.fullmatch(r"\d{8}").all():
+        parsed = pd.to_datetime(text, format="%Y%m%d", errors="coerce", utc=True)
+    else:
+        parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
+    bad = parsed.isna() & text.notna()
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{path}: column 'timestamp' has an unparseable value on line {pos + first_line}: "
+            f"{str(text.iloc[pos])[:40]!r}"
+        )
+    return parsed
+
+
+def _parse_number(raw: pd.Series, column: str, path: Path, first_line: int) -> pd.Series:
+    values = pd.to_numeric(raw.str.strip(), errors="coerce")
+    # to_numeric accepts "nan"/"inf" spellings as floats; only truly non-numeric text is malformed
+    bad = values.isna() & raw.notna() & ~raw.str.strip().str.lower().isin(["nan", "-nan", "+nan"])
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{path}: column {column!r} has a non-numeric value on line {pos + first_line}: "
+            f"{str(raw.iloc[pos])[:40]!r}"
+        )
+    return values.astype("float64")
+
+
+def load_transactions(source: str | Path, columns: dict[str, str] | None = None) -> Transactions:
+    """Read, validate and clean a log; ``source`` is a CSV/Parquet path or ``"cdnow"``."""
+    if str(source) == CDNOW_NAME:
+        path = cdnow_path()
+        columns = {"user_id": "customer_id", "timestamp": "date", "quantity": "number_of_cds",
+                   "amount": "dollar_value"}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"input file not found: {path}")
+    frame, first_line = _read_raw(path, columns or {})
+    report = CleaningReport(source=str(source), rows_read=len(frame))
+
+    user = frame["user_id"].str.strip()
+    timestamp = _parse_timestamps(frame["timestamp"], path, first_line)
+    amount = _parse_number(frame["amount"], "amount", path, first_line)
+    quantity = _parse_number(frame["quantity"], "quantity", path, first_line)
+
+    df = pd.DataFrame({"user_id": user, "timestamp": timestamp, "amount": amount, "quantity": quantity})
+    missing_user = df["user_id"].isna() | (df["user_id"] == "")
+    report.dropped_missing_user = int(missing_user.sum())
+    df = df[~missing_user]
+    missing_ts = df["timestamp"].isna()
+    report.dropped_missing_timestamp = int(missing_ts.sum())
+    df = df[~missing_ts]
+    missing_value = df["amount"].isna() & ~frame.loc[df.index, "amount"].notna() | (
+        df["quantity"].isna() & ~frame.loc[df.index, "quantity"].notna()
+    )
+    report.dropped_missing_value = int(missing_value.sum())
+    df = df[~missing_value]
+    bad_amount = ~np.isfinite(df["amount"].to_numpy()) | (df["amount"].to_numpy() < 0)
+    report.dropped_bad_amount = int(bad_amount.sum())
+    df = df[~bad_amount]
+    qty = df["quantity"].to_numpy()
+    bad_quantity = ~np.isfinite(qty) | (qty <= 0)
+    report.dropped_bad_quantity = int(bad_quantity.sum())
+    df = df[~bad_quantity]
+
+    # pandas may hold datetimes at s/ms/us/ns resolution: convert explicitly to epoch seconds
+    df = df.assign(timestamp=df["timestamp"].dt.as_unit("s").astype("int64"))
+    n_before = len(df)
+    df = df.drop_duplicates()
+    report.dropped_exact_duplicates = n_before - len(df)
+
+    day = df["timestamp"] // 86_400
+    n_before = len(df)
+    df = (
+        df.assign(day=day)
+        .groupby(["user_id", "day"], sort=True, as_index=False)
+        .agg(timestamp=("timestamp", "min"), amount=("amount", "sum"), quantity=("quantity", "sum"))
+        .drop(columns="day")
+    )
+    report.merged_same_day = n_before - len(df)
+    df = df.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    df["user_id"] = df["user_id"].astype(str)
+    if df.empty:
+        raise DataError(f"{path}: no usable rows after cleaning ({report.to_dict()})")
+    report.rows_kept = len(df)
+    report.users = int(df["user_id"].nunique())
+    report.first_timestamp = pd.Timestamp(int(df["timestamp"].min()), unit="s", tz="UTC").isoformat()
+    report.last_timestamp = pd.Timestamp(int(df["timestamp"].max()), unit="s", tz="UTC").isoformat()
+    return Transactions(frame=df, report=report, fingerprint=fingerprint(df))
+
+
+def fingerprint(df: pd.DataFrame) -> str:
+    digest = hashlib.sha256()
+    digest.update(df["user_id"].to_numpy().astype(str).astype("U").tobytes())
+    for col in ("timestamp", "amount", "quantity"):
+        digest.update(np.ascontiguousarray(df[col].to_numpy()).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Events of a set of users in the encoder's columnar layout."""
+
+    user_ids: NDArray[np.str_]
+    timestamps: NDArray[np.int64]
+    amounts: NDArray[np.float64]
+    quantities: NDArray[np.float64]
+    offsets: NDArray[np.int64]
+
+
+def to_columns(df: pd.DataFrame, user_ids: NDArray[np.str_] | None = None) -> Columns:
+    """Group a cleaned frame by user in the order of ``user_ids`` (default: sorted unique ids).
+
+    Users without rows get an empty slice, so they encode as "no history".
+    """
+    ids = np.sort(df["user_id"].unique()).astype(str) if user_ids is None else np.asarray(user_ids, dtype=str)
+    codes = pd.Categorical(df["user_id"], categories=ids).codes.astype(np.int64)
+    keep = codes >= 0
+    order = np.argsort(codes[keep], kind="stable")
+    rows = np.flatnonzero(keep)[order]
+    counts = np.bincount(codes[keep], minlength=len(ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Columns(
+        user_ids=ids,
+        timestamps=df["timestamp"].to_numpy(np.int64)[rows],
+        amounts=df["amount"].to_numpy(np.float64)[rows],
+        quantities=df["quantity"].to_numpy(np.float64)[rows],
+        offsets=offsets,
+    )
+
+
+def end_of_day(date: str) -> int:
+    """Epoch seconds of the last second of ``date`` (YYYY-MM-DD, UTC): a cutoff day is inclusive."""
+    day = pd.Timestamp(date, tz="UTC").normalize()
+    return int(day.timestamp()) + 86_400 - 1

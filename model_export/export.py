@@ -1,0 +1,108 @@
+"""ONNX export as a contract (after timm's ``onnx.py``): eval mode, named input and output, a dynamic
+batch axis traced with batch >= 2, a pinned opset, ``check_model(full_check=True)``, numeric parity
+against onnxruntime, metadata inside the one file, and an atomic write.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from numpy.typing import NDArray
+
+from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-5
+
+
+class ExportError(RuntimeError):
+    """The exported graph is invalid or disagrees with PyTorch."""
+
+
+def to_onnx(model: torch.nn.Module, example: NDArray[np.float32], opset: int) -> onnx.ModelProto:
+    """Trace ``model`` into an in-memory ONNX model with a dynamic batch axis and no external data."""
+    model.eval()
+    if example.shape[0] < 2:
+        raise ValueError("trace with a batch of at least 2, so the batch axis cannot be specialised to 1")
+    batch = torch.export.Dim("batch", min=1, max=1 << 24)
+    # The dynamo exporter prints its progress to stdout; keep the CLI's output to our own lines.
+    with redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            model,
+            (torch.from_numpy(example),),
+            dynamo=True,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"features": {0: batch}},
+            opset_version=opset,
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    proto: onnx.ModelProto = program.model_proto
+    return proto
+
+
+def run_onnx(proto: onnx.ModelProto, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Score ``inputs`` with onnxruntime on CPU: the numbers the service will produce."""
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out: NDArray[np.float32] = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+    return out
+
+
+def parity(model: torch.nn.Module, proto: onnx.ModelProto, inputs: NDArray[np.float32]) -> float:
+    """Max absolute difference between PyTorch and onnxruntime (CPU) on ``inputs``."""
+    got = run_onnx(proto, inputs)
+    with torch.no_grad():
+        want = model(torch.from_numpy(inputs)).numpy()
+    if got.shape != want.shape:
+        raise ExportError(f"onnxruntime output shape {got.shape} != PyTorch {want.shape}")
+    return float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if inputs.size else 0.0
+
+
+def with_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.metadata_props[:]
+    onnx.helper.set_model_props(out, metadata.to_props())
+    out.producer_name = "purchase-intent"
+    out.doc_string = (
+        "Purchase-intent correlation-learning network: features float32 [batch, lookback_bins, "
+        "channels] (raw service.features.encode_batch output) -> probability float32 [batch] of at "
+        f"least one purchase within {metadata.horizon_weeks} weeks."
+    )
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def write_atomic(data: bytes, path: Path) -> None:
+    """Temp file in the target directory, fsync, rename: a reader never sees half a model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the serving user is usually someone else
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: Path) -> ModelMetadata:
+    """Metadata of an exported file, read the way the service reads it (through onnxruntime)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)

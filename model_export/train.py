@@ -1,0 +1,399 @@
+"""``train(cfg, out_dir)``: data -> examples -> seed members -> baselines -> report -> ONNX file.
+
+Protocols (see :mod:`model_export.config` for the defaults):
+
+customer-split
+    Features at the cutoff, label = a purchase in ``(cutoff, cutoff + horizon]``; customers are
+    split train / validation / test by a seeded stratified split. Test customers are never used for
+    fitting, early stopping or choosing the threshold.
+out-of-time
+    What production does: fit at ``t0 = cutoff - horizon`` with labels in ``(t0, cutoff]``
+    (train / validation split of those customers), then score everybody known at the cutoff and
+    evaluate on the next ``horizon`` weeks. Baselines follow the same protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from model_export import baselines, evaluate
+from model_export.config import TrainConfig
+from model_export.data import Transactions, end_of_day, load_transactions, to_columns
+from model_export.export import (
+    PARITY_TOLERANCE,
+    ExportError,
+    parity,
+    run_onnx,
+    to_onnx,
+    with_metadata,
+    write_atomic,
+)
+from model_export.model import CLN, CLNConfig, Ensemble, n_parameters
+from service.artifact import ModelMetadata
+from service.features import FeatureSpec, UserSummary, encode_batch, summarise
+
+log = logging.getLogger(__name__)
+
+SECONDS_PER_WEEK = 7 * 86_400
+BASELINES = ("bgnbd", "logreg_rfm", "lightgbm")
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Customers known at ``as_of`` with their features and labels."""
+
+    user_ids: NDArray[np.str_]
+    as_of: int
+    X: NDArray[np.float32]  # [N, T, C]
+    y: NDArray[np.int64]  # [N]
+    summary: UserSummary
+
+    def take(self, idx: NDArray[np.int64]) -> Examples:
+        s = self.summary
+        return Examples(
+            user_ids=self.user_ids[idx],
+            as_of=self.as_of,
+            X=self.X[idx],
+            y=self.y[idx],
+            summary=UserSummary(
+                purchase_days=s.purchase_days[idx],
+                first_age_days=s.first_age_days[idx],
+                last_age_days=s.last_age_days[idx],
+                total_amount=s.total_amount[idx],
+                total_quantity=s.total_quantity[idx],
+            ),
+        )
+
+
+def build_examples(tx: Transactions, as_of: int, horizon_weeks: int, spec: FeatureSpec) -> Examples:
+    """Features from events up to ``as_of``; label from events in ``(as_of, as_of + horizon]``.
+
+    Leakage guard: the encoder itself drops every event after ``as_of``, so label-window events
+    cannot reach the features whatever the caller passes.
+    """
+    cols = to_columns(tx.frame)
+    summary = summarise(cols.timestamps, cols.amounts, cols.quantities, cols.offsets, as_of)
+    known = np.flatnonzero(summary.purchase_days > 0)
+    X = encode_batch(cols.timestamps, cols.amounts, cols.quantities, cols.offsets, as_of, spec)
+    user = np.repeat(np.arange(cols.user_ids.size), np.diff(cols.offsets))
+    in_label = (cols.timestamps > as_of) & (cols.timestamps <= as_of + horizon_weeks * SECONDS_PER_WEEK)
+    y = (np.bincount(user[in_label], minlength=cols.user_ids.size) > 0).astype(np.int64)
+    full = Examples(cols.user_ids, as_of, X, y, summary)
+    return full.take(known)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Examples
+    validation: Examples
+    test: Examples
+
+
+def _stratified(y: NDArray[np.int64], fraction: float, seed: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    idx = np.arange(y.size)
+    rest, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
+    return np.sort(rest), np.sort(held)
+
+
+def make_splits(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec) -> Splits:
+    cutoff = end_of_day(cfg.cutoff)
+    if cfg.protocol == "customer-split":
+        ex = build_examples(tx, cutoff, cfg.horizon_weeks, spec)
+        rest, test = _stratified(ex.y, cfg.test_fraction, cfg.seed)
+        val_share = cfg.validation_fraction / (1.0 - cfg.test_fraction)
+        tr, va = _stratified(ex.y[rest], val_share, cfg.seed + 1)
+        return Splits(ex.take(rest[tr]), ex.take(rest[va]), ex.take(test))
+    t0 = cutoff - cfg.horizon_weeks * SECONDS_PER_WEEK
+    fit = build_examples(tx, t0, cfg.horizon_weeks, spec)
+    tr, va = _stratified(fit.y, cfg.validation_fraction, cfg.seed)
+    test = build_examples(tx, cutoff, cfg.horizon_weeks, spec)
+    return Splits(fit.take(tr), fit.take(va), test)
+
+
+def _subsample(tx: Transactions, max_users: int, seed: int) -> Transactions:
+    users = np.sort(tx.frame["user_id"].unique())
+    if users.size <= max_users:
+        return tx
+    chosen = np.random.default_rng(seed).choice(users, size=max_users, replace=False)
+    frame = tx.frame[tx.frame["user_id"].isin(chosen)].reset_index(drop=True)
+    return Transactions(frame=frame, report=tx.report, fingerprint=tx.fingerprint)
+
+
+def _predict_logits(model: CLN, X: NDArray[np.float32], batch: int = 4096) -> NDArray[np.float64]:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, X.shape[0], batch):
+            out.append(model(torch.from_numpy(X[i : i + batch])).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    model: CLN
+    seed: int
+    epochs_run: int
+    best_epoch: int
+    val_loss: float
+    val_auc: float
+
+
+def train_member(
+    cfg: TrainConfig,
+    net_cfg: CLNConfig,
+    splits: Splits,
+    mean: NDArray[np.float32],
+    std: NDArray[np.float32],
+    seed: int,
+) -> MemberResult:
+    """One seed: AdamW on BCE, early stopping on validation log loss (a proper score, so the
+    probabilities stay calibrated), the best epoch's weights restored."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = CLN(net_cfg)
+    model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    X_tr = torch.from_numpy(splits.train.X)
+    y_tr = torch.from_numpy(splits.train.y.astype(np.float32))
+    y_va = splits.validation.y
+    best_loss, best_auc, best_epoch, bad = float("inf"), float("nan"), 0, 0
+    best_state = copy.deepcopy(model.state_dict())
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"seed {seed}", disable=not cfg.progress, leave=True)
+    epoch = 0
+    for epoch in bar:
+        model.train()
+        order = torch.from_numpy(rng.permutation(X_tr.shape[0]))
+        total, count = 0.0, 0
+        for i in range(0, order.numel(), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(X_tr[idx]), y_tr[idx])
+            loss.backward()
+            opt.step()
+            total += float(loss) * idx.numel()
+            count += idx.numel()
+        p_va = _sigmoid(_predict_logits(model, splits.validation.X))
+        val_loss = evaluate.binary_metrics(y_va, p_va, 0.5)["log_loss"]
+        val_auc = evaluate.roc_auc(y_va, p_va)
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}", val_loss=f"{val_loss:.4f}", val_auc=f"{val_auc:.4f}")
+        if val_loss < best_loss - 1e-5:
+            best_loss, best_auc, best_epoch, bad = val_loss, val_auc, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return MemberResult(model, seed, epoch, best_epoch, best_loss, best_auc)
+
+
+def _normalisation(X: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    flat = X.reshape(-1, X.shape[-1]).astype(np.float64)
+    mean = flat.mean(axis=0)
+    std = flat.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std)  # a constant channel passes through centred, not divided by 0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _baseline_scores(cfg: TrainConfig, splits: Splits) -> dict[str, dict[str, NDArray[np.float64]]]:
+    """Validation and test probabilities of every baseline, fitted on the training customers."""
+    rfm = {name: baselines.rfm_from_summary(getattr(splits, name).summary) for name in ("train", "validation", "test")}
+    mat = {name: baselines.rfm_matrix(r) for name, r in rfm.items()}
+    out: dict[str, dict[str, NDArray[np.float64]]] = {}
+    bg = baselines.BGNBD().fit(rfm["train"])
+    out["bgnbd"] = {s: bg.predict_proba(rfm[s], cfg.horizon_weeks) for s in ("validation", "test")}
+    lr = baselines.LogRegRFM().fit(mat["train"], splits.train.y)
+    out["logreg_rfm"] = {s: lr.predict_proba(mat[s]) for s in ("validation", "test")}
+    gbm = baselines.LightGBMRFM(seed=cfg.seed).fit(
+        mat["train"], splits.train.y, mat["validation"], splits.validation.y
+    )
+    out["lightgbm"] = {s: gbm.predict_proba(mat[s]) for s in ("validation", "test")}
+    return out
+
+
+def _target(models: dict[str, dict[str, float]], boot: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    best = max(BASELINES, key=lambda b: models[b]["roc_auc"])
+    best_brier = min(models[b]["brier"] for b in BASELINES)
+    cln = models["cln"]
+    return {
+        "beats_bgnbd": bool(boot["cln_vs_bgnbd"]["ci95"][0] > 0),
+        "best_baseline": best,
+        "best_baseline_auc": models[best]["roc_auc"],
+        "best_baseline_brier": best_brier,
+        "level_with_best": bool(cln["roc_auc"] >= models[best]["roc_auc"] - 0.002 and cln["brier"] <= best_brier + 0.001),
+        "beats_best_auc": bool(cln["roc_auc"] > models[best]["roc_auc"]),
+        "rule": "level = AUC >= best - 0.002 and Brier <= best + 0.001; beats BG/NBD = bootstrap CI above 0",
+    }
+
+
+def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
+    """Run the whole offline pipeline and write ``model.onnx``, ``report.{json,md}``, plots, scores."""
+    torch.set_num_threads(cfg.torch_threads)
+    torch.use_deterministic_algorithms(True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tx = load_transactions(cfg.data, cfg.columns or None)
+    if cfg.max_users is not None:
+        tx = _subsample(tx, cfg.max_users, cfg.seed)
+    spec = FeatureSpec(lookback_bins=cfg.lookback_bins, bin_days=cfg.bin_days, channels=cfg.channels)
+    cutoff = end_of_day(cfg.cutoff)
+    horizon_end = cutoff + cfg.horizon_weeks * SECONDS_PER_WEEK
+    if horizon_end > tx.last_timestamp + 86_400:
+        log.warning(
+            "the label window ends %s, after the last event in the data (%s): labels near the end are censored",
+            datetime.fromtimestamp(horizon_end, UTC).date(), tx.report.last_timestamp,
+        )
+    splits = make_splits(cfg, tx, spec)
+    for name in ("train", "validation", "test"):
+        ex: Examples = getattr(splits, name)
+        if ex.y.size == 0 or ex.y.min() == ex.y.max():
+            raise ValueError(f"the {name} split has {ex.y.size} customers and one class only: cannot train or evaluate")
+
+    mean, std = _normalisation(splits.train.X)
+    net_cfg = CLNConfig(
+        n_channels=spec.n_channels,
+        lookback_bins=spec.lookback_bins,
+        conv_channels=cfg.conv_channels,
+        conv_layers=cfg.conv_layers,
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+        pool_last=cfg.pool_last,
+    )
+    started = time.perf_counter()
+    members = [train_member(cfg, net_cfg, splits, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
+    train_seconds = time.perf_counter() - started
+    ensemble = Ensemble([m.model for m in members]).eval()
+
+    with torch.no_grad():
+        p = {
+            s: ensemble(torch.from_numpy(getattr(splits, s).X)).double().numpy() for s in ("validation", "test")
+        }
+    scores = {"cln": p} | _baseline_scores(cfg, splits)
+    y_va, y_te = splits.validation.y, splits.test.y
+    models: dict[str, dict[str, float]] = {}
+    for name, s in scores.items():
+        threshold = evaluate.best_f1_threshold(y_va, s["validation"])
+        models[name] = evaluate.binary_metrics(y_te, s["test"], threshold)
+    boot = {
+        f"cln_vs_{b}": evaluate.paired_bootstrap_auc(y_te, p["test"], scores[b]["test"], n_boot=cfg.bootstrap, seed=cfg.seed)
+        for b in BASELINES
+    }
+
+    # export: trace, check parity on the held-out users, then add metadata and write atomically
+    proto = to_onnx(ensemble, splits.test.X[: min(8, splits.test.X.shape[0])], cfg.opset)
+    parity_diff = parity(ensemble, proto, splits.test.X)
+    if not parity_diff <= PARITY_TOLERANCE:
+        raise ExportError(f"onnxruntime disagrees with PyTorch by {parity_diff:.3g} > {PARITY_TOLERANCE}")
+    digest = _weights_digest(ensemble)
+    version = f"cln-{cfg.protocol}-{cfg.cutoff.replace('-', '')}-{digest[:10]}"
+    created = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    hyper = net_cfg.to_dict() | {k: v for k, v in cfg.to_dict().items() if k not in ("data", "columns", "progress")}
+    metadata = ModelMetadata(
+        model_version=version,
+        created_at=created,
+        feature_spec=spec,
+        threshold=models["cln"]["threshold"],
+        horizon_weeks=cfg.horizon_weeks,
+        protocol=cfg.protocol,
+        cutoff=cfg.cutoff,
+        data_fingerprint=tx.fingerprint,
+        normalisation={"mean": mean.tolist(), "std": std.tolist()},
+        training_metrics={
+            "test": models["cln"],
+            "baselines_test_auc": {b: models[b]["roc_auc"] for b in BASELINES},
+            "n_train": int(splits.train.y.size),
+            "n_validation": int(splits.validation.y.size),
+            "n_test": int(splits.test.y.size),
+            "onnx_parity_max_abs_diff": parity_diff,
+        },
+        hyperparameters=hyper,
+        opset=cfg.opset,
+        n_seeds=cfg.seeds,
+    )
+    final = with_metadata(proto, metadata)
+    write_atomic(final.SerializeToString(), out_dir / "model.onnx")
+    _write_scores(out_dir / "scores.csv", splits.test, run_onnx(final, splits.test.X))
+    torch.save(
+        {"hyperparameters": hyper, "cln_config": net_cfg.to_dict(), "state_dict": ensemble.state_dict(), "metadata": metadata.to_dict()},
+        out_dir / "checkpoint.pt",
+    )
+
+    evaluate.plot_roc(y_te, {k: v["test"] for k, v in scores.items()}, out_dir / "roc.png")
+    evaluate.plot_calibration(y_te, {k: v["test"] for k, v in scores.items()}, out_dir / "calibration.png")
+    report: dict[str, Any] = {
+        "protocol": cfg.protocol,
+        "cutoff": cfg.cutoff,
+        "horizon_weeks": cfg.horizon_weeks,
+        "n_users": int(splits.train.y.size + splits.validation.y.size + splits.test.y.size)
+        if cfg.protocol == "customer-split"
+        else int(splits.test.y.size),
+        "base_rate": float(y_te.mean()),
+        "train_seconds": round(train_seconds, 2),
+        "onnx_parity_max_abs_diff": parity_diff,
+        "model_version": version,
+        "created_at": created,
+        "n_parameters": n_parameters(ensemble),
+        "data": {"source": cfg.data, "fingerprint": tx.fingerprint, "cleaning": tx.report.to_dict()},
+        "split": {
+            "train": int(splits.train.y.size),
+            "validation": int(splits.validation.y.size),
+            "test": int(splits.test.y.size),
+            "train_as_of": datetime.fromtimestamp(splits.train.as_of, UTC).isoformat(),
+            "test_as_of": datetime.fromtimestamp(splits.test.as_of, UTC).isoformat(),
+        },
+        "models": models,
+        "bootstrap": boot,
+        "reliability": {k: evaluate.reliability_table(y_te, v["test"]) for k, v in scores.items()},
+        "target": _target(models, boot),
+        "hyperparameters": hyper,
+        "feature_spec": spec.to_dict(),
+        "seeds": [m.seed for m in members],
+        "per_seed_val_auc": [m.val_auc for m in members],
+        "per_seed": [
+            {"seed": m.seed, "epochs_run": m.epochs_run, "best_epoch": m.best_epoch, "val_loss": m.val_loss, "val_auc": m.val_auc}
+            for m in members
+        ],
+        "plots": {"roc": "roc.png", "calibration": "calibration.png"},
+    }
+    evaluate.write_report(json.loads(json.dumps(report)), out_dir)
+    return report
+
+
+def _write_scores(path: Path, ex: Examples, probs: NDArray[np.float32]) -> None:
+    """Offline scores of the test customers: the service must reproduce them from the same events."""
+    as_of = datetime.fromtimestamp(ex.as_of, UTC).isoformat().replace("+00:00", "Z")
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["user_id", "as_of", "probability", "label"])
+        for uid, prob, label in zip(ex.user_ids, probs, ex.y, strict=True):
+            writer.writerow([uid, as_of, repr(float(prob)), int(label)])

@@ -1,0 +1,149 @@
+"""The service's one settings class: every knob, from the environment (``PI_*``) or the CLI.
+
+Nothing here runs at import time: ``Settings()`` is built by ``python -m service`` (or a test),
+never at module level, so importing the package reads no environment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Request latency buckets in seconds: a single request through the whole stack is a few hundred
+#: microseconds on CPU, so the buckets start at 50 us (fixed 5 ms-first buckets make p50 useless,
+#: see LESSONS.md) and reach 10 s for large batch requests on a busy machine.
+DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+#: Short names accepted in ``PI_PROVIDERS`` for the execution providers people actually use.
+PROVIDER_ALIASES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _split_csv(value: Any) -> Any:
+    """Let list settings be written as ``a,b,c`` in the environment (JSON arrays work too)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Service configuration. Environment variables are the field names upper-cased with ``PI_``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PI_", extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
+
+    model_path: Path | None = None
+    """The exported ``model.onnx`` (``--model``). Required unless a predictor is injected (tests)."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind (``--host``). Loopback by default; a container sets ``0.0.0.0``."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port (``--port``); 0 lets the OS pick one."""
+
+    providers: Annotated[tuple[str, ...], NoDecode] = (
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    )
+    """onnxruntime execution providers in order of preference, comma-separated (``cuda,cpu``).
+
+    Providers this onnxruntime build does not offer are skipped, so the default means "CUDA when
+    the ``gpu`` extra is installed, else CPU".
+    """
+
+    require_gpu: bool = False
+    """Refuse to become ready when the session ends up on CPU (onnxruntime falls back silently)."""
+
+    cuda_device_id: int = Field(default=0, ge=0)
+    """GPU ordinal for the CUDA / TensorRT providers."""
+
+    intra_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime threads inside one operator; 0 = onnxruntime's default (one per core).
+
+    1 by default: the model is ~14k parameters, so a batch-1 call is ~25 us and extra threads cost
+    more to wake than they save; the event loop and the request thread pool need the cores.
+    """
+
+    inter_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime threads across independent operators; 0 = onnxruntime's default."""
+
+    max_batch_users: int = Field(default=1000, ge=1)
+    """Most users in one ``/predict/batch`` request; more is a 413."""
+
+    max_events_per_user: int = Field(default=10_000, ge=1)
+    """Most events for one user; more is a 422 naming that user's ``events`` field."""
+
+    inline_max_body_bytes: int = Field(default=8192, ge=0)
+    """Request bodies up to this size are parsed, encoded and scored on the event loop; larger ones
+    in the thread pool. Small requests take ~0.1-0.3 ms, less than a thread hop costs under load;
+    large ones would stall ``/healthz`` and every other request while they run."""
+
+    exit_on_load_failure: bool = True
+    """Exit non-zero when the model cannot be loaded; false keeps the process up and not ready."""
+
+    shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    """On SIGTERM, how long in-flight requests may take before the server closes them."""
+
+    log_level: LogLevel = "info"
+    """Level of the JSON logs on stderr."""
+
+    latency_buckets: Annotated[tuple[float, ...], NoDecode] = DEFAULT_LATENCY_BUCKETS
+    """Request and inference latency histogram buckets, seconds, comma-separated."""
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _parse_providers(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list | tuple):
+            return tuple(PROVIDER_ALIASES.get(str(v).lower(), str(v)) for v in value)
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one execution provider is needed")
+        return value
+
+    @field_validator("latency_buckets", mode="before")
+    @classmethod
+    def _parse_buckets(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("latency_buckets")
+    @classmethod
+    def _check_buckets(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(b <= 0 for b in value) or list(value) != sorted(set(value)):
+            raise ValueError("latency buckets must be positive and strictly increasing")
+        return value

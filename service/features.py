@@ -1,0 +1,283 @@
+"""The one events -> tensor encoder, shared by training (model_export) and serving (service).
+
+Both sides call :func:`encode_batch` with the model's own :class:`FeatureSpec`, so an offline score
+and an online score of the same user at the same ``as_of`` see bit-identical inputs. The module is
+numpy-only on purpose: the service must not pull in pandas or torch to featurise a request.
+
+Time model
+    Timestamps are integer seconds since the Unix epoch (UTC). Binning happens on whole UTC days:
+    an event's age is ``day(as_of) - day(timestamp)`` and bin ``b = age // bin_days`` (0 is the
+    most recent). Events after ``as_of`` are ignored, even later on the same day. Several events on
+    one day count as one purchase (the training data merges same-day rows, so the service must too).
+
+Layout
+    ``[lookback_bins, channels]`` per user, oldest bin first, so a 1-D convolution reads time
+    forwards and the last row is the bin that contains ``as_of``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+SECONDS_PER_DAY = 86_400
+
+#: Every channel the encoder knows, in a fixed order. A spec selects a subset by name.
+ALL_CHANNELS: tuple[str, ...] = (
+    # per-bin channels
+    "purchases",  # distinct purchase days in the bin
+    "log_spend",  # log1p(sum of amounts in the bin)
+    "log_quantity",  # log1p(sum of quantities in the bin)
+    "active",  # 1 from the bin of the user's first purchase on, 0 before it (tells "not yet a
+    # customer" from "a customer who did not buy this week"); counts purchases older than the window
+    "log_bins_since_purchase",  # log1p(bins since the latest purchase at or before this bin), 0 while inactive
+    # summary channels: one value per user, broadcast over time; they see the whole history up to
+    # as_of, including purchases older than the window, so long-lived users are not truncated
+    "log_frequency_total",  # log1p(distinct purchase days up to as_of)
+    "log_age_bins",  # log1p(bins since the first purchase)
+    "log_recency_bins",  # log1p(bins since the latest purchase)
+    "log_spend_total",  # log1p(total spend up to as_of)
+)
+
+DEFAULT_CHANNELS: tuple[str, ...] = ALL_CHANNELS
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What the encoder produces; stored in the model file so serving cannot drift from training.
+
+    ``lookback_bins`` bins of ``bin_days`` days each (the defaults make it 52 weekly bins).
+    """
+
+    lookback_bins: int = 52
+    bin_days: int = 7
+    channels: tuple[str, ...] = field(default=DEFAULT_CHANNELS)
+
+    def __post_init__(self) -> None:
+        if self.lookback_bins < 2:
+            raise ValueError(f"lookback_bins must be >= 2, got {self.lookback_bins}")
+        if self.bin_days < 1:
+            raise ValueError(f"bin_days must be >= 1, got {self.bin_days}")
+        if not self.channels:
+            raise ValueError("channels must not be empty")
+        unknown = [c for c in self.channels if c not in ALL_CHANNELS]
+        if unknown:
+            raise ValueError(f"unknown channels {unknown}; known: {list(ALL_CHANNELS)}")
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"duplicate channels in {list(self.channels)}")
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.lookback_bins, len(self.channels))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lookback_bins": self.lookback_bins,
+            "bin_days": self.bin_days,
+            "channels": list(self.channels),
+            "lookback_days": self.lookback_bins * self.bin_days,
+            "time_axis": "oldest bin first; the last bin contains as_of",
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        return cls(
+            lookback_bins=int(data["lookback_bins"]),
+            bin_days=int(data["bin_days"]),
+            channels=tuple(str(c) for c in data["channels"]),
+        )
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    """Whole-history facts per user up to ``as_of`` (the RFM view; baselines use it too).
+
+    Ages are in whole days before ``day(as_of)``; ``-1`` where a user has no purchase.
+    """
+
+    purchase_days: NDArray[np.int64]
+    first_age_days: NDArray[np.int64]
+    last_age_days: NDArray[np.int64]
+    total_amount: NDArray[np.float64]
+    total_quantity: NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    n_users: int
+    user: NDArray[np.int64]  # per kept event
+    age_days: NDArray[np.int64]  # per kept event
+    amounts: NDArray[np.float64]
+    quantities: NDArray[np.float64]
+    day_user: NDArray[np.int64]  # per distinct (user, day), sorted by user then age
+    day_age: NDArray[np.int64]
+    summary: UserSummary
+
+
+def _as_offsets(offsets: ArrayLike, n_events: int) -> NDArray[np.int64]:
+    off = np.asarray(offsets, dtype=np.int64)
+    if off.ndim != 1 or off.size < 1:
+        raise ValueError("offsets must be a 1-D array of n_users + 1 positions")
+    if off[0] != 0 or off[-1] != n_events:
+        raise ValueError(f"offsets must start at 0 and end at the number of events ({n_events})")
+    if np.any(np.diff(off) < 0):
+        raise ValueError("offsets must be non-decreasing")
+    return off
+
+
+def _prepare(
+    timestamps: ArrayLike,
+    amounts: ArrayLike,
+    quantities: ArrayLike,
+    offsets: ArrayLike,
+    as_of: ArrayLike,
+) -> _Prepared:
+    ts = np.asarray(timestamps, dtype=np.int64).reshape(-1)
+    amt = np.asarray(amounts, dtype=np.float64).reshape(-1)
+    qty = np.asarray(quantities, dtype=np.float64).reshape(-1)
+    if not (ts.size == amt.size == qty.size):
+        raise ValueError(
+            f"timestamps, amounts and quantities differ in length: {ts.size}, {amt.size}, {qty.size}"
+        )
+    off = _as_offsets(offsets, ts.size)
+    n_users = off.size - 1
+    as_of_arr = np.asarray(as_of, dtype=np.int64)
+    if as_of_arr.ndim > 1 or (as_of_arr.ndim == 1 and as_of_arr.size != n_users):
+        raise ValueError(f"as_of must be a scalar or one value per user ({n_users})")
+    as_of_u = np.broadcast_to(as_of_arr, (n_users,))
+
+    user = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(off))
+    keep = ts <= as_of_u[user]
+    user, ts, amt, qty = user[keep], ts[keep], amt[keep], qty[keep]
+    age = as_of_u[user] // SECONDS_PER_DAY - ts // SECONDS_PER_DAY
+
+    # distinct (user, day) pairs, sorted by user then age: one purchase per user-day
+    span = int(age.max()) + 1 if age.size else 1
+    keys = np.unique(user * span + age)
+    day_user = keys // span
+    day_age = keys % span
+
+    purchase_days = np.bincount(day_user, minlength=n_users).astype(np.int64)
+    has = purchase_days > 0
+    starts = np.cumsum(purchase_days) - purchase_days
+    last_age = np.full(n_users, -1, dtype=np.int64)
+    first_age = np.full(n_users, -1, dtype=np.int64)
+    last_age[has] = day_age[starts[has]]
+    first_age[has] = day_age[starts[has] + purchase_days[has] - 1]
+    summary = UserSummary(
+        purchase_days=purchase_days,
+        first_age_days=first_age,
+        last_age_days=last_age,
+        total_amount=np.bincount(user, weights=amt, minlength=n_users),
+        total_quantity=np.bincount(user, weights=qty, minlength=n_users),
+    )
+    return _Prepared(n_users, user, age, amt, qty, day_user, day_age, summary)
+
+
+def summarise(
+    timestamps: ArrayLike,
+    amounts: ArrayLike,
+    quantities: ArrayLike,
+    offsets: ArrayLike,
+    as_of: ArrayLike,
+) -> UserSummary:
+    """Whole-history summary per user (events after ``as_of`` ignored); same rules as the encoder."""
+    return _prepare(timestamps, amounts, quantities, offsets, as_of).summary
+
+
+def encode_batch(
+    timestamps: ArrayLike,
+    amounts: ArrayLike,
+    quantities: ArrayLike,
+    offsets: ArrayLike,
+    as_of: ArrayLike,
+    spec: FeatureSpec,
+) -> NDArray[np.float32]:
+    """Encode many users at once: ``float32 [n_users, lookback_bins, channels]``.
+
+    Events are columnar: user ``i`` owns ``timestamps[offsets[i]:offsets[i + 1]]`` (and the same
+    slice of amounts and quantities), in any order. ``as_of`` is one epoch-second value or one per
+    user. The work is a handful of sorts and bincounts over all events, never a per-event loop.
+    """
+    p = _prepare(timestamps, amounts, quantities, offsets, as_of)
+    n, n_bins, bin_days = p.n_users, spec.lookback_bins, spec.bin_days
+    s = p.summary
+    has = s.purchase_days > 0
+    wanted = set(spec.channels)
+    out: dict[str, NDArray[np.float64]] = {}
+
+    ev_bin = p.age_days // bin_days
+    ev_in = ev_bin < n_bins
+    ev_cell = p.user[ev_in] * n_bins + (n_bins - 1 - ev_bin[ev_in])
+    day_bin = p.day_age // bin_days
+    day_in = day_bin < n_bins
+    day_cell = p.day_user[day_in] * n_bins + (n_bins - 1 - day_bin[day_in])
+
+    purchases = np.bincount(day_cell, minlength=n * n_bins).reshape(n, n_bins).astype(np.float64)
+    out["purchases"] = purchases
+    if "log_spend" in wanted:
+        spend = np.bincount(ev_cell, weights=p.amounts[ev_in], minlength=n * n_bins)
+        out["log_spend"] = np.log1p(spend.reshape(n, n_bins))
+    if "log_quantity" in wanted:
+        qty = np.bincount(ev_cell, weights=p.quantities[ev_in], minlength=n * n_bins)
+        out["log_quantity"] = np.log1p(qty.reshape(n, n_bins))
+
+    t_index = np.arange(n_bins, dtype=np.int64)
+    # time index of the first purchase; negative when it is older than the window
+    first_t = np.where(has, n_bins - 1 - s.first_age_days // bin_days, n_bins)
+    active = t_index[None, :] >= first_t[:, None]
+    out["active"] = active.astype(np.float64)
+
+    if "log_bins_since_purchase" in wanted:
+        # The newest purchase older than the window seeds the running "last purchase" index, so
+        # the channel is right from the first bin for users whose history predates the window.
+        out_of_window = ~day_in
+        seed = np.full(n, np.iinfo(np.int64).min // 2, dtype=np.int64)
+        newest_old_age = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(newest_old_age, p.day_user[out_of_window], p.day_age[out_of_window])
+        has_old = newest_old_age != np.iinfo(np.int64).max
+        seed[has_old] = n_bins - 1 - newest_old_age[has_old] // bin_days
+        marks = np.where(purchases > 0, t_index[None, :], seed[:, None])
+        last_t = np.maximum.accumulate(marks, axis=1)  # [n, n_bins]
+        since = np.where(active, t_index[None, :] - last_t, 0)
+        out["log_bins_since_purchase"] = np.log1p(since.astype(np.float64))
+
+    def _broadcast(values: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.broadcast_to(values[:, None], (n, n_bins))
+
+    if "log_frequency_total" in wanted:
+        out["log_frequency_total"] = _broadcast(np.log1p(s.purchase_days.astype(np.float64)))
+    if "log_age_bins" in wanted:
+        age_bins = np.where(has, s.first_age_days, 0).astype(np.float64) / bin_days
+        out["log_age_bins"] = _broadcast(np.log1p(age_bins))
+    if "log_recency_bins" in wanted:
+        rec_bins = np.where(has, s.last_age_days, 0).astype(np.float64) / bin_days
+        out["log_recency_bins"] = _broadcast(np.log1p(rec_bins))
+    if "log_spend_total" in wanted:
+        out["log_spend_total"] = _broadcast(np.log1p(s.total_amount))
+
+    result = np.empty((n, n_bins, spec.n_channels), dtype=np.float32)
+    for k, name in enumerate(spec.channels):
+        result[:, :, k] = out[name]
+    return result
+
+
+def encode(
+    timestamps: ArrayLike,
+    amounts: ArrayLike,
+    quantities: ArrayLike,
+    as_of: int,
+    spec: FeatureSpec | None = None,
+) -> NDArray[np.float32]:
+    """Encode one user's events: ``float32 [lookback_bins, channels]``."""
+    ts = np.asarray(timestamps, dtype=np.int64).reshape(-1)
+    return encode_batch(
+        ts, amounts, quantities, [0, ts.size], as_of, spec if spec is not None else FeatureSpec()
+    )[0]

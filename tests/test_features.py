@@ -1,0 +1,138 @@
+"""The shared encoder: edge cases a user would notice, and vectorised == per-user."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from service.features import ALL_CHANNELS, FeatureSpec, encode, encode_batch, summarise
+
+DAY = 86_400
+AS_OF = 1_000 * DAY + 12 * 3600  # noon on day 1000
+SPEC = FeatureSpec(lookback_bins=10, bin_days=7, channels=ALL_CHANNELS)
+
+
+def ch(x: NDArray[np.float32], name: str) -> NDArray[np.float32]:
+    return x[..., SPEC.channels.index(name)]
+
+
+def days_ago(*ages: int) -> NDArray[np.int64]:
+    return np.array([(AS_OF // DAY - a) * DAY + 3600 for a in ages], dtype=np.int64)
+
+
+def test_no_events_is_all_zero() -> None:
+    x = encode([], [], [], AS_OF, SPEC)
+    assert x.shape == (10, len(ALL_CHANNELS))
+    assert x.dtype == np.float32
+    assert not x.any()
+
+
+def test_single_recent_purchase_lands_in_last_bin() -> None:
+    x = encode(days_ago(0), [20.0], [2], AS_OF, SPEC)
+    assert ch(x, "purchases").tolist() == [0] * 9 + [1]
+    assert ch(x, "log_spend")[-1] == pytest.approx(np.log1p(20.0))
+    assert ch(x, "log_quantity")[-1] == pytest.approx(np.log1p(2.0))
+    # "not a customer yet" before the first purchase, active from its bin on
+    assert ch(x, "active").tolist() == [0] * 9 + [1]
+    assert ch(x, "log_frequency_total")[0] == pytest.approx(np.log1p(1.0))
+
+
+def test_events_after_as_of_are_ignored() -> None:
+    base = encode(days_ago(3), [10.0], [1], AS_OF, SPEC)
+    later_same_day = AS_OF + 60
+    future = AS_OF + 5 * DAY
+    with_future = encode(
+        np.append(days_ago(3), [later_same_day, future]), [10.0, 99.0, 99.0], [1, 5, 5], AS_OF, SPEC
+    )
+    np.testing.assert_array_equal(base, with_future)
+
+
+def test_window_edges() -> None:
+    # age 69 days is the last day of bin 9 (the oldest in a 10 x 7-day window); 70 falls outside
+    inside = encode(days_ago(69), [5.0], [1], AS_OF, SPEC)
+    outside = encode(days_ago(70), [5.0], [1], AS_OF, SPEC)
+    assert ch(inside, "purchases")[0] == 1
+    assert ch(inside, "purchases").sum() == 1
+    assert ch(outside, "purchases").sum() == 0
+    # a purchase just outside still makes the user a customer for the whole window
+    assert ch(outside, "active").tolist() == [1] * 10
+    assert ch(outside, "log_frequency_total")[0] == pytest.approx(np.log1p(1.0))
+
+
+def test_user_older_than_window_keeps_summary_and_recency() -> None:
+    ages = [400, 300, 200, 5]
+    x = encode(days_ago(*ages), [1.0] * 4, [1] * 4, AS_OF, SPEC)
+    assert ch(x, "purchases").sum() == 1  # only the recent one is inside the window
+    assert ch(x, "log_frequency_total")[0] == pytest.approx(np.log1p(4.0))
+    assert ch(x, "log_age_bins")[0] == pytest.approx(np.log1p(400 / 7))
+    assert ch(x, "log_spend_total")[0] == pytest.approx(np.log1p(4.0))
+    # bins since the last purchase are counted from the purchase 200 days ago (bin 28), not from 0
+    since = np.expm1(ch(x, "log_bins_since_purchase"))
+    assert since[0] == pytest.approx(28 - 9)
+    assert since[-1] == pytest.approx(0.0)  # the purchase 5 days ago is in the last bin
+
+
+def test_same_day_events_count_as_one_purchase() -> None:
+    ts = days_ago(2, 2, 2)
+    x = encode(ts + np.array([0, 60, 120]), [1.0, 2.0, 3.0], [1, 1, 1], AS_OF, SPEC)
+    assert ch(x, "purchases")[-1] == 1
+    assert ch(x, "log_spend")[-1] == pytest.approx(np.log1p(6.0))
+    assert ch(x, "log_frequency_total")[0] == pytest.approx(np.log1p(1.0))
+
+
+def test_event_order_does_not_matter() -> None:
+    ts = days_ago(1, 40, 13, 13, 66)
+    amt = np.array([5.0, 7.0, 1.0, 2.0, 9.0])
+    qty = np.array([1, 2, 1, 1, 3])
+    perm = np.array([3, 0, 4, 1, 2])
+    np.testing.assert_array_equal(encode(ts, amt, qty, AS_OF, SPEC), encode(ts[perm], amt[perm], qty[perm], AS_OF, SPEC))
+
+
+def test_batch_equals_per_user_and_per_user_as_of() -> None:
+    rng = np.random.default_rng(7)
+    n_users = 300
+    counts = rng.integers(0, 25, size=n_users)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    n = int(offsets[-1])
+    ts = AS_OF - rng.integers(-20 * DAY, 500 * DAY, size=n)
+    amt = rng.gamma(2.0, 10.0, size=n)
+    qty = rng.integers(1, 4, size=n)
+    as_of = AS_OF - rng.integers(0, 30 * DAY, size=n_users)
+    batch = encode_batch(ts, amt, qty, offsets, as_of, SPEC)
+    for u in range(n_users):
+        lo, hi = offsets[u], offsets[u + 1]
+        np.testing.assert_array_equal(batch[u], encode(ts[lo:hi], amt[lo:hi], qty[lo:hi], int(as_of[u]), SPEC))
+
+
+def test_channel_subset_and_order_follow_the_spec() -> None:
+    ts, amt, qty = days_ago(1, 9), [3.0, 4.0], [1, 2]
+    full = encode(ts, amt, qty, AS_OF, SPEC)
+    sub = FeatureSpec(lookback_bins=10, channels=("active", "purchases"))
+    x = encode(ts, amt, qty, AS_OF, sub)
+    np.testing.assert_array_equal(x[:, 0], ch(full, "active"))
+    np.testing.assert_array_equal(x[:, 1], ch(full, "purchases"))
+
+
+def test_summary_matches_rfm_definitions() -> None:
+    s = summarise(days_ago(30, 30, 10, 2), [1.0, 1.0, 2.0, 3.0], [1, 1, 1, 1], [0, 4], AS_OF)
+    assert s.purchase_days.tolist() == [3]
+    assert s.first_age_days.tolist() == [30]
+    assert s.last_age_days.tolist() == [2]
+    assert s.total_amount.tolist() == [7.0]
+
+
+def test_spec_round_trip_and_validation() -> None:
+    spec = FeatureSpec(lookback_bins=39, bin_days=3, channels=("purchases", "active"))
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown channels"):
+        FeatureSpec(channels=("purchases", "bogus"))
+    with pytest.raises(ValueError, match="bin_days"):
+        FeatureSpec(bin_days=0)
+
+
+def test_bad_offsets_are_rejected() -> None:
+    with pytest.raises(ValueError, match="offsets"):
+        encode_batch([1, 2], [1.0, 1.0], [1, 1], [0, 1], AS_OF, SPEC)
+    with pytest.raises(ValueError, match="differ in length"):
+        encode_batch([1, 2], [1.0], [1, 1], [0, 2], AS_OF, SPEC)
