@@ -48,12 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="first seed; also seeds the splits")
     t.add_argument("--lookback-bins", type=int, default=TrainConfig.lookback_bins)
     t.add_argument("--bin-days", type=int, default=TrainConfig.bin_days)
-    t.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, help="comma-separated channel names")
+    t.add_argument(
+        "--channels", type=_channels, default=DEFAULT_CHANNELS, help="comma-separated channel names"
+    )
     t.add_argument("--conv-channels", type=int, default=TrainConfig.conv_channels)
     t.add_argument("--conv-layers", type=int, default=TrainConfig.conv_layers)
     t.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     t.add_argument("--dropout", type=float, default=TrainConfig.dropout)
     t.add_argument("--no-pool-last", dest="pool_last", action="store_false", help="drop last-step pooling")
+    t.add_argument("--no-linear-skip", dest="linear_skip", action="store_false", help="drop the wide path")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     t.add_argument("--patience", type=int, default=TrainConfig.patience)
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -81,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         hidden=args.hidden,
         dropout=args.dropout,
         pool_last=args.pool_last,
+        linear_skip=args.linear_skip,
         seeds=args.seeds,
         seed=args.seed,
         epochs=args.epochs,

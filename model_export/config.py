@@ -34,6 +34,7 @@ class TrainConfig:
     hidden: int = 64
     dropout: float = 0.1
     pool_last: bool = True
+    linear_skip: bool = True
     # optimisation
     seeds: int = 1
     seed: int = 0  # the first seed; members use seed, seed + 1, ...

@@ -100,11 +100,8 @@ def _read_raw(path: Path, columns: dict[str, str]) -> tuple[pd.DataFrame, int]:
     frame = frame.rename(columns=rename)
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
-        wanted = {c: columns.get(c, c) for c in missing}
-        raise DataError(
-            f"{path}: missing required column(s) {', '.join(f'{k} (looked for {v!r})' for k, v in wanted.items())}; "
-            f"found {list(frame.columns)}"
-        )
+        wanted = ", ".join(f"{c} (looked for {columns.get(c, c)!r})" for c in missing)
+        raise DataError(f"{path}: missing required column(s) {wanted}; found {list(frame.columns)}")
     return frame[list(REQUIRED)].copy(), first_line
 
 
@@ -141,8 +138,12 @@ def load_transactions(source: str | Path, columns: dict[str, str] | None = None)
     """Read, validate and clean a log; ``source`` is a CSV/Parquet path or ``"cdnow"``."""
     if str(source) == CDNOW_NAME:
         path = cdnow_path()
-        columns = {"user_id": "customer_id", "timestamp": "date", "quantity": "number_of_cds",
-                   "amount": "dollar_value"}
+        columns = {
+            "user_id": "customer_id",
+            "timestamp": "date",
+            "quantity": "number_of_cds",
+            "amount": "dollar_value",
+        }
     else:
         path = Path(source)
         if not path.is_file():

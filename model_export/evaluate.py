@@ -387,7 +387,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         header = ["bin", "count", "mean predicted", "observed rate"]
         rows = [
             [
-                f"[{_fmt(r.get('bin_lower'), 2)}, {_fmt(r.get('bin_upper'), 2)})",
+                # the top bin is closed: a prediction of exactly 1 belongs to it
+                f"[{_fmt(r.get('bin_lower'), 2)}, {_fmt(r.get('bin_upper'), 2)}"
+                + ("]" if float(r.get("bin_upper", 0.0)) >= 1.0 else ")"),
                 _fmt(r.get("count")),
                 _fmt(r.get("mean_predicted")),
                 _fmt(r.get("observed_rate")),

@@ -104,7 +104,9 @@ class Splits:
     test: Examples
 
 
-def _stratified(y: NDArray[np.int64], fraction: float, seed: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+def _stratified(
+    y: NDArray[np.int64], fraction: float, seed: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     idx = np.arange(y.size)
     rest, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
     return np.sort(rest), np.sort(held)
@@ -121,8 +123,8 @@ def make_splits(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec) -> Splits
     t0 = cutoff - cfg.horizon_weeks * SECONDS_PER_WEEK
     fit = build_examples(tx, t0, cfg.horizon_weeks, spec)
     tr, va = _stratified(fit.y, cfg.validation_fraction, cfg.seed)
-    test = build_examples(tx, cutoff, cfg.horizon_weeks, spec)
-    return Splits(fit.take(tr), fit.take(va), test)
+    scored = build_examples(tx, cutoff, cfg.horizon_weeks, spec)
+    return Splits(fit.take(tr), fit.take(va), scored)
 
 
 def _subsample(tx: Transactions, max_users: int, seed: int) -> Transactions:
@@ -190,12 +192,14 @@ def train_member(
             loss = loss_fn(model(X_tr[idx]), y_tr[idx])
             loss.backward()
             opt.step()
-            total += float(loss) * idx.numel()
+            total += float(loss.detach()) * idx.numel()
             count += idx.numel()
         p_va = _sigmoid(_predict_logits(model, splits.validation.X))
         val_loss = evaluate.binary_metrics(y_va, p_va, 0.5)["log_loss"]
         val_auc = evaluate.roc_auc(y_va, p_va)
-        bar.set_postfix(loss=f"{total / max(count, 1):.4f}", val_loss=f"{val_loss:.4f}", val_auc=f"{val_auc:.4f}")
+        bar.set_postfix(
+            loss=f"{total / max(count, 1):.4f}", val_loss=f"{val_loss:.4f}", val_auc=f"{val_auc:.4f}"
+        )
         if val_loss < best_loss - 1e-5:
             best_loss, best_auc, best_epoch, bad = val_loss, val_auc, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -227,7 +231,10 @@ def _weights_digest(model: torch.nn.Module) -> str:
 
 def _baseline_scores(cfg: TrainConfig, splits: Splits) -> dict[str, dict[str, NDArray[np.float64]]]:
     """Validation and test probabilities of every baseline, fitted on the training customers."""
-    rfm = {name: baselines.rfm_from_summary(getattr(splits, name).summary) for name in ("train", "validation", "test")}
+    rfm = {
+        name: baselines.rfm_from_summary(getattr(splits, name).summary)
+        for name in ("train", "validation", "test")
+    }
     mat = {name: baselines.rfm_matrix(r) for name, r in rfm.items()}
     out: dict[str, dict[str, NDArray[np.float64]]] = {}
     bg = baselines.BGNBD().fit(rfm["train"])
@@ -250,7 +257,9 @@ def _target(models: dict[str, dict[str, float]], boot: dict[str, dict[str, Any]]
         "best_baseline": best,
         "best_baseline_auc": models[best]["roc_auc"],
         "best_baseline_brier": best_brier,
-        "level_with_best": bool(cln["roc_auc"] >= models[best]["roc_auc"] - 0.002 and cln["brier"] <= best_brier + 0.001),
+        "level_with_best": bool(
+            cln["roc_auc"] >= models[best]["roc_auc"] - 0.002 and cln["brier"] <= best_brier + 0.001
+        ),
         "beats_best_auc": bool(cln["roc_auc"] > models[best]["roc_auc"]),
         "rule": "level = AUC >= best - 0.002 and Brier <= best + 0.001; beats BG/NBD = bootstrap CI above 0",
     }
@@ -270,14 +279,17 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     horizon_end = cutoff + cfg.horizon_weeks * SECONDS_PER_WEEK
     if horizon_end > tx.last_timestamp + 86_400:
         log.warning(
-            "the label window ends %s, after the last event in the data (%s): labels near the end are censored",
-            datetime.fromtimestamp(horizon_end, UTC).date(), tx.report.last_timestamp,
+            "the label window ends %s, after the last event in the data (%s): late labels are censored",
+            datetime.fromtimestamp(horizon_end, UTC).date(),
+            tx.report.last_timestamp,
         )
     splits = make_splits(cfg, tx, spec)
     for name in ("train", "validation", "test"):
         ex: Examples = getattr(splits, name)
         if ex.y.size == 0 or ex.y.min() == ex.y.max():
-            raise ValueError(f"the {name} split has {ex.y.size} customers and one class only: cannot train or evaluate")
+            raise ValueError(
+                f"the {name} split has {ex.y.size} customers and one class only: cannot train or evaluate"
+            )
 
     mean, std = _normalisation(splits.train.X)
     net_cfg = CLNConfig(
@@ -288,6 +300,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         hidden=cfg.hidden,
         dropout=cfg.dropout,
         pool_last=cfg.pool_last,
+        linear_skip=cfg.linear_skip,
     )
     started = time.perf_counter()
     members = [train_member(cfg, net_cfg, splits, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
@@ -296,7 +309,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
 
     with torch.no_grad():
         p = {
-            s: ensemble(torch.from_numpy(getattr(splits, s).X)).double().numpy() for s in ("validation", "test")
+            s: ensemble(torch.from_numpy(getattr(splits, s).X)).double().numpy()
+            for s in ("validation", "test")
         }
     scores = {"cln": p} | _baseline_scores(cfg, splits)
     y_va, y_te = splits.validation.y, splits.test.y
@@ -305,7 +319,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         threshold = evaluate.best_f1_threshold(y_va, s["validation"])
         models[name] = evaluate.binary_metrics(y_te, s["test"], threshold)
     boot = {
-        f"cln_vs_{b}": evaluate.paired_bootstrap_auc(y_te, p["test"], scores[b]["test"], n_boot=cfg.bootstrap, seed=cfg.seed)
+        f"cln_vs_{b}": evaluate.paired_bootstrap_auc(
+            y_te, p["test"], scores[b]["test"], n_boot=cfg.bootstrap, seed=cfg.seed
+        )
         for b in BASELINES
     }
 
@@ -317,7 +333,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     digest = _weights_digest(ensemble)
     version = f"cln-{cfg.protocol}-{cfg.cutoff.replace('-', '')}-{digest[:10]}"
     created = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    hyper = net_cfg.to_dict() | {k: v for k, v in cfg.to_dict().items() if k not in ("data", "columns", "progress")}
+    hyper = net_cfg.to_dict() | {
+        k: v for k, v in cfg.to_dict().items() if k not in ("data", "columns", "progress")
+    }
     metadata = ModelMetadata(
         model_version=version,
         created_at=created,
@@ -344,7 +362,12 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     write_atomic(final.SerializeToString(), out_dir / "model.onnx")
     _write_scores(out_dir / "scores.csv", splits.test, run_onnx(final, splits.test.X))
     torch.save(
-        {"hyperparameters": hyper, "cln_config": net_cfg.to_dict(), "state_dict": ensemble.state_dict(), "metadata": metadata.to_dict()},
+        {
+            "hyperparameters": hyper,
+            "cln_config": net_cfg.to_dict(),
+            "state_dict": ensemble.state_dict(),
+            "metadata": metadata.to_dict(),
+        },
         out_dir / "checkpoint.pt",
     )
 
@@ -380,7 +403,13 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         "seeds": [m.seed for m in members],
         "per_seed_val_auc": [m.val_auc for m in members],
         "per_seed": [
-            {"seed": m.seed, "epochs_run": m.epochs_run, "best_epoch": m.best_epoch, "val_loss": m.val_loss, "val_auc": m.val_auc}
+            {
+                "seed": m.seed,
+                "epochs_run": m.epochs_run,
+                "best_epoch": m.best_epoch,
+                "val_loss": m.val_loss,
+                "val_auc": m.val_auc,
+            }
             for m in members
         ],
         "plots": {"roc": "roc.png", "calibration": "calibration.png"},

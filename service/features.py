@@ -33,7 +33,7 @@ ALL_CHANNELS: tuple[str, ...] = (
     "log_quantity",  # log1p(sum of quantities in the bin)
     "active",  # 1 from the bin of the user's first purchase on, 0 before it (tells "not yet a
     # customer" from "a customer who did not buy this week"); counts purchases older than the window
-    "log_bins_since_purchase",  # log1p(bins since the latest purchase at or before this bin), 0 while inactive
+    "log_bins_since_purchase",  # log1p(bins since the latest purchase up to this bin); 0 while inactive
     # summary channels: one value per user, broadcast over time; they see the whole history up to
     # as_of, including purchases older than the window, so long-lived users are not truncated
     "log_frequency_total",  # log1p(distinct purchase days up to as_of)
@@ -175,8 +175,8 @@ def _prepare(
         purchase_days=purchase_days,
         first_age_days=first_age,
         last_age_days=last_age,
-        total_amount=np.bincount(user, weights=amt, minlength=n_users),
-        total_quantity=np.bincount(user, weights=qty, minlength=n_users),
+        total_amount=np.bincount(user, weights=amt, minlength=n_users).astype(np.float64),
+        total_quantity=np.bincount(user, weights=qty, minlength=n_users).astype(np.float64),
     )
     return _Prepared(n_users, user, age, amt, qty, day_user, day_age, summary)
 
@@ -278,6 +278,6 @@ def encode(
 ) -> NDArray[np.float32]:
     """Encode one user's events: ``float32 [lookback_bins, channels]``."""
     ts = np.asarray(timestamps, dtype=np.int64).reshape(-1)
-    return encode_batch(
-        ts, amounts, quantities, [0, ts.size], as_of, spec if spec is not None else FeatureSpec()
-    )[0]
+    batch = encode_batch(ts, amounts, quantities, [0, ts.size], as_of, spec or FeatureSpec())
+    single: NDArray[np.float32] = batch[0]
+    return single

@@ -66,7 +66,9 @@ def test_column_mapping(tmp_path: Path) -> None:
 
 
 def test_unparseable_date_names_column_and_first_bad_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "user_id,timestamp,amount,quantity\na,2024-01-01,1,1\nb,not-a-date,1,1\nc,also bad,1,1\n")
+    path = write(
+        tmp_path, "user_id,timestamp,amount,quantity\na,2024-01-01,1,1\nb,not-a-date,1,1\nc,also bad,1,1\n"
+    )
     with pytest.raises(DataError, match=r"'timestamp'.*line 3"):
         load_transactions(path)
 
@@ -79,7 +81,12 @@ def test_non_numeric_amount_names_column_and_line(tmp_path: Path) -> None:
 
 def test_parquet_input(tmp_path: Path) -> None:
     frame = pd.DataFrame(
-        {"user_id": ["u1", "u2"], "timestamp": ["2024-01-01", "2024-02-01"], "amount": [1.0, 2.0], "quantity": [1, 3]}
+        {
+            "user_id": ["u1", "u2"],
+            "timestamp": ["2024-01-01", "2024-02-01"],
+            "amount": [1.0, 2.0],
+            "quantity": [1, 3],
+        }
     )
     path = tmp_path / "log.parquet"
     frame.to_parquet(path)

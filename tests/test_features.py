@@ -86,7 +86,9 @@ def test_event_order_does_not_matter() -> None:
     amt = np.array([5.0, 7.0, 1.0, 2.0, 9.0])
     qty = np.array([1, 2, 1, 1, 3])
     perm = np.array([3, 0, 4, 1, 2])
-    np.testing.assert_array_equal(encode(ts, amt, qty, AS_OF, SPEC), encode(ts[perm], amt[perm], qty[perm], AS_OF, SPEC))
+    np.testing.assert_array_equal(
+        encode(ts, amt, qty, AS_OF, SPEC), encode(ts[perm], amt[perm], qty[perm], AS_OF, SPEC)
+    )
 
 
 def test_batch_equals_per_user_and_per_user_as_of() -> None:
@@ -102,7 +104,9 @@ def test_batch_equals_per_user_and_per_user_as_of() -> None:
     batch = encode_batch(ts, amt, qty, offsets, as_of, SPEC)
     for u in range(n_users):
         lo, hi = offsets[u], offsets[u + 1]
-        np.testing.assert_array_equal(batch[u], encode(ts[lo:hi], amt[lo:hi], qty[lo:hi], int(as_of[u]), SPEC))
+        np.testing.assert_array_equal(
+            batch[u], encode(ts[lo:hi], amt[lo:hi], qty[lo:hi], int(as_of[u]), SPEC)
+        )
 
 
 def test_channel_subset_and_order_follow_the_spec() -> None:
