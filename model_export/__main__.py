@@ -56,11 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     t.add_argument("--dropout", type=float, default=TrainConfig.dropout)
     t.add_argument("--no-pool-last", dest="pool_last", action="store_false", help="drop last-step pooling")
-    t.add_argument("--no-linear-skip", dest="linear_skip", action="store_false", help="drop the wide path")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     t.add_argument("--patience", type=int, default=TrainConfig.patience)
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     t.add_argument("--lr", type=float, default=TrainConfig.lr)
+    t.add_argument(
+        "--origins",
+        type=int,
+        default=TrainConfig.origins,
+        help="training cutoffs per customer (rolling origins)",
+    )
+    t.add_argument("--origin-step-weeks", type=int, default=TrainConfig.origin_step_weeks)
     t.add_argument("--max-users", type=int, help="train on a seeded sample of this many customers")
     t.add_argument("--bootstrap", type=int, default=TrainConfig.bootstrap, help="bootstrap resamples")
     t.add_argument("--no-progress", dest="progress", action="store_false")
@@ -84,13 +90,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         hidden=args.hidden,
         dropout=args.dropout,
         pool_last=args.pool_last,
-        linear_skip=args.linear_skip,
         seeds=args.seeds,
         seed=args.seed,
         epochs=args.epochs,
         patience=args.patience,
         batch_size=args.batch_size,
         lr=args.lr,
+        origins=args.origins,
+        origin_step_weeks=args.origin_step_weeks,
         max_users=args.max_users,
         bootstrap=args.bootstrap,
         progress=args.progress,

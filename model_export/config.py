@@ -32,9 +32,8 @@ class TrainConfig:
     conv_channels: int = 16
     conv_layers: int = 2
     hidden: int = 64
-    dropout: float = 0.1
+    dropout: float = 0.3
     pool_last: bool = True
-    linear_skip: bool = True
     # optimisation
     seeds: int = 1
     seed: int = 0  # the first seed; members use seed, seed + 1, ...
@@ -47,6 +46,10 @@ class TrainConfig:
     # splits (customer-split: train / validation / test by customer; out-of-time: train / validation)
     validation_fraction: float = 0.2
     test_fraction: float = 0.2
+    # rolling origins: also train on the training customers at this many cutoffs in all, every
+    # origin_step_weeks before the training cutoff (1 = the training cutoff only)
+    origins: int = 1
+    origin_step_weeks: int = 4
     max_users: int | None = None  # a seeded subsample of customers, for fast tests
     bootstrap: int = 2000
     opset: int = 18

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+from model_export.files import write_atomic
 
 #: Keeps log loss finite; matches the baselines' clipping and float32 resolution near 1.
 PROBA_EPS = 1e-7
@@ -452,20 +452,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Same directory, so os.replace is a rename on one filesystem: readers see old or new, never half.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
     """Write ``report.json`` and ``report.md`` atomically into ``out_dir``.
 
@@ -476,5 +462,5 @@ def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     json_text = json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n"
     md_text = render_markdown(report)
-    _write_atomic(out / "report.json", json_text)
-    _write_atomic(out / "report.md", md_text)
+    write_atomic(json_text.encode("utf-8"), out / "report.json")
+    write_atomic(md_text.encode("utf-8"), out / "report.md")

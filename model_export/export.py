@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -84,22 +82,6 @@ def with_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> onnx.Model
     )
     onnx.checker.check_model(out, full_check=True)
     return out
-
-
-def write_atomic(data: bytes, path: Path) -> None:
-    """Temp file in the target directory, fsync, rename: a reader never sees half a model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the serving user is usually someone else
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_metadata(path: Path) -> ModelMetadata:

@@ -10,10 +10,7 @@ over time (kernel 3, same padding) -> feature maps ``F [B, K, T]`` -> three pool
 - mean pooling: ``K`` numbers, the average level of each pattern;
 - the last time step: ``K`` numbers, the state "now" (recency lives here);
 
-then an MLP to one logit, plus (``linear_skip``) a linear term on the normalised input's last time
-step, a "wide and deep" head: the network contains logistic regression on the current state as a
-special case, which extrapolates like the linear baseline when the population ages past what
-training saw (the out-of-time protocol). Correlation pooling is scale-free by construction, so it cannot carry
+then an MLP to one logit. Correlation pooling is scale-free by construction, so it cannot carry
 levels; that is why mean and last-step pooling sit next to it.
 """
 
@@ -36,10 +33,9 @@ class CLNConfig:
     conv_layers: int = 2
     kernel_size: int = 3
     hidden: int = 64
-    dropout: float = 0.1
+    dropout: float = 0.3
     corr_eps: float = 1e-4
     pool_last: bool = True
-    linear_skip: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,7 +91,6 @@ class CLN(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, 1),
         )
-        self.skip = nn.Linear(cfg.n_channels, 1) if cfg.linear_skip else None
 
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mean.copy_(mean)
@@ -108,8 +103,6 @@ class CLN(nn.Module):
         if self.cfg.pool_last:
             pooled.append(f[:, :, -1])
         logit: torch.Tensor = self.head(torch.cat(pooled, dim=1))  # [B, 1]
-        if self.skip is not None:
-            logit = logit + self.skip(z[:, :, -1])
         return logit.squeeze(-1)  # [B]
 
 

@@ -41,8 +41,8 @@ from model_export.export import (
     run_onnx,
     to_onnx,
     with_metadata,
-    write_atomic,
 )
+from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, Ensemble, n_parameters
 from service.artifact import ModelMetadata
 from service.features import FeatureSpec, UserSummary, encode_batch, summarise
@@ -112,6 +112,33 @@ def _stratified(
     return np.sort(rest), np.sort(held)
 
 
+def _stack(parts: list[Examples]) -> Examples:
+    """Examples of several origins as one training set (``as_of`` is the latest origin's)."""
+    fields = ("purchase_days", "first_age_days", "last_age_days", "total_amount", "total_quantity")
+    return Examples(
+        user_ids=np.concatenate([p.user_ids for p in parts]),
+        as_of=parts[0].as_of,
+        X=np.concatenate([p.X for p in parts]),
+        y=np.concatenate([p.y for p in parts]),
+        summary=UserSummary(*(np.concatenate([getattr(p.summary, f) for p in parts]) for f in fields)),
+    )
+
+
+def _with_earlier_origins(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec, train: Examples) -> Examples:
+    """Add the same training customers at earlier cutoffs (``--origins``, every ``--origin-step-weeks``).
+
+    Each earlier origin's label window ends before the latest one's, so nothing from a later
+    period leaks in; validation and test customers never appear in any origin.
+    """
+    parts = [train]
+    for k in range(1, cfg.origins):
+        ex = build_examples(
+            tx, train.as_of - k * cfg.origin_step_weeks * SECONDS_PER_WEEK, cfg.horizon_weeks, spec
+        )
+        parts.append(ex.take(np.flatnonzero(np.isin(ex.user_ids, train.user_ids))))
+    return _stack(parts) if len(parts) > 1 else train
+
+
 def make_splits(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec) -> Splits:
     cutoff = end_of_day(cfg.cutoff)
     if cfg.protocol == "customer-split":
@@ -119,12 +146,13 @@ def make_splits(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec) -> Splits
         rest, test = _stratified(ex.y, cfg.test_fraction, cfg.seed)
         val_share = cfg.validation_fraction / (1.0 - cfg.test_fraction)
         tr, va = _stratified(ex.y[rest], val_share, cfg.seed + 1)
-        return Splits(ex.take(rest[tr]), ex.take(rest[va]), ex.take(test))
+        train = _with_earlier_origins(cfg, tx, spec, ex.take(rest[tr]))
+        return Splits(train, ex.take(rest[va]), ex.take(test))
     t0 = cutoff - cfg.horizon_weeks * SECONDS_PER_WEEK
     fit = build_examples(tx, t0, cfg.horizon_weeks, spec)
     tr, va = _stratified(fit.y, cfg.validation_fraction, cfg.seed)
     scored = build_examples(tx, cutoff, cfg.horizon_weeks, spec)
-    return Splits(fit.take(tr), fit.take(va), scored)
+    return Splits(_with_earlier_origins(cfg, tx, spec, fit.take(tr)), fit.take(va), scored)
 
 
 def _subsample(tx: Transactions, max_users: int, seed: int) -> Transactions:
@@ -300,7 +328,6 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         hidden=cfg.hidden,
         dropout=cfg.dropout,
         pool_last=cfg.pool_last,
-        linear_skip=cfg.linear_skip,
     )
     started = time.perf_counter()
     members = [train_member(cfg, net_cfg, splits, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
@@ -377,7 +404,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         "protocol": cfg.protocol,
         "cutoff": cfg.cutoff,
         "horizon_weeks": cfg.horizon_weeks,
-        "n_users": int(splits.train.y.size + splits.validation.y.size + splits.test.y.size)
+        "n_users": int(np.unique(splits.train.user_ids).size + splits.validation.y.size + splits.test.y.size)
         if cfg.protocol == "customer-split"
         else int(splits.test.y.size),
         "base_rate": float(y_te.mean()),
@@ -388,7 +415,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         "n_parameters": n_parameters(ensemble),
         "data": {"source": cfg.data, "fingerprint": tx.fingerprint, "cleaning": tx.report.to_dict()},
         "split": {
-            "train": int(splits.train.y.size),
+            "train": int(np.unique(splits.train.user_ids).size),
+            "train_examples": int(splits.train.y.size),
+            "origins": cfg.origins,
             "validation": int(splits.validation.y.size),
             "test": int(splits.test.y.size),
             "train_as_of": datetime.fromtimestamp(splits.train.as_of, UTC).isoformat(),

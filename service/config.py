@@ -109,10 +109,13 @@ class Settings(BaseSettings):
     in the thread pool. Small requests take ~0.1-0.3 ms, less than a thread hop costs under load;
     large ones would stall ``/healthz`` and every other request while they run."""
 
+    batch_threads: int = Field(default=2, ge=1)
+    """Worker threads for large requests; more than the cores only adds contention."""
+
     exit_on_load_failure: bool = True
     """Exit non-zero when the model cannot be loaded; false keeps the process up and not ready."""
 
-    shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    shutdown_grace_seconds: int = Field(default=10, ge=1)
     """On SIGTERM, how long in-flight requests may take before the server closes them."""
 
     log_level: LogLevel = "info"

@@ -17,7 +17,8 @@ import torch
 
 from model_export.config import TrainConfig
 from model_export.data import end_of_day, load_transactions
-from model_export.export import read_metadata, write_atomic
+from model_export.export import read_metadata
+from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, CorrelationPooling, Ensemble
 from model_export.train import build_examples, train
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ModelMetadata

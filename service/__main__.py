@@ -1,0 +1,78 @@
+"""``python -m service --model PATH [--host H] [--port P]``: settings -> logging -> uvicorn.
+
+Command-line flags override the ``PI_*`` environment variables (see :class:`service.config.Settings`).
+One uvicorn worker per process on purpose: Prometheus counters live in the process, and several
+workers behind one port would make a scrape sample one of them at random. Scale with replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.config import Settings
+from service.logs import configure_logging
+
+
+def _parse_args(argv: list[str] | None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve purchase-intent predictions over HTTP. Every flag also has a PI_* "
+        "environment variable (PI_MODEL_PATH, PI_HOST, PI_PORT, ...); flags win.",
+    )
+    parser.add_argument("--model", type=Path, help="the exported model.onnx (PI_MODEL_PATH)")
+    parser.add_argument("--host", help="interface to bind (PI_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (PI_PORT, default 8000; 0 picks a free one)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(PI_LOG_LEVEL)")
+    args = parser.parse_args(argv)
+    overrides = {"model_path": args.model, "host": args.host, "port": args.port, "log_level": args.log_level}
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = _parse_args(argv)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            name = ".".join(str(p) for p in error["loc"])
+            print(f"error: setting {name} (PI_{name.upper()}): {error['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.model_path is None:
+        logging.getLogger("service").error("no model configured: pass --model PATH or set PI_MODEL_PATH")
+        return 2
+
+    failures: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(reason: str) -> None:
+        failures.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure if settings.exit_on_load_failure else None)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_config=None,  # keep the JSON handlers configure_logging installed
+        access_log=False,  # RequestMiddleware writes the access log
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin HTTP routers: validate, call the core, shape the response."""

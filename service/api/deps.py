@@ -1,0 +1,41 @@
+"""What a request handler gets from the app: the lifespan state, through one dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, cast
+
+import anyio
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.errors import NotReadyError
+from service.lifecycle import ModelSlot, Served
+from service.metrics import Metrics
+from service.scoring import Scorer
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """Everything the routers need; built by the app factory, handed out via lifespan state."""
+
+    settings: Settings
+    slot: ModelSlot
+    metrics: Metrics
+    scorer: Scorer
+    limiter: anyio.CapacityLimiter  # threads for large requests; created inside the running loop
+
+
+def get_context(request: Request) -> AppContext:
+    return cast(AppContext, request.state.context)
+
+
+Context = Annotated[AppContext, Depends(get_context)]
+
+
+def require_model(ctx: AppContext) -> Served:
+    """The served model, or a 503 that tells the client to retry."""
+    served = ctx.slot.served
+    if served is None:
+        raise NotReadyError(ctx.slot.reason or "not ready", headers={"Retry-After": "1"})
+    return served

@@ -1,0 +1,53 @@
+"""``GET /v1/model``: what is being served and how it runs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from service.api.deps import Context, require_model
+from service.schemas import ErrorResponse, ModelResponse, RuntimeResponse
+
+router = APIRouter(tags=["model"])
+
+
+@router.get(
+    "/v1/model",
+    response_model=ModelResponse,
+    responses={503: {"model": ErrorResponse, "description": "No model loaded yet."}},
+    summary="The served model's metadata",
+    description="Version, feature spec, decision threshold, horizon and training metrics as "
+    "written by the exporter, plus the execution providers asked for and actually used.",
+)
+async def model_info(ctx: Context) -> Response:
+    served = require_model(ctx)
+    meta = served.predictor.metadata
+    runtime = served.predictor.runtime
+    body = ModelResponse(
+        model_version=meta.model_version,
+        created_at=meta.created_at,
+        threshold=meta.threshold,
+        horizon_weeks=meta.horizon_weeks,
+        horizon_days=meta.horizon_days,
+        protocol=meta.protocol,
+        cutoff=meta.cutoff,
+        data_fingerprint=meta.data_fingerprint,
+        feature_spec=meta.feature_spec.to_dict(),
+        training_metrics=meta.training_metrics,
+        hyperparameters=meta.hyperparameters,
+        opset=meta.opset,
+        n_seeds=meta.n_seeds,
+        format_version=meta.format_version,
+        runtime=RuntimeResponse(
+            requested_providers=list(runtime.requested),
+            active_providers=list(runtime.active),
+            provider=runtime.provider,
+            provider_fallback=runtime.fallback,
+            batch_sizes=list(runtime.batch_sizes),
+            load_seconds=served.load_seconds,
+            loaded_at=datetime.fromtimestamp(served.loaded_at, tz=UTC).isoformat(timespec="milliseconds"),
+        ),
+    )
+    return Response(body.model_dump_json(), media_type="application/json")

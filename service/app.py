@@ -1,0 +1,110 @@
+"""The app factory: settings and injected parts in, a FastAPI app out. Nothing happens at import.
+
+``create_app(settings)`` is what ``python -m service`` serves; tests pass a fake ``predictor``
+(anything following :class:`service.predictor.Predictor`) and a fresh ``registry``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
+
+from service import __version__
+from service.api import health, model, predict
+from service.api import metrics as metrics_route
+from service.api.deps import AppContext
+from service.config import Settings
+from service.errors import REJECT_REASONS, install_error_handlers
+from service.lifecycle import ModelSlot, load_model
+from service.metrics import Metrics
+from service.middleware import RequestMiddleware
+from service.predictor import Predictor
+from service.schemas import BatchPredictRequest, PredictRequest
+from service.scoring import Scorer
+
+_DESCRIPTION = """\
+Per-user purchase-intent predictions: send a user's purchase events, get the probability that
+they buy again within the model's horizon. Features are computed by the same code that trained
+the model, from the feature spec stored in the model file.
+
+Every error is JSON: `{"error": code, "message": ..., "detail": [{"field", "type", "message"}]}`.
+"""
+
+
+def _add_request_schemas(app: FastAPI) -> None:
+    """Request bodies are parsed by hand (see ``api/predict.py``); publish their schemas anyway."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for request_model in (PredictRequest, BatchPredictRequest):
+                body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in body.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[request_model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    predictor: Predictor | None = None,
+    registry: CollectorRegistry | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. The model is loaded (or ``predictor`` warmed up) after start-up, in the
+    background; ``on_load_failure`` is called with the cause if that fails."""
+    metrics = Metrics(
+        registry if registry is not None else CollectorRegistry(),
+        latency_buckets=settings.latency_buckets,
+        reject_reasons=REJECT_REASONS,
+    )
+    slot = ModelSlot()
+    metrics.ready.set(0)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        context = AppContext(
+            settings=settings,
+            slot=slot,
+            metrics=metrics,
+            scorer=Scorer(metrics),
+            limiter=anyio.CapacityLimiter(settings.batch_threads),
+        )
+        loading = asyncio.create_task(
+            load_model(slot, settings, metrics, predictor=predictor, on_failure=on_load_failure)
+        )
+        try:
+            yield {"context": context}
+        finally:
+            metrics.ready.set(0)
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+
+    app = FastAPI(
+        title="purchase-intent",
+        version=__version__,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    for router in (predict.router, model.router, health.router, metrics_route.router):
+        app.include_router(router)
+    install_error_handlers(app, metrics)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+    _add_request_schemas(app)
+    return app

@@ -1,0 +1,154 @@
+"""Typed errors, one JSON envelope, and the handlers that turn both into responses.
+
+Every non-2xx body is ``{"error": code, "message": text, "detail": [{"field", "type", "message"}]}``.
+Codes form a closed set (:data:`REJECT_REASONS`) that doubles as the rejection metric's label
+values. Details carry the field path and the kind of problem, never the value the client sent
+(error bodies that echo input leak it into logs and proxies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from service.metrics import Metrics
+from service.schemas import ErrorItem, ErrorResponse
+
+#: Every ``error`` code the service answers with; the ``reason`` label of the rejection counter.
+REJECT_REASONS: tuple[str, ...] = (
+    "invalid_json",
+    "unsupported_media_type",
+    "invalid_input",
+    "too_many_events",
+    "too_many_users",
+    "not_ready",
+    "not_found",
+    "method_not_allowed",
+    "http_error",
+    "internal_error",
+)
+
+_MAX_FIELD_PART = 64  # a hostile 10 kB key name is cut, not echoed whole
+
+
+class ServiceError(Exception):
+    """Base of the errors the service answers with; each subclass fixes a status and a code."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self, message: str, detail: Sequence[ErrorItem] = (), headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = list(detail)
+        self.headers = headers
+
+
+class InvalidJSONError(ServiceError):
+    status_code = 400
+    code = "invalid_json"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidInputError(ServiceError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class TooManyEventsError(ServiceError):
+    status_code = 422
+    code = "too_many_events"
+
+
+class TooManyUsersError(ServiceError):
+    status_code = 413
+    code = "too_many_users"
+
+
+class NotReadyError(ServiceError):
+    status_code = 503
+    code = "not_ready"
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """``("users", 0, "events", 3, "amount")`` -> ``"users[0].events[3].amount"``; ``()`` -> ``"body"``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = part if len(part) <= _MAX_FIELD_PART else part[:_MAX_FIELD_PART] + "..."
+            out += f".{text}" if out else text
+    return out or "body"
+
+
+def from_validation_error(exc: ValidationError) -> ServiceError:
+    """Map pydantic's errors to ours: unparseable JSON is a 400, anything else a 422."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    items = [ErrorItem(field=field_path(e["loc"]), type=e["type"], message=e["msg"]) for e in errors]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return InvalidJSONError("the request body is not valid JSON", items)
+    return InvalidInputError("the request body does not match the schema", items)
+
+
+def error_response(
+    status_code: int,
+    code: str,
+    message: str,
+    detail: Sequence[ErrorItem] = (),
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = ErrorResponse(error=code, message=message, detail=list(detail)).model_dump_json()
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Route every error the framework or our code raises through the one envelope.
+
+    Unexpected exceptions are not handled here: the request middleware turns them into a bare 500
+    (it sits outside the routing layer, so it also catches errors raised in other middleware).
+    """
+
+    async def _service_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        metrics.rejected.labels(exc.code).inc()
+        return error_response(exc.status_code, exc.code, exc.message, exc.detail, exc.headers)
+
+    async def _http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        metrics.rejected.labels(code).inc()
+        message = {
+            "not_found": "no such endpoint",
+            "method_not_allowed": "method not allowed on this endpoint",
+        }.get(code, "the request cannot be processed")
+        headers: dict[str, Any] | None = getattr(exc, "headers", None)
+        return error_response(exc.status_code, code, message, headers=headers)
+
+    async def _request_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        items = [
+            ErrorItem(field=field_path(e.get("loc", ())), type=str(e.get("type")), message=str(e.get("msg")))
+            for e in exc.errors()
+        ]
+        metrics.rejected.labels("invalid_input").inc()
+        return error_response(422, "invalid_input", "the request does not match the schema", items)
+
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)

@@ -1,0 +1,174 @@
+"""Prometheus metrics on a registry that is passed in (tests use a fresh one each, no global state).
+
+Naming: one ``purchase_intent_`` prefix, base units, counters end in ``_total``. Labels come from
+closed sets fixed at start-up: route *templates* (one ``unmatched`` value for anything else, so a
+scanner's 404s cannot explode cardinality), status classes, rejection reasons; never a user id, a
+raw path or an error message.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
+
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+_go_float = cast(Callable[[float], str], floatToGoString)  # how client_python prints `le`
+
+PREFIX = "purchase_intent"
+UNMATCHED_ROUTE = "unmatched"
+
+#: Users per onnxruntime call: powers of two cover the padded batch shapes.
+BATCH_SIZE_BUCKETS: tuple[float, ...] = tuple(float(1 << k) for k in range(14))  # 1 .. 8192
+#: Predicted probabilities in 0.05 steps, fine enough to see the distribution drift.
+PROBABILITY_BUCKETS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 21))
+
+
+class ArrayHistogram(Collector):
+    """A histogram fed whole numpy arrays: 1,000 users' probabilities cost one ``searchsorted``,
+    not 1,000 ``observe()`` calls taking a lock each. Exposed exactly like a prometheus_client
+    histogram (cumulative ``_bucket``, ``_count``, ``_sum``)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._upper = np.asarray(buckets, dtype=np.float64)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last: above every bound (+Inf)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, values: NDArray[np.floating] | Sequence[float]) -> None:
+        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+        # side="left": a value equal to a bound belongs to that bound's bucket (le = "<=")
+        counts = np.bincount(np.searchsorted(self._upper, arr, side="left"), minlength=self._counts.size)
+        total = float(arr.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def _family(self, with_samples: bool) -> HistogramMetricFamily:
+        if not with_samples:
+            return HistogramMetricFamily(self._name, self._documentation)
+        with self._lock:
+            cumulative = np.cumsum(self._counts)
+            total = self._sum
+        bounds = [_go_float(float(b)) for b in self._upper] + ["+Inf"]
+        return HistogramMetricFamily(
+            self._name,
+            self._documentation,
+            buckets=[(b, float(c)) for b, c in zip(bounds, cumulative, strict=True)],
+            sum_value=total,
+        )
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        return [self._family(with_samples=False)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        yield self._family(with_samples=True)
+
+
+class Metrics:
+    """Every metric the service exports, registered on ``registry``."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        latency_buckets: Sequence[float],
+        reject_reasons: Sequence[str],
+        process_metrics: bool = True,
+    ) -> None:
+        self.registry = registry
+        p = PREFIX
+        self.requests = Counter(
+            f"{p}_requests",
+            "HTTP requests answered, by route template and status class.",
+            ["route", "status_class"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            f"{p}_request_duration_seconds",
+            "Time from request start to the last response byte, by route template.",
+            ["route"],
+            buckets=latency_buckets,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{p}_requests_in_flight", "HTTP requests being processed now.", registry=registry
+        )
+        self.rejected = Counter(
+            f"{p}_rejected_requests",
+            "Requests refused with a 4xx/5xx error body, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in reject_reasons:
+            self.rejected.labels(reason)  # export every reason at 0 so rate() works from the start
+        self.encoding_duration = Histogram(
+            f"{p}_encoding_duration_seconds",
+            "Featurisation time per inference call (events to tensor).",
+            buckets=latency_buckets,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            f"{p}_inference_duration_seconds",
+            "onnxruntime time per inference call (padding included).",
+            buckets=latency_buckets,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            f"{p}_batch_size",
+            "Users per inference call.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.users_scored = Counter(f"{p}_users_scored", "Users given a probability.", registry=registry)
+        self.probability = ArrayHistogram(
+            f"{p}_predicted_probability",
+            "Predicted purchase probabilities, one observation per user scored (watch it for drift).",
+            PROBABILITY_BUCKETS,
+        )
+        registry.register(self.probability)
+        self.model_info = Gauge(
+            f"{p}_model_info",
+            "1 for the model being served, labelled with its version and active execution provider.",
+            ["model_version", "provider"],
+            registry=registry,
+        )
+        self.provider_fallback = Gauge(
+            f"{p}_model_provider_fallback",
+            "1 when onnxruntime silently fell back from the first execution provider asked for.",
+            registry=registry,
+        )
+        self.model_load_duration = Gauge(
+            f"{p}_model_load_duration_seconds",
+            "Time the served model took to load, validate and warm up.",
+            registry=registry,
+        )
+        self.model_load_timestamp = Gauge(
+            f"{p}_model_load_timestamp_seconds",
+            "Unix time the served model became ready.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            f"{p}_ready", "1 when the service is ready to predict (what /readyz reports).", registry=registry
+        )
+        if process_metrics:
+            ProcessCollector(registry=registry)  # process_resident_memory_bytes etc.
+
+    def set_model(
+        self, *, version: str, provider: str, fallback: bool, load_seconds: float, loaded_at: float
+    ) -> None:
+        """Point the model gauges at a newly served model (replacing the previous one's labels)."""
+        self.model_info.clear()
+        self.model_info.labels(version, provider).set(1)
+        self.provider_fallback.set(1 if fallback else 0)
+        self.model_load_duration.set(load_seconds)
+        self.model_load_timestamp.set(loaded_at)
+        self.ready.set(1)

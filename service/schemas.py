@@ -1,0 +1,301 @@
+"""Request, response and error bodies: the HTTP contract, and the source of the OpenAPI schema.
+
+Request models are strict (no string-to-number coercion, no epoch numbers for timestamps), reject
+unknown fields (a misspelt ``as_of`` must not silently become "now") and non-finite numbers.
+Timestamps must carry a UTC offset: a naive one is ambiguous by up to a day, which moves events
+between the encoder's daily bins, so it is a 422 rather than a guess.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+
+#: Timestamps outside [EARLIEST, LATEST) are a 422: anything else is a client bug (a millisecond
+#: epoch read as seconds, a year-1 sentinel) that would silently land in no bin.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+
+#: Per-event bounds: large enough for any real purchase, small enough that sums over 10k events
+#: stay finite in float64 and the model never sees inf.
+MAX_AMOUNT = 1e9
+MAX_QUANTITY = 1_000_000
+
+
+def _check_range(value: datetime) -> datetime:
+    if not (EARLIEST <= value < LATEST):
+        raise ValueError("must be between 1970-01-01T00:00:00Z and 2100-01-01T00:00:00Z")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_check_range)]
+
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+_EXAMPLE_EVENTS: list[dict[str, Any]] = [
+    {"timestamp": "1997-01-12T00:00:00Z", "amount": 29.33, "quantity": 2},
+    {"timestamp": "1997-03-02T00:00:00Z", "amount": 12.49, "quantity": 1},
+    {"timestamp": "1997-06-20T00:00:00Z", "amount": 57.0, "quantity": 4},
+]
+EXAMPLE_USER: dict[str, Any] = {
+    "user_id": "u-1042",
+    "as_of": "1997-09-30T00:00:00Z",
+    "events": _EXAMPLE_EVENTS,
+}
+
+
+class Event(BaseModel):
+    """One purchase: when, how much was spent, how many items."""
+
+    model_config = _STRICT
+
+    timestamp: Timestamp = Field(
+        description="RFC 3339 with a UTC offset (`Z` or `+hh:mm`), 1970 to 2100. Binned by UTC day."
+    )
+    amount: float = Field(ge=0, le=MAX_AMOUNT, description="Money spent, >= 0.")
+    quantity: int = Field(ge=0, le=MAX_QUANTITY, description="Items bought, a whole number >= 0.")
+
+
+class PredictRequest(BaseModel):
+    """One user's purchase history and the moment to predict from."""
+
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"examples": [EXAMPLE_USER]})
+
+    user_id: str = Field(min_length=1, max_length=256, description="Echoed back; never logged.")
+    events: list[Event] = Field(
+        description=(
+            "The user's purchases in any order; may be empty (a user with no history). Events "
+            "after `as_of` are ignored, even later on the same day. Several events on one UTC "
+            "day count as one purchase day."
+        )
+    )
+    as_of: Timestamp | None = Field(
+        default=None,
+        description="Predict as seen at this instant (RFC 3339 with offset); default: now (UTC).",
+    )
+
+
+class BatchPredictRequest(BaseModel):
+    """Several users scored in one inference call; predictions come back in request order."""
+
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={
+            "examples": [
+                {
+                    "users": [
+                        EXAMPLE_USER,
+                        {"user_id": "u-7", "events": [], "as_of": "1997-09-30T00:00:00Z"},
+                    ]
+                }
+            ]
+        },
+    )
+
+    users: list[PredictRequest] = Field(min_length=1, description="At least one user.")
+
+
+class Prediction(BaseModel):
+    """One user's score inside a batch response."""
+
+    user_id: str
+    probability: float = Field(description="P(at least one purchase within the horizon), 0..1.")
+    will_purchase: bool = Field(description="probability >= the model's threshold.")
+
+
+class PredictResponse(Prediction):
+    """The answer for one user, with what is needed to interpret it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u-1042",
+                    "probability": 0.4187,
+                    "will_purchase": True,
+                    "threshold": 0.31,
+                    "horizon_days": 84,
+                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
+                }
+            ]
+        }
+    )
+
+    threshold: float = Field(description="The model's decision threshold (chosen on validation).")
+    horizon_days: int = Field(description="The prediction window after `as_of`, in days.")
+    model_version: str = Field(description="The model that produced this answer.")
+
+
+class BatchPredictResponse(BaseModel):
+    """Predictions in request order, all from the same model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
+                    "threshold": 0.31,
+                    "horizon_days": 84,
+                    "predictions": [
+                        {"user_id": "u-1042", "probability": 0.4187, "will_purchase": True},
+                        {"user_id": "u-7", "probability": 0.0213, "will_purchase": False},
+                    ],
+                }
+            ]
+        }
+    )
+
+    model_version: str
+    threshold: float
+    horizon_days: int
+    predictions: list[Prediction]
+
+
+class ErrorItem(BaseModel):
+    """One problem with the request, located by its field path (never the offending value)."""
+
+    field: str = Field(description='Dotted path into the body, e.g. "users[0].events[3].amount".')
+    type: str = Field(description="A stable machine-readable kind, e.g. greater_than_equal.")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer has this shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "invalid_input",
+                    "message": "the request body does not match the schema",
+                    "detail": [
+                        {
+                            "field": "events[0].amount",
+                            "type": "greater_than_equal",
+                            "message": "Input should be greater than or equal to 0",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    error: str = Field(description="A stable code: invalid_json, invalid_input, too_many_users, ...")
+    message: str
+    detail: list[ErrorItem] = Field(default_factory=list)
+
+
+class HealthResponse(BaseModel):
+    """Liveness: the process answers. Never depends on the model."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: str
+
+
+class ReadinessResponse(BaseModel):
+    """Readiness: 200 only once a model is loaded and has answered warm-up inferences."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "ready": True,
+                    "status": "ready",
+                    "reason": None,
+                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
+                    "provider": "CPUExecutionProvider",
+                    "provider_fallback": False,
+                },
+                {
+                    "ready": False,
+                    "status": "loading",
+                    "reason": "loading and warming up the model",
+                    "model_version": None,
+                    "provider": None,
+                    "provider_fallback": None,
+                },
+            ]
+        }
+    )
+
+    ready: bool
+    status: str = Field(description="loading | ready | failed")
+    reason: str | None = Field(description="Why not ready; null when ready.")
+    model_version: str | None
+    provider: str | None = Field(description="The execution provider onnxruntime actually runs on.")
+    provider_fallback: bool | None = Field(
+        description="True when onnxruntime silently fell back from the first provider asked for."
+    )
+
+
+class RuntimeResponse(BaseModel):
+    """How the model is being run."""
+
+    requested_providers: list[str] = Field(description="Preferred providers this build offers.")
+    active_providers: list[str] = Field(description="What the session reports, first one in use.")
+    provider: str
+    provider_fallback: bool
+    batch_sizes: list[int] = Field(description="Batches are padded to these sizes (all warmed up).")
+    load_seconds: float = Field(description="Load plus warm-up time.")
+    loaded_at: str = Field(description="RFC 3339, UTC.")
+
+
+class ModelResponse(BaseModel):
+    """The served model's metadata, as written by the exporter, plus how it is being run."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
+                    "created_at": "2024-01-01T00:00:00Z",
+                    "threshold": 0.31,
+                    "horizon_weeks": 12,
+                    "horizon_days": 84,
+                    "protocol": "customer-split",
+                    "cutoff": "1997-09-30",
+                    "data_fingerprint": "9c1b...",
+                    "feature_spec": {
+                        "lookback_bins": 39,
+                        "bin_days": 7,
+                        "channels": ["purchases", "log_spend", "log_quantity", "active", "log_recency_bins"],
+                        "lookback_days": 273,
+                        "time_axis": "oldest bin first; the last bin contains as_of",
+                    },
+                    "training_metrics": {"roc_auc": 0.83},
+                    "hyperparameters": {"channels": 16},
+                    "opset": 17,
+                    "n_seeds": 5,
+                    "format_version": 1,
+                    "runtime": {
+                        "requested_providers": ["CPUExecutionProvider"],
+                        "active_providers": ["CPUExecutionProvider"],
+                        "provider": "CPUExecutionProvider",
+                        "provider_fallback": False,
+                        "batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000],
+                        "load_seconds": 0.042,
+                        "loaded_at": "2024-01-02T10:00:00.000Z",
+                    },
+                }
+            ]
+        }
+    )
+
+    model_version: str
+    created_at: str
+    threshold: float
+    horizon_weeks: int
+    horizon_days: int
+    protocol: str
+    cutoff: str
+    data_fingerprint: str
+    feature_spec: dict[str, Any]
+    training_metrics: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    opset: int
+    n_seeds: int
+    format_version: int
+    runtime: RuntimeResponse

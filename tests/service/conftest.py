@@ -1,0 +1,67 @@
+"""Service fixtures: settings -> registry -> predictor -> app -> client (a fake predictor by default).
+
+End-to-end fixtures (a real ``python -m service`` process on the real tiny model) live in
+``test_e2e.py``; they build on the suite-wide ``tiny_model_dir`` from ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+with warnings.catch_warnings():
+    # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; both work. Filtered here,
+    # where the module is first imported, so the suite's output stays about our code.
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from tests.service.fakes import FakePredictor
+
+MAX_USERS = 8
+MAX_EVENTS = 50
+
+
+def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').json()}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(
+        providers=("CPUExecutionProvider",),
+        max_batch_users=MAX_USERS,
+        max_events_per_user=MAX_EVENTS,
+    )
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def predictor() -> FakePredictor:
+    return FakePredictor(max_batch=MAX_USERS)
+
+
+@pytest.fixture
+def app(settings: Settings, predictor: FakePredictor, registry: CollectorRegistry) -> FastAPI:
+    return create_app(settings, predictor=predictor, registry=registry)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as c:
+        wait_ready(c)
+        yield c

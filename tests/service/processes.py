@@ -1,0 +1,144 @@
+"""Real processes for end-to-end tests: ``python -m service`` and a Prometheus server, on loopback.
+
+Each start is bounded in time and each process is stopped by the test that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def require_binary(name: str) -> str:
+    """The path of ``name``; in CI (CI=true) a missing binary fails the test, locally it skips."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"'{name}' not found on PATH: install Debian's 'prometheus' (apt-get install -y prometheus)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@dataclass
+class ServiceProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (a non-JSON line fails the test: logs must be JSON)."""
+        lines = [line for line in self.log.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in lines]
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return int(self.process.returncode)
+
+
+def start_service(model: Path, log: Path, *, env: dict[str, str] | None = None) -> ServiceProcess:
+    port = free_port()
+    full_env = {**os.environ, "PI_PROVIDERS": "cpu", **(env or {})}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model", str(model), "--host", HOST, "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+    return ServiceProcess(process, f"http://{HOST}:{port}", log)
+
+
+def wait_until(
+    url: str, process: subprocess.Popen[bytes], *, timeout: float = 30.0, status: int = 200
+) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: str = "no answer"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} while waiting for {url}")
+        try:
+            r = httpx.get(url, timeout=2.0)
+            if r.status_code == status:
+                return r
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not {status} after {timeout}s: {last}")
+
+
+@contextmanager
+def running_service(model: Path, log: Path, *, env: dict[str, str] | None = None) -> Iterator[ServiceProcess]:
+    server = start_service(model, log, env=env)
+    try:
+        wait_until(f"{server.url}/readyz", server.process)
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def running_prometheus(target: str, workdir: Path) -> Iterator[str]:
+    """Prometheus on a free loopback port scraping ``target`` (host:port) every second."""
+    binary = require_binary("prometheus")
+    port = free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: purchase-intent\n"
+        "    scrape_timeout: 1s\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    log = workdir / "prometheus.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address={HOST}:{port}",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_until(f"{url}/-/ready", process, timeout=30)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)

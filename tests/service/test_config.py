@@ -1,0 +1,86 @@
+"""Settings from the environment and the CLI; nothing happens at import time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from service.__main__ import _parse_args
+from service.config import DEFAULT_LATENCY_BUCKETS, Settings
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert s.model_path is None
+    assert (s.host, s.port) == ("127.0.0.1", 8000)
+    assert s.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert s.latency_buckets == DEFAULT_LATENCY_BUCKETS
+    assert s.latency_buckets[0] <= 0.0001  # sub-millisecond resolution for a ~25 us model
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PI_MODEL_PATH", "/models/m.onnx")
+    monkeypatch.setenv("PI_PORT", "9001")
+    monkeypatch.setenv("PI_PROVIDERS", "cuda, cpu")
+    monkeypatch.setenv("PI_REQUIRE_GPU", "true")
+    monkeypatch.setenv("PI_LATENCY_BUCKETS", "0.0001,0.001,0.1")
+    monkeypatch.setenv("PI_MAX_BATCH_USERS", "50")
+    s = Settings()
+    assert str(s.model_path) == "/models/m.onnx"
+    assert s.port == 9001
+    assert s.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert s.require_gpu is True
+    assert s.latency_buckets == (0.0001, 0.001, 0.1)
+    assert s.max_batch_users == 50
+
+
+def test_json_lists_work_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PI_PROVIDERS", '["CPUExecutionProvider"]')
+    assert Settings().providers == ("CPUExecutionProvider",)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PI_PORT", "70000"),
+        ("PI_PROVIDERS", ""),
+        ("PI_LATENCY_BUCKETS", "0.1,0.01"),
+        ("PI_MAX_BATCH_USERS", "0"),
+        ("PI_LOG_LEVEL", "loud"),
+    ],
+)
+def test_invalid_environment_is_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_cli_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PI_PORT", "9001")
+    monkeypatch.setenv("PI_HOST", "0.0.0.0")
+    overrides = _parse_args(["--model", "m.onnx", "--port", "8123"])
+    s = Settings(**overrides)
+    assert (str(s.model_path), s.port, s.host) == ("m.onnx", 8123, "0.0.0.0")
+
+
+def test_importing_the_service_reads_nothing_and_pulls_in_no_training_stack() -> None:
+    """No Settings() or app at import, and never torch, pandas or onnx in the serving process."""
+    code = (
+        "import sys, os; os.environ['PI_PORT'] = 'not a port'\n"
+        "import service, service.app, service.__main__, service.api.predict\n"
+        "bad = sorted(m for m in ('torch', 'pandas', 'onnx') if m in sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bad_settings_exit_2_with_a_clear_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "70000"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "error: setting port (PI_PORT)" in proc.stderr

@@ -1,0 +1,207 @@
+"""Deployment files, tested as far as a machine without a Docker engine can.
+
+Prometheus's own ``promtool`` checks the scrape config and every dashboard query; every metric and
+label the dashboard uses must appear in what the service really exports; the compose file and the
+Grafana provisioning parse and point at files that exist; the image's HEALTHCHECK command is run
+against a real server process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from tests.service.onnx_models import write_model
+from tests.service.processes import require_binary, start_service, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "purchase-intent.json"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+PROMQL_KEYWORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "le", "without"}
+
+
+def _exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+
+
+@pytest.fixture
+def exported(client: TestClient) -> tuple[set[str], set[str]]:
+    """Sample names and label names in a live /metrics answer after some traffic."""
+    client.post(
+        "/predict",
+        json={
+            "user_id": "u",
+            "events": [{"timestamp": "1997-01-01T00:00:00Z", "amount": 1.0, "quantity": 1}],
+        },
+    )
+    client.post("/predict", content=b"{", headers={"Content-Type": "application/json"})
+    text = client.get("/metrics").text
+    names: set[str] = set()
+    labels: set[str] = {"job", "instance", "service"}  # added by Prometheus / our scrape config
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names.add(sample.name)
+            labels.update(sample.labels)
+    return names, labels
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = require_binary("promtool")
+    proc = subprocess.run(
+        [promtool, "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    promtool = require_binary("promtool")
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(_exprs())],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_uses_only_metrics_and_labels_the_service_exports(
+    exported: tuple[set[str], set[str]],
+) -> None:
+    names, labels = exported
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "purchase-intent"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("request rate", "latency", "errors", "batch size", "probability", "provider"):
+        assert topic in titles
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "prometheus", panel["title"]
+    used_metrics: set[str] = set()
+    for expr in _exprs():
+        without_strings = re.sub(r'"[^"]*"', '""', expr)
+        without_ranges = re.sub(r"\[[^\]]*\]", "", without_strings)
+        for label_list in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", without_ranges):
+            for label in filter(None, (x.strip() for x in label_list.split(","))):
+                assert label in labels, f"label {label!r} in {expr!r} is not exported"
+        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", without_ranges):
+            assert label in labels, f"label {label!r} in {expr!r} is not exported"
+        tokens = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r"\{[^}]*\}", "", without_ranges)))
+        metrics = {t for t in tokens if t not in PROMQL_KEYWORDS and t not in labels and not t.isdigit()}
+        assert metrics, expr
+        used_metrics |= metrics
+    missing = sorted(used_metrics - names)
+    assert not missing, f"dashboard queries metrics the service does not export: {missing}"
+
+
+def test_compose_file_parses_and_points_at_real_files() -> None:
+    compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert set(services) == {"service", "prometheus", "grafana"}
+    build = services["service"]["build"]
+    assert (ROOT / build["context"] / "Dockerfile").is_file()
+    stages = re.findall(
+        r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE.read_text(), flags=re.MULTILINE | re.IGNORECASE
+    )
+    assert build["target"] in stages
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+    grafana = services["grafana"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    mounts = dict(v.split(":")[:2][::-1] for v in grafana["volumes"] if v.startswith("."))
+    mount_point = next(m for m in mounts if home.startswith(m + "/"))
+    assert (ROOT / mounts[mount_point] / home.removeprefix(mount_point + "/")).is_file()
+    prometheus_config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    target = prometheus_config["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    assert target == f"service:{services['service']['environment']['PI_PORT']}"
+
+
+def test_grafana_provisioning_parses_and_matches_the_dashboard() -> None:
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["uid"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((provisioning / "dashboards" / "purchase-intent.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def _stage(dockerfile: str, name: str) -> str:
+    match = re.search(rf"^FROM\s+\S+\s+AS\s+{name}\s*$(.*?)(?=^FROM\s|\Z)", dockerfile, flags=re.M | re.S)
+    assert match, f"no stage {name}"
+    return match.group(1)
+
+
+def _healthcheck_command(stage: str) -> list[str]:
+    match = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD\s+(\[.*\])", stage)
+    assert match, "no exec-form HEALTHCHECK"
+    command: list[str] = json.loads(match.group(1))
+    return command
+
+
+def test_dockerfile_stages() -> None:
+    text = DOCKERFILE.read_text()
+    train = _stage(text, "train")
+    assert re.search(r"pip install [^\n]*torch==2\.13\.0\b", train), "CPU torch pinned exactly"
+    assert "pip install '.[train]'" in train
+    assert "python -m model_export train --data cdnow" in train
+    for name in ("runtime", "runtime-gpu"):
+        stage = _stage(text, name)
+        assert re.search(r"^USER\s+(?!0\b|root\b)\S+", stage, flags=re.M), f"{name} runs as root"
+        assert "/readyz" in " ".join(_healthcheck_command(stage))
+        assert "torch" not in stage
+        assert "[train]" not in stage
+        assert 'CMD ["python", "-m", "service"]' in stage
+    assert "[gpu]" in _stage(text, "runtime-gpu")
+    for source in re.findall(r"^COPY\s+(?!--from)(\S+)", text, flags=re.M):
+        assert (ROOT / source).exists(), source
+    assert text.rstrip().splitlines()[-1].startswith("FROM runtime AS"), "plain build must give the CPU image"
+
+
+def test_healthcheck_command_follows_readiness(tmp_path: Path) -> None:
+    """The image's HEALTHCHECK, run for real: 0 against a ready server, non-zero otherwise."""
+    command = _healthcheck_command(_stage(DOCKERFILE.read_text(), "runtime"))
+    assert command[:2] == ["python", "-c"]
+    model = write_model(tmp_path / "model.onnx")
+
+    def healthcheck(port: str) -> int:
+        env = {**os.environ, "PI_PORT": port}
+        return subprocess.run(
+            [sys.executable, "-c", command[2]], env=env, capture_output=True, timeout=10
+        ).returncode
+
+    ready = start_service(model, tmp_path / "ready.log")
+    broken = start_service(
+        tmp_path / "missing.onnx", tmp_path / "broken.log", env={"PI_EXIT_ON_LOAD_FAILURE": "false"}
+    )
+    try:
+        wait_until(f"{ready.url}/readyz", ready.process)
+        wait_until(f"{broken.url}/readyz", broken.process, status=503)
+        assert healthcheck(ready.url.rsplit(":", 1)[1]) == 0
+        assert healthcheck(broken.url.rsplit(":", 1)[1]) != 0
+    finally:
+        ready.stop()
+        broken.stop()
+    assert healthcheck(ready.url.rsplit(":", 1)[1]) != 0  # nothing listening

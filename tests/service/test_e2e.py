@@ -1,0 +1,218 @@
+"""End to end: a real ``python -m service`` (uvicorn) process serving the real tiny CDNOW model.
+
+The parity test is the product's central promise: for real customers, the online probability at a
+given ``as_of`` equals the offline onnxruntime score the training run wrote, because both sides
+call the same encoder with the model's own feature spec.
+"""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import TinyModel
+from tests.service.processes import (
+    ServiceProcess,
+    require_binary,
+    running_prometheus,
+    running_service,
+    start_service,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    with running_service(tiny_model_dir.model, log) as proc:
+        yield proc
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir: TinyModel) -> list[dict[str, Any]]:
+    """Each scored test customer as a /predict body, with the offline probability beside it."""
+    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in _read_csv(tiny_model_dir.events):
+        events[row["user_id"]].append(
+            {"timestamp": row["timestamp"], "amount": float(row["amount"]), "quantity": int(row["quantity"])}
+        )
+    users = []
+    for row in _read_csv(tiny_model_dir.scores):
+        body = {"user_id": row["user_id"], "as_of": row["as_of"], "events": events[row["user_id"]]}
+        users.append({"body": body, "probability": float(row["probability"])})
+    assert len(users) >= 50, "the tiny model's scores.csv should hold a real test split"
+    return users
+
+
+def test_ready_reports_version_and_provider(server: ServiceProcess, tiny_model_dir: TinyModel) -> None:
+    ready = httpx.get(f"{server.url}/readyz").json()
+    model = httpx.get(f"{server.url}/v1/model").json()
+    assert ready["ready"] is True
+    assert ready["provider"] == "CPUExecutionProvider"
+    assert ready["provider_fallback"] is False
+    assert ready["model_version"] == model["model_version"]
+    lookback = model["feature_spec"]["lookback_bins"]
+    assert lookback == 39  # what the tiny model was trained with (tests/conftest.py)
+    assert model["runtime"]["active_providers"][0] == "CPUExecutionProvider"
+    assert 0.0 <= model["threshold"] <= 1.0
+
+
+def test_online_scores_equal_offline_scores(server: ServiceProcess, offline: list[dict[str, Any]]) -> None:
+    want = np.array([u["probability"] for u in offline], dtype=np.float64)
+    got: list[float] = []
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for start in range(0, len(offline), 500):
+            chunk = [u["body"] for u in offline[start : start + 500]]
+            r = client.post("/predict/batch", json={"users": chunk})
+            assert r.status_code == 200, r.text[:500]
+            predictions = r.json()["predictions"]
+            assert [p["user_id"] for p in predictions] == [u["user_id"] for u in chunk]
+            got.extend(p["probability"] for p in predictions)
+        singles = [client.post("/predict", json=u["body"]).json()["probability"] for u in offline[:25]]
+    got_arr = np.array(got, dtype=np.float64)
+    np.testing.assert_allclose(got_arr, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.array(singles), want[:25], rtol=0, atol=1e-6)
+    exact = float(np.mean(np.float32(got_arr) == np.float32(want)))
+    assert exact > 0.99, f"only {exact:.1%} float32-identical"
+
+
+def test_request_log_is_json_with_the_request_id(
+    server: ServiceProcess, offline: list[dict[str, Any]]
+) -> None:
+    httpx.get(f"{server.url}/healthz")
+    r = httpx.post(f"{server.url}/predict", json=offline[0]["body"], headers={"X-Request-ID": "e2e-log-1"})
+    assert r.headers["x-request-id"] == "e2e-log-1"
+    version = r.json()["model_version"]
+    deadline = time.monotonic() + 5
+    while True:
+        lines = server.log_lines()  # every line must parse as JSON
+        mine = [x for x in lines if x.get("request_id") == "e2e-log-1"]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(mine) == 1
+    assert mine[0] | {"duration_seconds": 0, "ts": ""} == {
+        "ts": "",
+        "level": "info",
+        "logger": "service.access",
+        "message": "request",
+        "method": "POST",
+        "path": "/predict",
+        "route": "/predict",
+        "status": 200,
+        "duration_seconds": 0,
+        "model_version": version,
+        "request_id": "e2e-log-1",
+    }
+    assert not [x for x in lines if x.get("path") in ("/healthz", "/readyz", "/metrics")]
+    assert any(x.get("message") == "model ready" for x in lines)
+
+
+def test_metrics_pass_promtool(server: ServiceProcess, offline: list[dict[str, Any]]) -> None:
+    promtool = require_binary("promtool")
+    httpx.post(f"{server.url}/predict", json=offline[0]["body"])
+    httpx.post(f"{server.url}/predict", content=b"{", headers={"Content-Type": "application/json"})
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "purchase_intent_model_info{" in text
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.strip() == "", check.stdout + check.stderr
+    assert check.stderr.strip() == "", check.stdout + check.stderr
+
+
+def test_prometheus_scrapes_the_service(
+    server: ServiceProcess, offline: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    n = 7
+    r = httpx.post(f"{server.url}/predict/batch", json={"users": [u["body"] for u in offline[:n]]})
+    assert r.status_code == 200
+    scored = httpx.get(f"{server.url}/metrics").text
+    total = next(
+        float(line.split()[-1])
+        for line in scored.splitlines()
+        if line.startswith("purchase_intent_users_scored_total ")
+    )
+    assert total >= n
+    target = server.url.removeprefix("http://")
+    with running_prometheus(target, tmp_path) as prometheus:
+        deadline = time.monotonic() + 30
+        result: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            answer = httpx.get(
+                f"{prometheus}/api/v1/query", params={"query": "purchase_intent_users_scored_total"}
+            ).json()
+            assert answer["status"] == "success"
+            result = answer["data"]["result"]
+            if result:
+                break
+            time.sleep(0.25)
+        assert result, "Prometheus never scraped purchase_intent_users_scored_total"
+        assert float(result[0]["value"][1]) >= total
+        assert result[0]["metric"]["job"] == "purchase-intent"
+        up = httpx.get(f"{prometheus}/api/v1/query", params={"query": "up"}).json()["data"]["result"]
+        assert [float(x["value"][1]) for x in up] == [1.0]
+        info = httpx.get(f"{prometheus}/api/v1/query", params={"query": "purchase_intent_model_info"}).json()[
+            "data"
+        ]["result"]
+        assert info
+        assert info[0]["metric"]["provider"] == "CPUExecutionProvider"
+
+
+def test_sigterm_shuts_down_gracefully(tiny_model_dir: TinyModel, tmp_path: Path) -> None:
+    with running_service(tiny_model_dir.model, tmp_path / "service.log") as proc:
+        pass
+    # uvicorn finishes its shutdown, then re-raises SIGTERM so the exit status says what stopped it
+    assert proc.process.returncode in (0, -signal.SIGTERM)
+    messages = [x["message"] for x in proc.log_lines()]
+    assert "Application shutdown complete." in messages
+
+
+def test_an_unloadable_model_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not a model")
+    for model, expected in ((tmp_path / "missing.onnx", "model file not found"), (broken, "cannot load")):
+        proc = start_service(model, tmp_path / "service.log")
+        try:
+            code = proc.process.wait(timeout=30)
+        finally:
+            proc.stop()
+        assert code == 1
+        errors = [x for x in proc.log_lines() if x["level"] == "error"]
+        assert len(errors) == 1, errors
+        assert expected in errors[0]["message"], errors
+
+
+def test_not_ready_but_alive_when_configured_to_stay_up(tmp_path: Path) -> None:
+    proc = start_service(
+        tmp_path / "missing.onnx", tmp_path / "service.log", env={"PI_EXIT_ON_LOAD_FAILURE": "false"}
+    )
+    try:
+        wait_until(f"{proc.url}/healthz", proc.process)
+        r = wait_until(f"{proc.url}/readyz", proc.process, status=503)
+        deadline = time.monotonic() + 10
+        while r.json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            r = httpx.get(f"{proc.url}/readyz")
+        assert r.status_code == 503
+        assert r.json()["status"] == "failed"
+        assert "missing.onnx" not in r.text  # the cause is in the log, not in responses
+        assert httpx.post(f"{proc.url}/predict", json={}).status_code == 503
+    finally:
+        assert proc.stop() in (0, -signal.SIGTERM)
