@@ -9,8 +9,9 @@ MODEL  := $(MODEL_DIR)/model.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 SEEDS  ?= 5
+OOT_ARGS ?=
 
-.PHONY: env system-deps train serve test lint format clean
+.PHONY: env gpu-env system-deps train train-oot serve test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +30,23 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-train
 
 env: $(VENV)/.stamp-dev
 
+# onnxruntime-gpu and onnxruntime both provide the `onnxruntime` module: remove both, then put back
+# only the GPU build, so the CPU wheel cannot shadow it.
+gpu-env: $(VENV)/.stamp-dev
+	$(BIN)/pip install --quiet -e '.[gpu]'
+	$(BIN)/pip uninstall --quiet -y onnxruntime onnxruntime-gpu
+	$(BIN)/pip install --quiet --no-deps 'onnxruntime-gpu>=1.20'
+
 $(MODEL): | $(VENV)/.stamp-train
 	$(BIN)/python -m model_export train --data cdnow --protocol customer-split --seeds $(SEEDS) --out $(MODEL_DIR)
 
 # Retrains unconditionally; `make serve` trains only when the model file is missing.
 train: $(VENV)/.stamp-train
 	$(BIN)/python -m model_export train --data cdnow --protocol customer-split --seeds $(SEEDS) --out $(MODEL_DIR)
+
+# The production protocol: fit at 1997-07-02, evaluate on the 26 weeks after 1997-12-31.
+train-oot: $(VENV)/.stamp-train
+	$(BIN)/python -m model_export train --data cdnow --protocol out-of-time --seeds $(SEEDS) $(OOT_ARGS) --out models/cdnow-oot
 
 serve: $(MODEL)
 	$(BIN)/python -m service --model $(MODEL) --host $(HOST) --port $(PORT)

@@ -39,6 +39,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "weight_decay_1e-3": {"weight_decay": 1e-3},
     "origins_4x4w": {"origins": 4, "origin_step_weeks": 4},
     "origins_7x2w": {"origins": 7, "origin_step_weeks": 2},
+    "dropout_0.5": {"dropout": 0.5},
+    "hidden_16": {"hidden": 16},
+    "small": {"conv_channels": 8, "hidden": 16},
     "no_active": {"channels": tuple(c for c in DEFAULT_CHANNELS if c != "active")},
 }
 

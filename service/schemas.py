@@ -115,8 +115,8 @@ class PredictResponse(Prediction):
                     "user_id": "u-1042",
                     "probability": 0.4187,
                     "will_purchase": True,
-                    "threshold": 0.31,
-                    "horizon_days": 84,
+                    "threshold": 0.35,
+                    "horizon_days": 273,
                     "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
                 }
             ]
@@ -136,8 +136,8 @@ class BatchPredictResponse(BaseModel):
             "examples": [
                 {
                     "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
-                    "threshold": 0.31,
-                    "horizon_days": 84,
+                    "threshold": 0.35,
+                    "horizon_days": 273,
                     "predictions": [
                         {"user_id": "u-1042", "probability": 0.4187, "will_purchase": True},
                         {"user_id": "u-7", "probability": 0.0213, "will_purchase": False},
@@ -252,9 +252,9 @@ class ModelResponse(BaseModel):
                 {
                     "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
                     "created_at": "2024-01-01T00:00:00Z",
-                    "threshold": 0.31,
+                    "threshold": 0.35,
                     "horizon_weeks": 12,
-                    "horizon_days": 84,
+                    "horizon_days": 273,
                     "protocol": "customer-split",
                     "cutoff": "1997-09-30",
                     "data_fingerprint": "9c1b...",

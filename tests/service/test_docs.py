@@ -1,4 +1,4 @@
-"""The service documentation stays true: its curl examples run, its tables list every setting and metric."""
+"""The README stays true: its curl examples run, its tables list every setting and metric."""
 
 from __future__ import annotations
 
@@ -21,13 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTED_URL = "http://127.0.0.1:8000"
 
 
-def _docs() -> list[Path]:
-    """docs/service.md, and README.md once the service section is merged into it."""
-    paths = [ROOT / "docs" / "service.md"]
-    readme = ROOT / "README.md"
-    if readme.is_file() and f"curl -s {DOCUMENTED_URL}" in readme.read_text():
-        paths.append(readme)
-    return paths
+README = ROOT / "README.md"
 
 
 def _curl_commands(text: str) -> list[str]:
@@ -54,9 +48,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
         yield proc
 
 
-@pytest.mark.parametrize("doc", _docs(), ids=lambda p: p.name)
-def test_curl_examples_work_as_written(doc: Path, server: ServiceProcess) -> None:
-    commands = _curl_commands(doc.read_text())
+def test_curl_examples_work_as_written(server: ServiceProcess) -> None:
+    commands = _curl_commands(README.read_text())
     assert len(commands) >= 6, commands
     answers: list[str] = []
     for command in commands:
@@ -81,13 +74,13 @@ def test_curl_examples_work_as_written(doc: Path, server: ServiceProcess) -> Non
 
 
 def test_every_setting_is_documented() -> None:
-    text = (ROOT / "docs" / "service.md").read_text()
+    text = README.read_text()
     for name in Settings.model_fields:
         assert f"| `PI_{name.upper()}` |" in text, name
 
 
 def test_every_metric_is_documented() -> None:
-    text = (ROOT / "docs" / "service.md").read_text()
+    text = README.read_text()
     registry = CollectorRegistry()
     Metrics(registry, latency_buckets=(0.1,), reject_reasons=REJECT_REASONS, process_metrics=False)
     for family in registry.collect():
