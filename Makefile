@@ -9,7 +9,6 @@ MODEL  := $(MODEL_DIR)/model.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 SEEDS  ?= 5
-OOT_ARGS ?=
 
 .PHONY: env gpu-env system-deps train train-oot serve test lint format clean
 
@@ -46,7 +45,7 @@ train: $(VENV)/.stamp-train
 
 # The production protocol: fit at 1997-07-02, evaluate on the 26 weeks after 1997-12-31.
 train-oot: $(VENV)/.stamp-train
-	$(BIN)/python -m model_export train --data cdnow --protocol out-of-time --seeds $(SEEDS) $(OOT_ARGS) --out models/cdnow-oot
+	$(BIN)/python -m model_export train --data cdnow --protocol out-of-time --seeds $(SEEDS) --out models/cdnow-oot
 
 serve: $(MODEL)
 	$(BIN)/python -m service --model $(MODEL) --host $(HOST) --port $(PORT)

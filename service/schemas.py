@@ -113,11 +113,11 @@ class PredictResponse(Prediction):
             "examples": [
                 {
                     "user_id": "u-1042",
-                    "probability": 0.4187,
+                    "probability": 0.5834,
                     "will_purchase": True,
-                    "threshold": 0.35,
+                    "threshold": 0.3003,
                     "horizon_days": 273,
-                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
+                    "model_version": "cln-customer-split-19970930-6c351dd17f",
                 }
             ]
         }
@@ -135,11 +135,11 @@ class BatchPredictResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
-                    "threshold": 0.35,
+                    "model_version": "cln-customer-split-19970930-6c351dd17f",
+                    "threshold": 0.3003,
                     "horizon_days": 273,
                     "predictions": [
-                        {"user_id": "u-1042", "probability": 0.4187, "will_purchase": True},
+                        {"user_id": "u-1042", "probability": 0.5834, "will_purchase": True},
                         {"user_id": "u-7", "probability": 0.0213, "will_purchase": False},
                     ],
                 }
@@ -205,7 +205,7 @@ class ReadinessResponse(BaseModel):
                     "ready": True,
                     "status": "ready",
                     "reason": None,
-                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
+                    "model_version": "cln-customer-split-19970930-6c351dd17f",
                     "provider": "CPUExecutionProvider",
                     "provider_fallback": False,
                 },
@@ -250,9 +250,9 @@ class ModelResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model_version": "cdnow-20240101T000000Z-3f2a9c1b",
+                    "model_version": "cln-customer-split-19970930-6c351dd17f",
                     "created_at": "2024-01-01T00:00:00Z",
-                    "threshold": 0.35,
+                    "threshold": 0.3003,
                     "horizon_weeks": 12,
                     "horizon_days": 273,
                     "protocol": "customer-split",

@@ -20,6 +20,7 @@ from model_export.data import cdnow_path, load_transactions
 SLICE_USERS = 3000
 TINY_ARGS = (
     "--seeds", "2",
+    "--origins", "2",
     "--epochs", "4",
     "--patience", "2",
     "--conv-channels", "4",

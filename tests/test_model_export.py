@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-from model_export.config import TrainConfig
+from model_export.config import PROTOCOL_DEFAULTS, TrainConfig
 from model_export.data import end_of_day, load_transactions
 from model_export.export import read_metadata
 from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, CorrelationPooling, Ensemble
-from model_export.train import build_examples, train
+from model_export.train import build_examples, make_splits, train
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ModelMetadata
 from service.features import FeatureSpec, encode_batch
 from tests.conftest import TinyModel, run_cli, write_cdnow_slice
@@ -169,6 +169,37 @@ def test_no_leakage_across_the_cutoff(tmp_path: Path) -> None:
     # customers whose first purchase is after the cutoff are not examples at that cutoff
     early = build_examples(tx, end_of_day("1997-01-15"), 39, spec)
     assert early.y.size < before.y.size
+
+
+def test_earlier_origins_add_only_training_customers(tmp_path: Path) -> None:
+    tx = load_transactions(write_cdnow_slice(tmp_path / "slice.csv", 600, seed=4))
+    spec = FeatureSpec(lookback_bins=26)
+    for protocol, (cutoff, horizon) in PROTOCOL_DEFAULTS.items():
+        cfg = TrainConfig(protocol=protocol, cutoff=cutoff, horizon_weeks=horizon, lookback_bins=26)
+        one = make_splits(dataclasses.replace(cfg, origins=1), tx, spec)
+        three = make_splits(dataclasses.replace(cfg, origins=3), tx, spec)
+        base = one.train.y.size
+        # the latest origin is the one-origin training set, unchanged; validation and test too
+        np.testing.assert_array_equal(three.train.X[:base], one.train.X)
+        np.testing.assert_array_equal(three.validation.user_ids, one.validation.user_ids)
+        np.testing.assert_array_equal(three.test.user_ids, one.test.user_ids)
+        assert three.train.y.size > base
+        # earlier origins re-encode training customers only (those already customers then)
+        earlier = set(three.train.user_ids[base:].tolist())
+        assert earlier <= set(one.train.user_ids.tolist())
+        assert not earlier & set(one.validation.user_ids.tolist())
+        if protocol == "customer-split":  # out of time, the test set is everybody, later
+            assert not earlier & set(one.test.user_ids.tolist())
+        # each earlier block is exactly those customers encoded and labelled at that earlier cutoff,
+        # so its label window ends before the latest origin's: no later period leaks in
+        expected = [one.train]
+        for k in (1, 2):
+            ex = build_examples(
+                tx, one.train.as_of - k * cfg.origin_step_weeks * 7 * 86_400, cfg.horizon_weeks, spec
+            )
+            expected.append(ex.take(np.flatnonzero(np.isin(ex.user_ids, one.train.user_ids))))
+        np.testing.assert_array_equal(three.train.X, np.concatenate([e.X for e in expected]))
+        np.testing.assert_array_equal(three.train.y, np.concatenate([e.y for e in expected]))
 
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
