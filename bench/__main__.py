@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         _say(f"model file not found: {args.model}")
         return 2
-    # SIGTERM takes the Ctrl-C path, so the `finally` blocks stop the servers either way.
+    # SIGTERM takes the Ctrl-C path, so the `finally` blocks stop the servers either way. SIGINT is
+    # set too: a shell starts background jobs with it ignored, and Python then leaves it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         options = harness.Options(
             model=args.model,

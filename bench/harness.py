@@ -148,7 +148,10 @@ def run(options: Options, say: Say) -> Report:
 
     # The same settings the service builds from the same environment (PI_* variables apply to both).
     settings = Settings(model_path=options.model)
-    session = floors.open_session(options.model, settings)
+    try:
+        session = floors.open_session(options.model, settings)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        raise BenchError(f"onnxruntime cannot load {options.model}: {exc}") from exc
     ort_floors = []
     for users in (
         [PredictRequest.model_validate_json(predict_body)],
