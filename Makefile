@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 SEEDS  ?= 5
 
-.PHONY: env gpu-env system-deps train train-oot serve test lint format clean
+.PHONY: env gpu-env system-deps train train-oot serve bench test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,16 @@ serve: $(MODEL)
 
 system-deps:
 	scripts/system-deps.sh
+
+# The serving benchmark (bench/README.md): the service against raw onnxruntime and a constant-answer
+# FastAPI app, in one run. BENCH_MODEL picks another model file; BENCH_ARGS passes flags through,
+# e.g. make bench BENCH_ARGS='--duration 30s --json /tmp/run.json'.
+BENCH_MODEL ?= $(MODEL)
+BENCH_ARGS ?=
+
+# Trains the default model if it is missing (as `make serve` does); an overridden path must exist.
+bench: $(VENV)/.stamp-train system-deps $(filter $(MODEL),$(BENCH_MODEL))
+	$(BIN)/python -m bench --model $(BENCH_MODEL) $(BENCH_ARGS)
 
 test: $(VENV)/.stamp-dev system-deps
 	$(BIN)/python -m pytest

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Debian packages the test suite drives for real: Prometheus (server + promtool) scrapes the service.
+# Debian packages the project drives for real: Prometheus (server + promtool) scrapes the service in
+# the tests; wrk loads it in `make bench`.
 # Installs only what is missing, so a machine that has them needs neither root nor network.
 set -euo pipefail
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 if [ "$(id -u)" -ne 0 ]; then
-  echo "system-deps: missing ${missing[*]}; install with: sudo apt-get install -y prometheus" >&2
+  echo "system-deps: missing ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

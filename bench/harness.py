@@ -1,0 +1,231 @@
+"""One benchmark run, phase by phase, each bounded in time; every server it starts is stopped.
+
+Order: raw onnxruntime floors (nothing else running), then the constant FastAPI floor, then the
+service. One server runs at a time, so they never compete with each other for the two cores; wrk
+does share the machine with the server it loads, as it does for every row alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import bodies, floors, machine, processes, wrk
+from bench.report import HttpPhase, Report, RunSettings
+from service.config import Settings
+from service.schemas import BatchPredictRequest, PredictRequest
+
+REPO = Path(__file__).resolve().parents[1]
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    model: Path
+    workdir: Path  # bodies, Lua scripts and server logs
+    duration_s: int = 10
+    warmup_s: int = 2
+    connections: tuple[int, ...] = (1, 16, 64)
+    batch_connections: int = 2
+    wrk_threads: int = 1
+    batch_users: int = bodies.BATCH_USERS
+    events: int = bodies.EVENTS_PER_USER
+
+
+class BenchError(RuntimeError):
+    """The run could not produce a valid measurement (a server failed, a request was refused)."""
+
+
+@contextlib.contextmanager
+def _running(server: processes.Server, say: Say) -> Iterator[processes.Server]:
+    try:
+        processes.wait_ready(server)
+        yield server
+    finally:
+        say(f"stopping {server.name}")
+        server.stop()
+
+
+def _check_answers(url: str, body: bytes, what: str) -> None:
+    status, answer = processes.post(url, body)
+    if status != 200:
+        raise BenchError(f"{what}: POST {url} answered {status}: {answer[:300]!r}")
+
+
+def _http_phase(
+    server: processes.Server,
+    path: str,
+    script: Path,
+    connections: int,
+    users: int,
+    options: Options,
+    say: Say,
+) -> HttpPhase:
+    say(f"{server.name} {path}: {connections} connection(s) for {options.duration_s} s")
+    result = wrk.run(
+        server.url + path,
+        script=script,
+        connections=connections,
+        duration_s=options.duration_s,
+        threads=options.wrk_threads,
+        timeout_s=max(10, options.duration_s),
+    )
+    if result.errors:
+        say(f"  {result.errors} errors ({result.socket_errors} socket, {result.non_2xx} non-2xx)")
+    p = result.percentiles_ms
+    return HttpPhase(
+        server=server.name,
+        path=path,
+        connections=connections,
+        users_per_request=users,
+        requests=result.requests,
+        duration_s=result.duration_s,
+        requests_per_s=result.requests_per_s,
+        users_per_s=result.requests_per_s * users,
+        p50_ms=p[50.0],
+        p75_ms=p.get(75.0, float("nan")),
+        p90_ms=p.get(90.0, float("nan")),
+        p99_ms=p[99.0],
+        errors=result.errors,
+    )
+
+
+def _warm_up(server: processes.Server, script: Path, options: Options, say: Say) -> None:
+    if options.warmup_s > 0:
+        say(f"{server.name}: warming up for {options.warmup_s} s")
+        wrk.run(
+            server.url + "/predict",
+            script=script,
+            connections=max(options.connections),
+            duration_s=options.warmup_s,
+            threads=options.wrk_threads,
+        )
+
+
+def _load(server: processes.Server, scripts: dict[str, Path], options: Options, say: Say) -> list[HttpPhase]:
+    _warm_up(server, scripts["/predict"], options, say)
+    phases = [
+        _http_phase(server, "/predict", scripts["/predict"], c, 1, options, say) for c in options.connections
+    ]
+    phases.append(
+        _http_phase(
+            server,
+            "/predict/batch",
+            scripts["/predict/batch"],
+            options.batch_connections,
+            options.batch_users,
+            options,
+            say,
+        )
+    )
+    return phases
+
+
+def _service_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("PI_")}
+
+
+def run(options: Options, say: Say) -> Report:
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    facts = machine.describe()
+    workdir = options.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    predict_body = bodies.predict_body(options.events)
+    batch_body = bodies.batch_body(options.batch_users, options.events)
+    scripts: dict[str, Path] = {}
+    for path, body, name in (("/predict", predict_body, "predict"), ("/predict/batch", batch_body, "batch")):
+        (workdir / f"{name}.json").write_bytes(body)
+        scripts[path] = wrk.write_post_script(workdir / f"{name}.lua", workdir / f"{name}.json")
+
+    # The same settings the service builds from the same environment (PI_* variables apply to both).
+    settings = Settings(model_path=options.model)
+    try:
+        session = floors.open_session(options.model, settings)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        raise BenchError(f"onnxruntime cannot load {options.model}: {exc}") from exc
+    ort_floors = []
+    for users in (
+        [PredictRequest.model_validate_json(predict_body)],
+        BatchPredictRequest.model_validate_json(batch_body).users,
+    ):
+        features = floors.features_of(users, session.metadata)
+        say(f"raw onnxruntime: batch {features.shape[0]} for {options.duration_s} s")
+        ort_floors.append(floors.measure(session, features, options.duration_s))
+    floor_provider = session.provider
+    del session
+
+    python = sys.executable
+    http: list[HttpPhase] = []
+
+    port = processes.free_port()
+    constant = processes.start(
+        "constant",
+        [python, "-m", "bench.constant_app", "--port", str(port)],
+        port,
+        workdir / "constant.log",
+        cwd=REPO,
+    )
+    with _running(constant, say):
+        _check_answers(constant.url + "/predict", predict_body, "constant FastAPI")
+        http += _load(constant, scripts, options, say)
+
+    port = processes.free_port()
+    service = processes.start(
+        "service",
+        [
+            python,
+            "-m",
+            "service",
+            "--model",
+            str(options.model),
+            "--host",
+            processes.HOST,
+            "--port",
+            str(port),
+        ],
+        port,
+        workdir / "service.log",
+        cwd=REPO,
+    )
+    with _running(service, say):
+        with urllib.request.urlopen(service.url + "/readyz", timeout=5) as response:
+            ready = json.loads(response.read())
+        _check_answers(service.url + "/predict", predict_body, "service")
+        _check_answers(service.url + "/predict/batch", batch_body, "service")
+        with processes.RssSampler(service.process.pid) as rss:
+            http += _load(service, scripts, options, say)
+            hwm_kib = rss.high_water_mark_kib() or 0
+
+    return Report(
+        started_at=started_at,
+        settings=RunSettings(
+            model=str(options.model),
+            model_version=str(ready.get("model_version", "unknown")),
+            service_provider=str(ready.get("provider", "unknown")),
+            floor_provider=floor_provider,
+            duration_s=options.duration_s,
+            warmup_s=options.warmup_s,
+            wrk=wrk.version(),
+            wrk_threads=options.wrk_threads,
+            batch_connections=options.batch_connections,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            service_env=_service_env(),
+        ),
+        machine=facts,
+        load_average_after=machine.load_average(),
+        ort=ort_floors,
+        http=http,
+        peak_rss_mb=hwm_kib / 1024,
+        sampled_peak_rss_mb=rss.peak_kib / 1024,
+        rss_samples=rss.samples,
+    )

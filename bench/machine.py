@@ -1,0 +1,77 @@
+"""Facts about the machine a run happened on, recorded with every result (numbers without them mean
+little). The load average before and after says whether something else was running."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+_PACKAGES = ("onnxruntime", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core", "numpy")
+_OPTIONAL = ("uvloop", "httptools", "orjson")
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu_model: str
+    logical_cpus: int
+    usable_cpus: int
+    memory_gib: float
+    kernel: str
+    python: str
+    onnxruntime: str
+    onnxruntime_providers: list[str]
+    packages: dict[str, str]
+    load_average: tuple[float, float, float]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def load_average() -> tuple[float, float, float]:
+    one, five, fifteen = os.getloadavg()
+    return (round(one, 2), round(five, 2), round(fifteen, 2))
+
+
+def describe() -> Machine:
+    return Machine(
+        cpu_model=_cpu_model(),
+        logical_cpus=os.cpu_count() or 0,
+        usable_cpus=len(os.sched_getaffinity(0)),
+        memory_gib=_memory_gib(),
+        kernel=platform.release(),
+        python=platform.python_version(),
+        onnxruntime=ort.__version__,
+        onnxruntime_providers=list(ort.get_available_providers()),
+        packages={name: _version(name) for name in (*_PACKAGES, *_OPTIONAL)},
+        load_average=load_average(),
+    )

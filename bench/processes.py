@@ -1,0 +1,149 @@
+"""Servers the bench starts: a free loopback port, a bounded wait for readiness, a sure stop, RSS.
+
+Servers run in their own session (process group), so a Ctrl-C in the terminal reaches only the
+bench, which then stops them itself: SIGTERM, a bounded wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+class StartError(RuntimeError):
+    """A server exited or did not become ready in time."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start(
+    name: str, argv: list[str], port: int, log: Path, *, cwd: Path, env: dict[str, str] | None = None
+) -> Server:
+    """Start ``argv`` (which must listen on ``port``) in ``cwd``, with its output in ``log``."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            argv,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return Server(name, process, f"http://{HOST}:{port}", log)
+
+
+def wait_ready(server: Server, path: str = "/readyz", timeout: float = 60.0) -> None:
+    """Poll ``path`` until it answers 200; raise :class:`StartError` on exit or timeout."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise StartError(
+                f"{server.name} exited with {server.process.returncode} before it was ready:\n"
+                f"{server.log_tail()}"
+            )
+        try:
+            with urllib.request.urlopen(server.url + path, timeout=2.0) as response:
+                if response.status == 200:
+                    return
+                last = str(response.status)
+        except urllib.error.HTTPError as exc:
+            last = str(exc.code)
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    raise StartError(f"{server.name}: {path} not 200 after {timeout}s ({last}):\n{server.log_tail()}")
+
+
+def post(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, bytes]:
+    """One POST of a JSON body; the status and the response body, also for error statuses."""
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class RssSampler:
+    """Samples a process's ``VmRSS`` from /proc in a thread; ``VmHWM`` is the kernel's own peak."""
+
+    pid: int
+    interval_s: float = 0.05
+    peak_kib: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            rss = _status_kib(self.pid, "VmRSS")
+            if rss is not None:
+                self.peak_kib = max(self.peak_kib, rss)
+                self.samples += 1
+            self._stop.wait(self.interval_s)
+
+    def high_water_mark_kib(self) -> int | None:
+        """The kernel's peak RSS of the process so far (read it before the process exits)."""
+        return _status_kib(self.pid, "VmHWM")

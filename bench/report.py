@@ -1,0 +1,257 @@
+"""A run's results: the one table (Markdown, so it pastes into bench/README.md) and the same as JSON.
+
+Every service row carries its ratio to its floor and, where issue 6 sets one, the target and
+whether this run met it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.floors import OrtFloor
+from bench.machine import Machine
+
+#: Issue 6's targets, as ratios and limits on one run.
+TARGET_PREDICT_RATIO_64 = 0.9
+TARGET_PREDICT_P99_MS_64 = 15.0
+TARGET_PREDICT_P50_MS_1 = 0.4
+TARGET_BATCH_RATIO = 0.25
+TARGET_PEAK_RSS_MB = 300.0
+
+
+@dataclass(frozen=True)
+class HttpPhase:
+    """One wrk run against one server and path."""
+
+    server: str  # "service" or "constant"
+    path: str
+    connections: int
+    users_per_request: int
+    requests: int
+    duration_s: float
+    requests_per_s: float
+    users_per_s: float
+    p50_ms: float
+    p75_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: int  # socket errors + non-2xx answers: a run with errors is not a valid measurement
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the run was made."""
+
+    model: str
+    model_version: str
+    service_provider: str  # what the service's /readyz says it runs on
+    floor_provider: str  # what the raw onnxruntime session runs on
+    duration_s: int
+    warmup_s: int
+    wrk: str
+    wrk_threads: int
+    batch_connections: int
+    intra_op_threads: int
+    inter_op_threads: int
+    service_env: dict[str, str]  # the PI_* variables the service was started with
+
+
+@dataclass(frozen=True)
+class Report:
+    started_at: str
+    settings: RunSettings
+    machine: Machine
+    load_average_after: tuple[float, float, float]
+    ort: list[OrtFloor]
+    http: list[HttpPhase]
+    peak_rss_mb: float  # the kernel's VmHWM for the service process
+    sampled_peak_rss_mb: float  # the highest VmRSS sampled from /proc during the run
+    rss_samples: int
+
+
+@dataclass(frozen=True)
+class Row:
+    measurement: str
+    connections: str
+    requests_per_s: str
+    users_per_s: str
+    p50_ms: str
+    p99_ms: str
+    ratio: str
+    target: str
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def _find(http: list[HttpPhase], server: str, path: str, connections: int | None = None) -> HttpPhase | None:
+    for phase in http:
+        if phase.server == server and phase.path == path and connections in (None, phase.connections):
+            return phase
+    return None
+
+
+def _ort(report: Report, batch: int) -> OrtFloor | None:
+    return next((f for f in report.ort if f.batch == batch), None)
+
+
+def ratios(report: Report) -> dict[str, float]:
+    """Every service measurement over its floor, keyed as in the JSON."""
+    out: dict[str, float] = {}
+    for phase in report.http:
+        if phase.server != "service":
+            continue
+        if phase.path == "/predict":
+            floor = _find(report.http, "constant", "/predict", phase.connections)
+            if floor is not None and floor.requests_per_s > 0:
+                out[f"predict_c{phase.connections}"] = phase.requests_per_s / floor.requests_per_s
+        elif phase.path == "/predict/batch":
+            ort_floor = _ort(report, phase.users_per_request)
+            if ort_floor is not None and ort_floor.users_per_s > 0:
+                out["batch"] = phase.users_per_s / ort_floor.users_per_s
+    return out
+
+
+def targets(report: Report) -> dict[str, bool]:
+    """Issue 6's targets that this run can judge, each met or not."""
+    out: dict[str, bool] = {}
+    r = ratios(report)
+    one = _find(report.http, "service", "/predict", 1)
+    many = _find(report.http, "service", "/predict", 64)
+    if one is not None:
+        out["predict_c1_p50"] = one.p50_ms <= TARGET_PREDICT_P50_MS_1
+    if many is not None and "predict_c64" in r:
+        out["predict_c64_ratio"] = r["predict_c64"] >= TARGET_PREDICT_RATIO_64
+        out["predict_c64_p99"] = many.p99_ms <= TARGET_PREDICT_P99_MS_64
+    if "batch" in r:
+        out["batch_ratio"] = r["batch"] >= TARGET_BATCH_RATIO
+    out["peak_rss"] = report.peak_rss_mb <= TARGET_PEAK_RSS_MB
+    return out
+
+
+def rows(report: Report) -> list[Row]:
+    r = ratios(report)
+    met = targets(report)
+    table: list[Row] = []
+    for f in report.ort:
+        table.append(
+            Row(
+                f"floor: raw onnxruntime, batch {f.batch} (calls/s in req/s)",
+                "1 thread",
+                _num(f.calls_per_s),
+                _num(f.users_per_s),
+                _ms(f.p50_ms),
+                _ms(f.p99_ms),
+                "",
+                "",
+            )
+        )
+    for phase in report.http:
+        users = _num(phase.users_per_s) if phase.users_per_request > 1 else ""
+        errors = f" ({phase.errors} errors!)" if phase.errors else ""
+        if phase.server == "constant":
+            table.append(
+                Row(
+                    f"floor: constant FastAPI {phase.path}{errors}",
+                    str(phase.connections),
+                    _num(phase.requests_per_s),
+                    users,
+                    _ms(phase.p50_ms),
+                    _ms(phase.p99_ms),
+                    "",
+                    "",
+                )
+            )
+            continue
+        ratio, target = "", ""
+        if phase.path == "/predict":
+            key = f"predict_c{phase.connections}"
+            ratio = f"{r[key]:.2f} x constant FastAPI" if key in r else ""
+            if phase.connections == 1 and "predict_c1_p50" in met:
+                target = f"p50 ≤ {TARGET_PREDICT_P50_MS_1} ms: {_verdict(met['predict_c1_p50'])}"
+            elif phase.connections == 64 and "predict_c64_ratio" in met:
+                target = (
+                    f"≥ {TARGET_PREDICT_RATIO_64}x: {_verdict(met['predict_c64_ratio'])}; "
+                    f"p99 ≤ {TARGET_PREDICT_P99_MS_64:.0f} ms: {_verdict(met['predict_c64_p99'])}"
+                )
+        elif phase.path == "/predict/batch" and "batch" in r:
+            ratio = f"{r['batch']:.3f} x raw onnxruntime batch {phase.users_per_request}"
+            target = f"≥ {TARGET_BATCH_RATIO}x: {_verdict(met['batch_ratio'])}"
+        label = phase.path
+        if phase.users_per_request > 1:
+            label = f"{phase.path} ({phase.users_per_request:,} users x 20 events)"
+        table.append(
+            Row(
+                f"service {label}{errors}",
+                str(phase.connections),
+                _num(phase.requests_per_s),
+                users,
+                _ms(phase.p50_ms),
+                _ms(phase.p99_ms),
+                ratio,
+                target,
+            )
+        )
+    table.append(
+        Row(
+            f"service peak RSS: {report.peak_rss_mb:.0f} MB (VmHWM; sampled max "
+            f"{report.sampled_peak_rss_mb:.0f} MB over {report.rss_samples} samples)",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            f"≤ {TARGET_PEAK_RSS_MB:.0f} MB: {_verdict(met['peak_rss'])}",
+        )
+    )
+    return table
+
+
+def markdown(report: Report) -> str:
+    """The header lines and the table, as Markdown."""
+    m, s = report.machine, report.settings
+    header = [
+        f"Run {report.started_at}: {m.cpu_model}, {m.usable_cpus} usable of {m.logical_cpus} CPUs, "
+        f"{m.memory_gib} GiB, Linux {m.kernel}, Python {m.python}",
+        f"onnxruntime {m.onnxruntime} on {s.service_provider} (intra-op {s.intra_op_threads}, "
+        f"inter-op {s.inter_op_threads} threads); uvicorn {m.packages['uvicorn']}, "
+        f"fastapi {m.packages['fastapi']}, pydantic {m.packages['pydantic']}, "
+        f"uvloop {m.packages['uvloop']}, httptools {m.packages['httptools']}",
+        f"model {s.model} ({s.model_version}); {s.wrk}, {s.wrk_threads} thread(s), "
+        f"{s.duration_s} s per phase after {s.warmup_s} s warm-up; load average before "
+        f"{m.load_average[0]}, after {report.load_average_after[0]}",
+        "",
+    ]
+    columns = ("measurement", "conns", "req/s", "users/s", "p50 ms", "p99 ms", "ratio to floor", "target")
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows(report):
+        cells = dataclasses.astuple(row)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(header + lines) + "\n"
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    data = dataclasses.asdict(report)
+    data["ratios"] = ratios(report)
+    data["targets_met"] = targets(report)
+    return data
+
+
+def write_json(report: Report, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(report), indent=2) + "\n")
+    return path

@@ -1,0 +1,247 @@
+"""The benchmark harness's own parts: wrk's report parsed right, bodies the service accepts, the raw
+onnxruntime floor on a tiny model, and the table. No timing thresholds: numbers belong to bench runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import bodies, floors, report, wrk
+from bench.machine import describe
+from service.config import Settings
+from service.schemas import BatchPredictRequest, PredictRequest
+from tests.conftest import TinyModel
+from tests.service.onnx_models import write_model
+
+# Captured from `wrk -t1 -c16 -d3s --latency` against bench.constant_app; a `done()` hook printed
+# wrk's exact p50 = 2688 us and p99 = 8491 us for the same run.
+WRK_MS = """\
+Running 3s test @ http://127.0.0.1:47999/predict
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.99ms    1.13ms  12.35ms   90.48%
+    Req/Sec     5.49k     0.93k    6.07k    83.33%
+  Latency Distribution
+     50%    2.69ms
+     75%    2.75ms
+     90%    3.68ms
+     99%    8.49ms
+  16430 requests in 3.01s, 3.62MB read
+Requests/sec:   5467.18
+Transfer/sec:      1.20MB
+"""
+
+# Captured from a GET on the POST-only route: every answer a 405, latencies in microseconds.
+WRK_US_ERRORS = """\
+Running 1s test @ http://127.0.0.1:47999/predict
+  1 threads and 1 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   129.86us   95.20us   2.62ms   99.24%
+    Req/Sec     8.04k    95.21     8.16k    63.64%
+  Latency Distribution
+     50%  121.00us
+     75%  122.00us
+     90%  126.00us
+     99%  177.00us
+  8792 requests in 1.10s, 1.41MB read
+  Non-2xx or 3xx responses: 8792
+Requests/sec:   8001.59
+Transfer/sec:      1.28MB
+"""
+
+
+def test_wrk_percentiles_come_from_the_latency_distribution() -> None:
+    result = wrk.parse_output(WRK_MS)
+    # not the Thread Stats line (2.99 ms is the mean, 12.35 ms the max)
+    assert result.p50_ms == pytest.approx(2.69)
+    assert result.p99_ms == pytest.approx(8.49)
+    assert result.percentiles_ms[90.0] == pytest.approx(3.68)
+    assert result.requests == 16430
+    assert result.duration_s == pytest.approx(3.01)
+    assert result.requests_per_s == pytest.approx(5467.18)
+    assert result.errors == 0
+
+
+def test_wrk_microseconds_and_error_answers() -> None:
+    result = wrk.parse_output(WRK_US_ERRORS)
+    assert result.p50_ms == pytest.approx(0.121)
+    assert result.p99_ms == pytest.approx(0.177)
+    assert result.non_2xx == 8792
+    assert result.errors == 8792
+
+
+def test_wrk_socket_errors_are_counted() -> None:
+    text = WRK_MS.replace(
+        "Requests/sec:", "  Socket errors: connect 0, read 2, write 1, timeout 4\nRequests/sec:"
+    )
+    assert wrk.parse_output(text).socket_errors == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"), [("54.00us", 0.054), ("1.23ms", 1.23), ("2.00s", 2000.0), ("1.50m", 90_000.0)]
+)
+def test_wrk_time_units(text: str, ms: float) -> None:
+    assert wrk.parse_time_ms(text) == pytest.approx(ms)
+
+
+def test_wrk_output_without_latency_flag_is_refused() -> None:
+    without = WRK_MS.split("  Latency Distribution")[0] + "  16430 requests in 3.01s, 3.62MB read\n"
+    with pytest.raises(wrk.WrkError, match="--latency"):
+        wrk.parse_output(without)
+    with pytest.raises(wrk.WrkError):
+        wrk.parse_time_ms("12.5")
+
+
+def test_lua_script_posts_the_body_file(tmp_path: Path) -> None:
+    body = tmp_path / 'a "quoted" body.json'
+    body.write_bytes(b"{}")
+    script = wrk.write_post_script(tmp_path / "post.lua", body).read_text()
+    assert 'wrk.method = "POST"' in script
+    assert 'wrk.headers["Content-Type"] = "application/json"' in script
+    assert '\\"quoted\\"' in script
+
+
+def test_bodies_are_valid_requests_of_the_advertised_size() -> None:
+    user = PredictRequest.model_validate_json(bodies.predict_body())
+    assert len(user.events) == bodies.EVENTS_PER_USER
+    batch = BatchPredictRequest.model_validate_json(bodies.batch_body(users=50))
+    assert len(batch.users) == 50
+    assert all(len(u.events) == bodies.EVENTS_PER_USER for u in batch.users)
+    assert bodies.predict_body() == bodies.predict_body()  # deterministic
+
+
+def test_raw_onnxruntime_floor_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "model.onnx")
+    session = floors.open_session(model, Settings(model_path=model, providers=("CPUExecutionProvider",)))
+    assert session.provider == "CPUExecutionProvider"
+    users = BatchPredictRequest.model_validate_json(bodies.batch_body(users=8)).users
+    features = floors.features_of(users, session.metadata)
+    assert features.shape == (8, *session.metadata.feature_spec.shape)
+    floor = floors.measure(session, features, duration_s=0.05)
+    assert floor.batch == 8
+    assert floor.calls > 0
+    assert floor.users_per_s == pytest.approx(floor.calls_per_s * 8)
+    assert 0 < floor.p50_ms <= floor.p99_ms
+
+
+def _phase(server: str, path: str, connections: int, rps: float, users: int = 1) -> report.HttpPhase:
+    return report.HttpPhase(
+        server=server,
+        path=path,
+        connections=connections,
+        users_per_request=users,
+        requests=int(rps * 10),
+        duration_s=10.0,
+        requests_per_s=rps,
+        users_per_s=rps * users,
+        p50_ms=0.3,
+        p75_ms=0.4,
+        p90_ms=0.5,
+        p99_ms=20.0,
+        errors=0,
+    )
+
+
+def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
+    ort_1000 = floors.OrtFloor(
+        batch=1000, calls=100, seconds=1.0, calls_per_s=100, users_per_s=100_000, p50_ms=10, p99_ms=12
+    )
+    result = report.Report(
+        started_at="2024-01-01T00:00:00Z",
+        settings=report.RunSettings(
+            model="m.onnx",
+            model_version="v1",
+            service_provider="CPUExecutionProvider",
+            floor_provider="CPUExecutionProvider",
+            duration_s=10,
+            warmup_s=2,
+            wrk="wrk 4.1.0",
+            wrk_threads=1,
+            batch_connections=2,
+            intra_op_threads=1,
+            inter_op_threads=1,
+            service_env={},
+        ),
+        machine=describe(),
+        load_average_after=(0.0, 0.0, 0.0),
+        ort=[ort_1000],
+        http=[
+            _phase("constant", "/predict", 1, 5000),
+            _phase("constant", "/predict", 64, 6000),
+            _phase("service", "/predict", 1, 2500),
+            _phase("service", "/predict", 64, 5700),
+            _phase("service", "/predict/batch", 2, 30, users=1000),
+        ],
+        peak_rss_mb=200.0,
+        sampled_peak_rss_mb=190.0,
+        rss_samples=10,
+    )
+    ratios = report.ratios(result)
+    assert ratios["predict_c1"] == pytest.approx(0.5)
+    assert ratios["predict_c64"] == pytest.approx(0.95)
+    assert ratios["batch"] == pytest.approx(0.3)
+    assert report.targets(result) == {
+        "predict_c1_p50": True,
+        "predict_c64_ratio": True,
+        "predict_c64_p99": False,  # 20 ms > 15 ms
+        "batch_ratio": True,
+        "peak_rss": True,
+    }
+    table = report.markdown(result)
+    assert "0.95 x constant FastAPI" in table
+    assert "p99 ≤ 15 ms: **missed**" in table
+    data = json.loads(report.write_json(result, tmp_path / "r.json").read_text())
+    assert data["targets_met"]["predict_c64_p99"] is False
+    assert math.isclose(data["ratios"]["batch"], 0.3)
+    assert data["machine"]["onnxruntime"]
+
+
+@pytest.mark.slow
+def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> None:
+    """The whole harness, one second a phase, on the real tiny model: it measures every row, writes
+    the JSON and leaves no server behind. Needs Debian's wrk (installed by scripts/system-deps.sh)."""
+    if shutil.which("wrk") is None:
+        message = "'wrk' not found on PATH: run scripts/system-deps.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    out = tmp_path / "run.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench",
+            "--model", str(tiny_model_dir.model),
+            "--duration", "1s", "--warmup", "0",
+            "--connections", "1,4",
+            "--batch-users", "20",
+            "--json", str(out),
+            "--workdir", str(tmp_path / "work"),
+        ],
+        capture_output=True, text=True, timeout=180, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert [(p["server"], p["path"], p["connections"]) for p in data["http"]] == [
+        ("constant", "/predict", 1),
+        ("constant", "/predict", 4),
+        ("constant", "/predict/batch", 2),
+        ("service", "/predict", 1),
+        ("service", "/predict", 4),
+        ("service", "/predict/batch", 2),
+    ]
+    assert all(p["errors"] == 0 and p["requests"] > 0 for p in data["http"])
+    assert [f["batch"] for f in data["ort"]] == [1, 20]
+    assert set(data["ratios"]) == {"predict_c1", "predict_c4", "batch"}
+    assert data["peak_rss_mb"] > 0
+    assert "| service /predict | 1 |" in done.stdout
+    logs = [tmp_path / "work" / name for name in ("constant.log", "service.log")]
+    assert all(log.is_file() for log in logs)
+    # both servers were stopped by the run (SIGTERM: uvicorn logs its shutdown)
+    assert "shutdown" in (tmp_path / "work" / "service.log").read_text().lower()
