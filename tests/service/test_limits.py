@@ -34,7 +34,8 @@ def _client(registry: CollectorRegistry, predictor: FakePredictor, **overrides: 
         max_events_per_user=MAX_EVENTS,
         **overrides,
     )
-    return TestClient(create_app(settings, predictor=predictor, registry=registry), raise_server_exceptions=False)
+    app = create_app(settings, predictor=predictor, registry=registry)
+    return TestClient(app, raise_server_exceptions=False)
 
 
 def _rejected(registry: CollectorRegistry, reason: str) -> float | None:
@@ -61,7 +62,9 @@ def test_load_above_the_concurrency_limit_is_shed_with_retry_after(registry: Col
     gate = threading.Event()
     predictor = FakePredictor(predict_gate=gate)
     with (
-        _client(registry, predictor, max_concurrent_requests=2, batch_threads=2, inline_max_body_bytes=0) as c,
+        _client(
+            registry, predictor, max_concurrent_requests=2, batch_threads=2, inline_max_body_bytes=0
+        ) as c,
         ThreadPoolExecutor(2) as pool,
     ):
         wait_ready(c)
@@ -86,7 +89,9 @@ def test_a_request_that_cannot_get_a_worker_in_time_is_shed(registry: CollectorR
     gate = threading.Event()
     predictor = FakePredictor(predict_gate=gate)
     with (
-        _client(registry, predictor, batch_threads=1, inline_max_body_bytes=0, request_timeout_seconds=0.3) as c,
+        _client(
+            registry, predictor, batch_threads=1, inline_max_body_bytes=0, request_timeout_seconds=0.3
+        ) as c,
         ThreadPoolExecutor(1) as pool,
     ):
         wait_ready(c)
@@ -116,5 +121,3 @@ def test_refused_requests_give_their_admission_slot_back(registry: CollectorRegi
                 assert c.post("/predict", content=body, headers=J).status_code in (400, 413, 422)
         assert c.post("/predict", json=USER).status_code == 200
     assert _rejected(registry, "overloaded") == 0
-
-

@@ -11,8 +11,10 @@ from urllib.parse import urlsplit
 
 def connect(url: str, timeout: float = 10.0) -> socket.socket:
     parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    return socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    host, port = parts.hostname, parts.port
+    assert host is not None
+    assert port is not None
+    return socket.create_connection((host, port), timeout=timeout)
 
 
 def head(path: str, headers: dict[str, str]) -> bytes:
