@@ -112,9 +112,8 @@ def test_many_swaps_under_load_fail_no_request(tmp_path: Path) -> None:
         client.close()
 
     total = sum(outcomes.values())
-    print(
-        f"hot swap under load: {SWAPS} swaps, {refused} refused, {total} requests, {total - outcomes['200']} failed"
-    )
+    failed = total - outcomes["200"]
+    print(f"hot swap under load: {SWAPS} swaps, {refused} refused, {total} requests, {failed} failed")
     assert outcomes == Counter({"200": total}), (outcomes, problems[:5])
     assert not problems, problems[:5]
     assert total > SWAPS
