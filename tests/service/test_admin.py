@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from service.app import create_app
@@ -34,7 +35,7 @@ def _client(
         providers=("CPUExecutionProvider",),
         max_batch_users=MAX_USERS,
         max_events_per_user=MAX_EVENTS,
-        admin_token=token,
+        admin_token=None if token is None else SecretStr(token),
         **extra,
     )
     return TestClient(
