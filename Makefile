@@ -10,8 +10,9 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 SEEDS  ?= 5
 OOT_ARGS ?=
+SOAK_SECONDS ?= 180
 
-.PHONY: env gpu-env system-deps train train-oot serve test lint format clean
+.PHONY: env gpu-env system-deps train train-oot serve test soak lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,11 @@ system-deps:
 
 test: $(VENV)/.stamp-dev system-deps
 	$(BIN)/python -m pytest
+
+# Minutes of mixed traffic + hot swaps against a real server; prints requests, errors, RSS growth.
+# Not part of `make test`.
+soak: $(VENV)/.stamp-dev
+	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS)
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .
