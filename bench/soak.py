@@ -152,18 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     warm = next((r for t, r in rss if t >= args.seconds / 10), rss[0][1])
     end, peak = rss[-1][1], max(r for _, r in rss)
     mib = 2**20
-    print(
-        f"soak: {elapsed:.0f} s, {args.clients} clients, {total} requests ({total / elapsed:.0f}/s), {counts['swap']} swaps"
-    )
+    rate, swaps = total / elapsed, counts["swap"]
+    print(f"soak: {elapsed:.0f} s, {args.clients} clients, {total} requests ({rate:.0f}/s), {swaps} swaps")
     print("| kind | requests |")
     print("| --- | --- |")
     for kind, n in sorted(counts.items()):
         print(f"| {kind} | {n} |")
     print(f"errors: {sum(errors.values())} {dict(errors) if errors else ''}")
+    growth = (end - warm) / mib
+    per_minute = growth / max(elapsed / 60, 1e-9)
     print(
         f"RSS: start {rss[0][1] / mib:.1f} MiB, after warm-up {warm / mib:.1f} MiB, "
-        f"peak {peak / mib:.1f} MiB, end {end / mib:.1f} MiB, growth after warm-up {(end - warm) / mib:+.1f} MiB "
-        f"({(end - warm) / mib / max(elapsed / 60, 1e-9):+.2f} MiB/min)"
+        f"peak {peak / mib:.1f} MiB, end {end / mib:.1f} MiB, "
+        f"growth after warm-up {growth:+.1f} MiB ({per_minute:+.2f} MiB/min)"
     )
     return 1 if errors else 0
 
