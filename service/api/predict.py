@@ -179,13 +179,16 @@ async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
         return Response(content, media_type="application/json")
     # Waiting for a worker counts against the deadline; the work itself, once started, runs to the
     # end (a thread cannot be interrupted, and abandoning it would leak threads under overload).
-    with anyio.move_on_after(max(deadline - anyio.current_time(), 0.0)) as queue:
-        await ctx.limiter.acquire()
-    if queue.cancelled_caught:
-        raise OverloadedError(
-            f"no worker became free within {timeout:g} s; retry after Retry-After seconds",
-            headers=RETRY_AFTER,
-        )
+    try:
+        ctx.limiter.acquire_nowait()  # a free worker is taken even when the deadline has just passed
+    except anyio.WouldBlock:
+        with anyio.move_on_after(max(deadline - anyio.current_time(), 0.0)) as queue:
+            await ctx.limiter.acquire()
+        if queue.cancelled_caught:
+            raise OverloadedError(
+                f"no worker became free within {timeout:g} s; retry after Retry-After seconds",
+                headers=RETRY_AFTER,
+            ) from None
     try:
         content = await anyio.to_thread.run_sync(work, ctx, served, body, now)
     finally:
