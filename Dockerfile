@@ -15,6 +15,8 @@ ARG PYTHON_VERSION=3.11
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 # PyTorch's CPU-only wheel index: the default index's Linux build drags in several GB of CUDA.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# onnxruntime-gpu is released on its own schedule: pinned here, beside requirements.lock's CPU build.
+ARG ORT_GPU_VERSION=1.31.1
 
 # ---- train: CPU PyTorch, exact version; trains, evaluates and exports the CDNOW model ----------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS train
@@ -23,10 +25,10 @@ ARG SEEDS=5
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY service ./service
 COPY model_export ./model_export
-RUN pip install '.[train]'
+RUN pip install -r requirements.lock && pip install -c requirements.lock '.[train]'
 RUN python -m model_export train --data cdnow --protocol customer-split --seeds "${SEEDS}" --out /models/cdnow
 # the service as a wheel: the runtime installs it with the base dependencies only
 RUN pip wheel --no-deps --wheel-dir /wheels .
@@ -37,8 +39,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PI_MODEL_PATH=/models/cdnow/model.onnx PI_HOST=0.0.0.0 PI_PORT=8000
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+COPY requirements.lock /tmp/requirements.lock
 COPY --from=train /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels
+# the pinned dependencies, then the service itself without letting pip resolve anything again
+RUN pip install -r /tmp/requirements.lock && pip install --no-deps /wheels/*.whl \
+    && rm -rf /wheels /tmp/requirements.lock
 COPY --from=train /models/cdnow/model.onnx /models/cdnow/model.onnx
 USER 10001:10001
 EXPOSE 8000
@@ -53,6 +58,7 @@ CMD ["python", "-m", "service"]
 
 # ---- runtime-gpu: CUDA + cuDNN base, onnxruntime-gpu instead of onnxruntime ---------------------------
 FROM ${CUDA_IMAGE} AS runtime-gpu
+ARG ORT_GPU_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
@@ -63,14 +69,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+COPY requirements.lock /tmp/requirements.lock
 COPY --from=train /wheels /wheels
-# Both wheels provide the `onnxruntime` module: install with the gpu extra, remove both, then put
-# back only the GPU build, so the CPU wheel cannot shadow it.
-RUN wheel="$(ls /wheels/*.whl)" \
-    && pip install "${wheel}[gpu]" \
-    && pip uninstall -y onnxruntime onnxruntime-gpu \
-    && pip install --no-deps "onnxruntime-gpu>=1.20" \
-    && rm -rf /wheels
+# The pinned dependencies and the service; then, since both wheels provide the `onnxruntime`
+# module, remove the CPU build and put in only the pinned GPU one, so the CPU wheel cannot shadow it.
+RUN pip install -r /tmp/requirements.lock \
+    && pip install --no-deps /wheels/*.whl \
+    && pip uninstall -y onnxruntime \
+    && pip install --no-deps "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+    && rm -rf /wheels /tmp/requirements.lock
 COPY --from=train /models/cdnow/model.onnx /models/cdnow/model.onnx
 USER 10001:10001
 EXPOSE 8000

@@ -9,23 +9,34 @@ MODEL  := $(MODEL_DIR)/model.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 SEEDS  ?= 5
+SOAK_SECONDS ?= 180
 
-.PHONY: env gpu-env system-deps train train-oot serve bench test lint format clean
+.PHONY: env gpu-env system-deps train train-oot serve bench test soak lint format clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch first and pinned exactly: the train extra names torch==2.13.0 too, but installing it up
-# front keeps pip from resolving it against the registry's CUDA builds.
-$(VENV)/.stamp-train: $(BIN)/python pyproject.toml
+# front keeps pip from resolving it against the registry's CUDA builds. Then the service's pinned
+# runtime dependencies (requirements.lock), which also constrain everything the extras bring.
+$(VENV)/.stamp-train: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[train]'
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[train]'
 	touch $@
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-train
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[train,dev]'
 	touch $@
+
+# Re-resolve the runtime dependencies in a scratch venv (no torch, no extras) and pin them.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet .
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude purchase-intent --all \
+	  | grep -vE '^(pip|setuptools|wheel)=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 env: $(VENV)/.stamp-dev
 
@@ -65,6 +76,11 @@ bench: $(VENV)/.stamp-train system-deps $(filter $(MODEL),$(BENCH_MODEL))
 
 test: $(VENV)/.stamp-dev system-deps
 	$(BIN)/python -m pytest
+
+# Minutes of mixed traffic + hot swaps against a real server; prints requests, errors, RSS growth.
+# Not part of `make test`.
+soak: $(VENV)/.stamp-dev
+	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS)
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .

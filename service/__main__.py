@@ -18,7 +18,9 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.config import Settings
+from service.lifecycle import ModelSlot
 from service.logs import configure_logging
+from service.server import DrainingServer
 
 
 def _parse_args(argv: list[str] | None) -> dict[str, Any]:
@@ -58,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_load_failure=on_load_failure if settings.exit_on_load_failure else None)
+    slot = ModelSlot()
+    app = create_app(
+        settings, on_load_failure=on_load_failure if settings.exit_on_load_failure else None, slot=slot
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -66,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         workers=1,
         log_config=None,  # keep the JSON handlers configure_logging installed
         access_log=False,  # RequestMiddleware writes the access log
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        # the drain comes out of the grace period: SIGTERM to exit takes at most the grace
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds - settings.shutdown_drain_seconds,
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, drain_seconds=settings.shutdown_drain_seconds, on_drain=slot.drain)
     server.run()
     return 1 if failures else 0
 

@@ -17,16 +17,17 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from service import __version__
-from service.api import health, model, predict
+from service.api import admin, health, model, predict
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.config import Settings
 from service.errors import REJECT_REASONS, install_error_handlers
 from service.lifecycle import ModelSlot, load_model
+from service.limits import LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.predictor import Predictor
-from service.schemas import BatchPredictRequest, PredictRequest
+from service.schemas import BatchPredictRequest, PredictRequest, ReloadRequest
 from service.scoring import Scorer
 
 _DESCRIPTION = """\
@@ -38,7 +39,7 @@ Every error is JSON: `{"error": code, "message": ..., "detail": [{"field", "type
 """
 
 
-def _add_request_schemas(app: FastAPI) -> None:
+def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
     """Request bodies are parsed by hand (see ``api/predict.py``); publish their schemas anyway."""
 
     def openapi() -> dict[str, Any]:
@@ -47,7 +48,9 @@ def _add_request_schemas(app: FastAPI) -> None:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for request_model in (PredictRequest, BatchPredictRequest):
+            if admin_enabled:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for request_model in (PredictRequest, BatchPredictRequest, ReloadRequest):
                 body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, definition in body.pop("$defs", {}).items():
                     components.setdefault(name, definition)
@@ -64,33 +67,43 @@ def create_app(
     predictor: Predictor | None = None,
     registry: CollectorRegistry | None = None,
     on_load_failure: Callable[[str], None] | None = None,
+    slot: ModelSlot | None = None,
 ) -> FastAPI:
     """Build the app. The model is loaded (or ``predictor`` warmed up) after start-up, in the
-    background; ``on_load_failure`` is called with the cause if that fails."""
+    background; ``on_load_failure`` is called with the cause if that fails. ``slot`` is passed
+    in by the CLI, whose signal handler drains it (readiness 503) on SIGTERM."""
     metrics = Metrics(
         registry if registry is not None else CollectorRegistry(),
         latency_buckets=settings.latency_buckets,
         reject_reasons=REJECT_REASONS,
     )
-    slot = ModelSlot()
-    metrics.ready.set(0)
+    model_slot = slot if slot is not None else ModelSlot()
+    metrics.ready.set_function(lambda: 1.0 if model_slot.ready else 0.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         context = AppContext(
             settings=settings,
-            slot=slot,
+            slot=model_slot,
             metrics=metrics,
             scorer=Scorer(metrics),
             limiter=anyio.CapacityLimiter(settings.batch_threads),
+            reload_lock=anyio.Lock(),
         )
         loading = asyncio.create_task(
-            load_model(slot, settings, metrics, predictor=predictor, on_failure=on_load_failure)
+            load_model(
+                model_slot,
+                settings,
+                metrics,
+                lock=context.reload_lock,
+                predictor=predictor,
+                on_failure=on_load_failure,
+            )
         )
         try:
             yield {"context": context}
         finally:
-            metrics.ready.set(0)
+            model_slot.drain()
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
@@ -104,7 +117,17 @@ def create_app(
     )
     for router in (predict.router, model.router, health.router, metrics_route.router):
         app.include_router(router)
+    admin_enabled = settings.admin_token is not None
+    if admin_enabled:  # no token, no endpoint: a 404 like any unknown path
+        app.include_router(admin.router)
     install_error_handlers(app, metrics)
+    # added first = inside RequestMiddleware, which times, logs and counts what this one refuses
+    app.add_middleware(
+        LimitMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_concurrent=settings.max_concurrent_requests,
+    )
     app.add_middleware(RequestMiddleware, metrics=metrics)
-    _add_request_schemas(app)
+    _add_request_schemas(app, admin_enabled=admin_enabled)
     return app

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Request latency buckets in seconds: a single request through the whole stack is a few hundred
@@ -112,17 +112,45 @@ class Settings(BaseSettings):
     batch_threads: int = Field(default=2, ge=1)
     """Worker threads for large requests; more than the cores only adds contention."""
 
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest request body, bytes; more is a 413, decided from ``Content-Length`` before the body
+    is read, or as soon as a streamed (chunked) body passes the limit."""
+
+    max_concurrent_requests: int = Field(default=64, ge=1)
+    """Prediction requests being processed at once (body read, queued or computing); one more is
+    shed at once with 503 ``overloaded`` and ``Retry-After`` instead of queueing without bound."""
+
+    request_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Seconds a prediction request may take to arrive whole and reach a worker: a body that
+    trickles in slower is a 408, a request still waiting for a worker thread a 503. A computation
+    that has started is not interrupted (its size is bounded by the body and batch limits)."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for ``POST /admin/reload``; unset (the default) disables the endpoint (404)."""
+
     exit_on_load_failure: bool = True
-    """Exit non-zero when the model cannot be loaded; false keeps the process up and not ready."""
+    """Exit non-zero when the model cannot be loaded at start-up; false keeps the process up and not
+    ready (a later ``/admin/reload`` can still load one)."""
+
+    shutdown_drain_seconds: int = Field(default=2, ge=0)
+    """On SIGTERM, how long to keep serving with ``/readyz`` already 503, so load balancers stop
+    routing here before the listening socket closes. Part of the grace period, not added to it."""
 
     shutdown_grace_seconds: int = Field(default=10, ge=1)
-    """On SIGTERM, how long in-flight requests may take before the server closes them."""
+    """On SIGTERM, the most time until the process exits: the drain, then in-flight requests finish
+    (those still running after it are cancelled)."""
 
     log_level: LogLevel = "info"
     """Level of the JSON logs on stderr."""
 
     latency_buckets: Annotated[tuple[float, ...], NoDecode] = DEFAULT_LATENCY_BUCKETS
     """Request and inference latency histogram buckets, seconds, comma-separated."""
+
+    @model_validator(mode="after")
+    def _check_shutdown(self) -> Settings:
+        if self.shutdown_drain_seconds >= self.shutdown_grace_seconds:
+            raise ValueError("shutdown_drain_seconds must be shorter than shutdown_grace_seconds")
+        return self
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -27,6 +27,11 @@ REJECT_REASONS: tuple[str, ...] = (
     "invalid_input",
     "too_many_events",
     "too_many_users",
+    "body_too_large",
+    "request_timeout",
+    "overloaded",
+    "unauthorized",
+    "model_rejected",
     "not_ready",
     "not_found",
     "method_not_allowed",
@@ -80,6 +85,31 @@ class TooManyUsersError(ServiceError):
 class NotReadyError(ServiceError):
     status_code = 503
     code = "not_ready"
+
+
+class BodyTooLargeError(ServiceError):
+    status_code = 413
+    code = "body_too_large"
+
+
+class RequestTimeoutError(ServiceError):
+    status_code = 408
+    code = "request_timeout"
+
+
+class OverloadedError(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+
+class UnauthorizedError(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class ModelRejectedError(ServiceError):
+    status_code = 422
+    code = "model_rejected"
 
 
 def field_path(loc: Sequence[int | str]) -> str:

@@ -4,7 +4,14 @@ The model is loaded in a background task after the server starts listening, so `
 answers while a large model loads (a liveness probe that waits on the model restarts pods in a
 loop, triton#7014) and ``/readyz`` says 503 with a reason until the model has answered warm-up
 inferences. A model is published to the :class:`ModelSlot` whole, in one assignment: a request
-sees the old model or the new one, never a half-loaded one (the shape a hot swap will need).
+sees the old model or the new one, never a half-loaded one.
+
+A hot swap (:func:`reload_model`) follows the same path beside the served model: load, validate
+the metadata and signature, warm up every batch shape, all in a thread; only then one assignment
+replaces the served model. A request holds the :class:`Served` it started with, so requests in
+flight finish on the old model and the old session is freed when the last of them lets go. A file
+that fails any step is refused and the old model keeps serving: the slot never passes through
+"no model" (triton#2076).
 """
 
 from __future__ import annotations
@@ -13,18 +20,21 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+import anyio
 import anyio.to_thread
 
 from service.artifact import ArtifactError
 from service.config import Settings
+from service.errors import ModelRejectedError
 from service.metrics import Metrics
 from service.predictor import Predictor, ProviderError, load_predictor
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["loading", "ready", "failed"]
+Status = Literal["loading", "ready", "failed", "draining"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +53,27 @@ class ModelSlot:
         self.status: Status = "loading"
         self.reason: str | None = "loading and warming up the model"
         self.served: Served | None = None
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` says: a warmed model, and not shutting down."""
+        return self.served is not None and not self.draining
 
     def publish(self, served: Served) -> None:
         self.served = served
-        self.status, self.reason = "ready", None
+        if not self.draining:
+            self.status, self.reason = "ready", None
 
     def fail(self, reason: str) -> None:
-        self.status, self.reason = "failed", reason
+        if self.served is None and not self.draining:
+            self.status, self.reason = "failed", reason
+
+    def drain(self) -> None:
+        """Fail readiness for good (shutdown). Called from a signal handler: plain assignments
+        only, no locks, no logging (the interrupted code may hold them)."""
+        self.draining = True
+        self.status, self.reason = "draining", "shutting down"
 
 
 async def load_model(
@@ -57,6 +81,7 @@ async def load_model(
     settings: Settings,
     metrics: Metrics,
     *,
+    lock: anyio.Lock,
     predictor: Predictor | None = None,
     on_failure: Callable[[str], None] | None = None,
 ) -> None:
@@ -65,43 +90,96 @@ async def load_model(
     Failures are logged with their cause, leave the slot ``failed`` and call ``on_failure`` (the
     CLI uses it to exit non-zero); the response to clients stays generic, since causes name paths.
     """
+    async with lock:  # a reload asked for during the first load waits for it
+        try:
+            served = await _prepare(settings, settings.model_path, predictor)
+        except _LoadError as exc:
+            slot.fail("the model failed to load; see the service log")
+            logger.error(f"cannot serve: {exc.reason}", extra={"model_path": str(settings.model_path)})
+            if on_failure is not None:
+                on_failure(exc.reason)
+            return
+        _publish(slot, metrics, served)
+    logger.info("model ready", extra=_describe(served))
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    served: Served
+    previous_version: str | None
+
+
+async def reload_model(
+    slot: ModelSlot, settings: Settings, metrics: Metrics, path: Path, *, lock: anyio.Lock
+) -> Reloaded:
+    """Load ``path`` beside the served model and swap it in if it passes; else raise
+    :class:`ModelRejectedError` and keep serving the old one. Reloads run one at a time."""
+    async with lock:
+        try:
+            served = await _prepare(settings, path, None)
+        except _LoadError as exc:
+            metrics.model_reloads.labels("failure").inc()
+            logger.error(
+                f"model reload refused, the served model stays: {exc.reason}",
+                extra={"model_path": str(path), "model_version": _version(slot)},
+            )
+            # The client gets the cause without the server's directory layout.
+            safe = exc.reason.replace(str(path), path.name)
+            raise ModelRejectedError(f"model refused, the served model stays: {safe}") from None
+        previous = _version(slot)
+        _publish(slot, metrics, served)
+        metrics.model_reloads.labels("success").inc()
+    logger.info("model reloaded", extra={**_describe(served), "previous_version": previous})
+    return Reloaded(served, previous)
+
+
+class _LoadError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _prepare(settings: Settings, path: Path | None, predictor: Predictor | None) -> Served:
+    """Load (or take the injected ``predictor``) and warm up, in a thread; :class:`_LoadError`
+    carries a one-line cause (it names paths: for the log, not for clients)."""
     started = time.perf_counter()
     try:
         if predictor is None:
-            predictor = await anyio.to_thread.run_sync(load_predictor, settings)
+            predictor = await anyio.to_thread.run_sync(load_predictor, settings, path)
         else:
             await anyio.to_thread.run_sync(predictor.warm_up)
     except (ArtifactError, ProviderError) as exc:
-        reason = str(exc)
+        raise _LoadError(str(exc)) from None
     except Exception as exc:
         logger.exception("unexpected error while loading the model")
-        reason = f"unexpected {type(exc).__name__} while loading the model"
-    else:
-        load_seconds = time.perf_counter() - started
-        served = Served(predictor, load_seconds, time.time())
-        runtime = predictor.runtime
-        slot.publish(served)
-        metrics.set_model(
-            version=predictor.metadata.model_version,
-            provider=runtime.provider,
-            fallback=runtime.fallback,
-            load_seconds=load_seconds,
-            loaded_at=served.loaded_at,
-        )
-        logger.info(
-            "model ready",
-            extra={
-                "model_version": predictor.metadata.model_version,
-                "provider": runtime.provider,
-                "requested_providers": list(runtime.requested),
-                "provider_fallback": runtime.fallback,
-                "batch_sizes": list(runtime.batch_sizes),
-                "load_seconds": round(load_seconds, 4),
-            },
-        )
-        return
-    slot.fail("the model failed to load; see the service log")
-    metrics.ready.set(0)
-    logger.error(f"cannot serve: {reason}", extra={"model_path": str(settings.model_path)})
-    if on_failure is not None:
-        on_failure(reason)
+        raise _LoadError(f"unexpected {type(exc).__name__} while loading the model") from None
+    return Served(predictor, time.perf_counter() - started, time.time())
+
+
+def _publish(slot: ModelSlot, metrics: Metrics, served: Served) -> None:
+    runtime = served.predictor.runtime
+    slot.publish(served)
+    metrics.set_model(
+        version=served.predictor.metadata.model_version,
+        provider=runtime.provider,
+        fallback=runtime.fallback,
+        load_seconds=served.load_seconds,
+        loaded_at=served.loaded_at,
+    )
+
+
+def _version(slot: ModelSlot) -> str | None:
+    served = slot.served
+    return None if served is None else served.predictor.metadata.model_version
+
+
+def _describe(served: Served) -> dict[str, object]:
+    runtime = served.predictor.runtime
+    return {
+        "model_version": served.predictor.metadata.model_version,
+        "provider": runtime.provider,
+        "requested_providers": list(runtime.requested),
+        "provider_fallback": runtime.fallback,
+        "batch_sizes": list(runtime.batch_sizes),
+        "load_seconds": round(served.load_seconds, 4),
+    }

@@ -156,6 +156,15 @@ class Metrics:
             "Unix time the served model became ready.",
             registry=registry,
         )
+        self.model_reloads = Counter(
+            f"{p}_model_reloads",
+            "Model hot-swap attempts by result: success (swapped in) or failure (refused, the old "
+            "model kept serving).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("success", "failure"):
+            self.model_reloads.labels(result)
         self.ready = Gauge(
             f"{p}_ready", "1 when the service is ready to predict (what /readyz reports).", registry=registry
         )
@@ -171,4 +180,3 @@ class Metrics:
         self.provider_fallback.set(1 if fallback else 0)
         self.model_load_duration.set(load_seconds)
         self.model_load_timestamp.set(loaded_at)
-        self.ready.set(1)

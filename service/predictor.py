@@ -13,6 +13,7 @@ ready. The cost is at most 2x compute on a padded batch, which is small next to 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,8 +120,12 @@ class OnnxPredictor:
 
         Does not warm up: call :meth:`warm_up` before serving.
         """
+        if path.is_dir():
+            raise ArtifactError(f"model path is a directory, not a file: {path}")
         if not path.is_file():
             raise ArtifactError(f"model file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise ArtifactError(f"model file is not readable by this user: {path}")
         requested = choose_providers(settings.providers, ort.get_available_providers())
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.intra_op_threads
@@ -185,10 +190,12 @@ class OnnxPredictor:
                 raise ArtifactError(f"warm-up: batch {size} gave values outside [0, 1]")
 
 
-def load_predictor(settings: Settings) -> OnnxPredictor:
-    """Load, validate and warm up the configured model (blocking: call it from a thread)."""
-    if settings.model_path is None:
+def load_predictor(settings: Settings, path: Path | None = None) -> OnnxPredictor:
+    """Load, validate and warm up ``path`` or else the configured model (blocking: call it from a
+    thread)."""
+    path = path if path is not None else settings.model_path
+    if path is None:
         raise ArtifactError("no model configured: pass --model PATH or set PI_MODEL_PATH")
-    predictor = OnnxPredictor.load(settings.model_path, settings)
+    predictor = OnnxPredictor.load(path, settings)
     predictor.warm_up()
     return predictor

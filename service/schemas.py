@@ -222,7 +222,7 @@ class ReadinessResponse(BaseModel):
     )
 
     ready: bool
-    status: str = Field(description="loading | ready | failed")
+    status: str = Field(description="loading | ready | failed | draining")
     reason: str | None = Field(description="Why not ready; null when ready.")
     model_version: str | None
     provider: str | None = Field(description="The execution provider onnxruntime actually runs on.")
@@ -299,3 +299,25 @@ class ModelResponse(BaseModel):
     n_seeds: int
     format_version: int
     runtime: RuntimeResponse
+
+
+class ReloadRequest(BaseModel):
+    """What ``POST /admin/reload`` should load; an empty body reloads the configured model file."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [{}]})
+
+    model_path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00]+$",
+        description="A model file on the server; default: the configured `PI_MODEL_PATH`.",
+    )
+
+
+class ReloadResponse(BaseModel):
+    """The model now serving, and the one it replaced."""
+
+    model_version: str
+    previous_version: str | None = Field(description="Null when no model was serving before.")
+    load_seconds: float = Field(description="Load, validation and warm-up time of the new model.")

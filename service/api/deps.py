@@ -24,6 +24,7 @@ class AppContext:
     metrics: Metrics
     scorer: Scorer
     limiter: anyio.CapacityLimiter  # threads for large requests; created inside the running loop
+    reload_lock: anyio.Lock  # one model load at a time: the first load and hot swaps
 
 
 async def get_context(request: Request) -> AppContext:

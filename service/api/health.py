@@ -27,21 +27,27 @@ async def healthz() -> Response:
 @router.get(
     "/readyz",
     response_model=ReadinessResponse,
-    responses={503: {"model": ReadinessResponse, "description": "Loading, or the model failed to load."}},
+    responses={
+        503: {
+            "model": ReadinessResponse,
+            "description": "Loading, the model failed to load, or shutting down (`draining`).",
+        }
+    },
     summary="Readiness: a warmed-up model is serving",
     description="200 once the model is loaded and has answered a warm-up inference at every batch "
-    "size the server can produce; 503 with a reason before that or if loading failed. Reports "
+    "size the server can produce; 503 with a reason before that, if loading failed, or from the "
+    "moment a shutdown starts (SIGTERM). Reports "
     "the model version and the execution provider onnxruntime really uses.",
 )
 async def readyz(ctx: Context) -> Response:
     slot = ctx.slot
     served = slot.served
-    if served is None:
+    if served is None or slot.draining:
         body = ReadinessResponse(
             ready=False,
             status=slot.status,
             reason=slot.reason,
-            model_version=None,
+            model_version=None if served is None else served.predictor.metadata.model_version,
             provider=None,
             provider_fallback=None,
         )

@@ -28,12 +28,15 @@ from starlette.responses import Response
 
 from service.api.deps import AppContext, Context, require_model
 from service.errors import (
+    OverloadedError,
+    RequestTimeoutError,
     TooManyEventsError,
     TooManyUsersError,
     UnsupportedMediaTypeError,
     from_validation_error,
 )
 from service.lifecycle import Served
+from service.limits import RETRY_AFTER
 from service.schemas import (
     EXAMPLE_USER,
     BatchPredictRequest,
@@ -55,13 +58,19 @@ _MAX_LISTED = 10  # users named in a too-many-events error; the count says the r
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+    408: {"model": ErrorResponse, "description": "The body did not arrive within the request timeout."},
+    413: {"model": ErrorResponse, "description": "The body is larger than `PI_MAX_BODY_BYTES`."},
     415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
     422: {
         "model": ErrorResponse,
         "description": "Wrong or missing fields, non-finite or negative numbers, timestamps that "
         "do not parse, lack a UTC offset or lie outside 1970..2100, too many events for a user.",
     },
-    503: {"model": ErrorResponse, "description": "No model is ready yet; retry after `Retry-After`."},
+    503: {
+        "model": ErrorResponse,
+        "description": "No model is ready yet (`not_ready`), or the service is at its concurrency "
+        "limit (`overloaded`); retry after `Retry-After`.",
+    },
 }
 
 
@@ -80,7 +89,7 @@ def json_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any
     }
 
 
-def _check_content_type(request: Request) -> None:
+def check_content_type(request: Request) -> None:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not (
         media_type.startswith("application/") and media_type.endswith("+json")
@@ -88,7 +97,7 @@ def _check_content_type(request: Request) -> None:
         raise UnsupportedMediaTypeError("send the body as JSON with Content-Type: application/json")
 
 
-def _parse(model: type[ModelT], body: bytes) -> ModelT:
+def parse_json(model: type[ModelT], body: bytes) -> ModelT:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -107,7 +116,7 @@ def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[
 
 
 def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
-    user = _parse(PredictRequest, body)
+    user = parse_json(PredictRequest, body)
     _check_events([user], ctx.settings.max_events_per_user, lambda _: "events")
     probability = float(ctx.scorer.score(served.predictor, to_columns([user], now))[0])
     meta = served.predictor.metadata
@@ -126,7 +135,7 @@ def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
 
 
 def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
-    users = _parse(BatchPredictRequest, body).users
+    users = parse_json(BatchPredictRequest, body).users
     limit = ctx.settings.max_batch_users
     if len(users) > limit:
         raise TooManyUsersError(
@@ -153,16 +162,37 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
 
 
 async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
-    _check_content_type(request)
+    check_content_type(request)
+    # The model this request runs on, taken once: a hot swap while it runs does not change it.
     served = require_model(ctx)
     # the version goes into the access log line, whatever happens next
     request.state.model_version = served.predictor.metadata.model_version
-    body = await request.body()
+    timeout = ctx.settings.request_timeout_seconds
+    deadline = anyio.current_time() + timeout
+    with anyio.move_on_after(timeout) as arrival:
+        body = await request.body()
+    if arrival.cancelled_caught:
+        raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s")
     now = int(time.time())
     if len(body) <= ctx.settings.inline_max_body_bytes:
         content = work(ctx, served, body, now)
-    else:
-        content = await anyio.to_thread.run_sync(work, ctx, served, body, now, limiter=ctx.limiter)
+        return Response(content, media_type="application/json")
+    # Waiting for a worker counts against the deadline; the work itself, once started, runs to the
+    # end (a thread cannot be interrupted, and abandoning it would leak threads under overload).
+    try:
+        ctx.limiter.acquire_nowait()  # a free worker is taken even when the deadline has just passed
+    except anyio.WouldBlock:
+        with anyio.move_on_after(max(deadline - anyio.current_time(), 0.0)) as queue:
+            await ctx.limiter.acquire()
+        if queue.cancelled_caught:
+            raise OverloadedError(
+                f"no worker became free within {timeout:g} s; retry after Retry-After seconds",
+                headers=RETRY_AFTER,
+            ) from None
+    try:
+        content = await anyio.to_thread.run_sync(work, ctx, served, body, now)
+    finally:
+        ctx.limiter.release()
     return Response(content, media_type="application/json")
 
 
@@ -193,7 +223,10 @@ async def predict(request: Request, ctx: Context) -> Response:
     response_model=BatchPredictResponse,
     responses={
         **_ERRORS,
-        413: {"model": ErrorResponse, "description": "More users than `PI_MAX_BATCH_USERS`."},
+        413: {
+            "model": ErrorResponse,
+            "description": "More users than `PI_MAX_BATCH_USERS`, or a body over `PI_MAX_BODY_BYTES`.",
+        },
     },
     openapi_extra=json_body(
         BatchPredictRequest,

@@ -40,7 +40,9 @@ def reference_probability(features: NDArray[np.float32]) -> NDArray[np.float32]:
 class FakePredictor:
     """Scores with :func:`reference_probability`; records each call's batch size and thread.
 
-    ``gate``: warm-up blocks until it is set (to observe "loading"); ``error``: ``predict`` raises it.
+    ``gate``: warm-up blocks until it is set (to observe "loading"); ``error``: ``predict`` raises it;
+    ``predict_gate``: ``predict`` blocks until it is set (to hold requests in flight), releasing
+    ``entered`` once per call first.
     """
 
     def __init__(
@@ -54,12 +56,15 @@ class FakePredictor:
         gate: threading.Event | None = None,
         warm_up_error: Exception | None = None,
         error: Exception | None = None,
+        predict_gate: threading.Event | None = None,
     ) -> None:
         self._metadata = make_metadata(version=version, threshold=threshold)
         self._runtime = RuntimeInfo(requested=requested, active=active, batch_sizes=batch_sizes(max_batch))
         self.gate = gate
         self.warm_up_error = warm_up_error
         self.error = error
+        self.predict_gate = predict_gate
+        self.entered = threading.Semaphore(0)
         self.calls: list[int] = []
         self.threads: list[int] = []
 
@@ -74,6 +79,10 @@ class FakePredictor:
     def predict(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
         self.calls.append(int(features.shape[0]))
         self.threads.append(threading.get_ident())
+        if self.predict_gate is not None:
+            self.entered.release()
+            if not self.predict_gate.wait(timeout=30):
+                raise RuntimeError("test predict gate never opened")
         if self.error is not None:
             raise self.error
         return reference_probability(features)

@@ -25,12 +25,13 @@ def write_model(
     output_name: str = "probability",
     shape: tuple[int, int] | None = None,
     props: dict[str, str] | None = None,
+    bias: float = -0.5,
 ) -> Path:
-    """``probability = sigmoid(mean(features over time and channels) - 0.5)``, float32 [batch]."""
+    """``probability = sigmoid(mean(features over time and channels) + bias)``, float32 [batch]."""
     meta = metadata if metadata is not None else make_metadata()
     bins, channels = shape if shape is not None else meta.feature_spec.shape
     axes = helper.make_tensor("axes", TensorProto.INT64, [2], np.array([1, 2], dtype=np.int64))
-    bias = helper.make_tensor("bias", TensorProto.FLOAT, [], np.array([-0.5], dtype=np.float32))
+    bias_init = helper.make_tensor("bias", TensorProto.FLOAT, [], np.array([bias], dtype=np.float32))
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", [input_name, "axes"], ["mean"], keepdims=0),
@@ -40,7 +41,7 @@ def write_model(
         "synthetic",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, bins, channels])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch])],
-        initializer=[axes, bias],
+        initializer=[axes, bias_init],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9

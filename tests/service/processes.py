@@ -66,7 +66,8 @@ class ServiceProcess:
 
 def start_service(model: Path, log: Path, *, env: dict[str, str] | None = None) -> ServiceProcess:
     port = free_port()
-    full_env = {**os.environ, "PI_PROVIDERS": "cpu", **(env or {})}
+    # no drain by default: stopping a test server should not wait; shutdown tests set it
+    full_env = {**os.environ, "PI_PROVIDERS": "cpu", "PI_SHUTDOWN_DRAIN_SECONDS": "0", **(env or {})}
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "--model", str(model), "--host", HOST, "--port", str(port)],

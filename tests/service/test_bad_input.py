@@ -36,6 +36,12 @@ def raw_event(amount: str) -> bytes:
 
 J = "application/json"
 
+
+def _nested(depth: int) -> bytes:
+    """A body whose ``user_id`` is a list nested ``depth`` deep (too deep for json.dumps to write)."""
+    return b'{"user_id": ' + b"[" * depth + b'"x"' + b"]" * depth + b', "events": []}'
+
+
 # (id, path, body: dict | bytes, content type, status, error code, field named in detail or None)
 CASES: list[tuple[str, str, Any, str | None, int, str, str | None]] = [
     ("truncated json", "/predict", b'{"user_id": "u", "events": [', J, 400, "invalid_json", "body"),
@@ -188,6 +194,53 @@ CASES: list[tuple[str, str, Any, str | None, int, str, str | None]] = [
         "users",
     ),
     ("batch invalid json", "/predict/batch", b"{users: []}", J, 400, "invalid_json", "body"),
+    ("10 MB body", "/predict", b'{"user_id": "' + b"u" * 10_000_000 + b'"}', J, 413, "body_too_large", None),
+    ("deeply nested json", "/predict", b"[" * 100_000 + b"]" * 100_000, J, 400, "invalid_json", "body"),
+    ("deeply nested value", "/predict", _nested(5000), J, 400, "invalid_json", "body"),
+    ("100k events", "/predict", one(events=[GOOD_EVENT] * 100_000), J, 422, "too_many_events", "events"),
+    (
+        "NaN literal as_of",
+        "/predict",
+        b'{"user_id": "u", "events": [], "as_of": NaN}',
+        J,
+        422,
+        "invalid_input",
+        "as_of",
+    ),
+    ("huge integer", "/predict", event(quantity=10**4000), J, 422, "invalid_input", "events[0].quantity"),
+    ("user_id too long", "/predict", one(user_id="u" * 257), J, 422, "invalid_input", "user_id"),
+    ("null body", "/predict", b"null", J, 422, "invalid_input", "body"),
+    ("utf-16 body", "/predict", json.dumps(one()).encode("utf-16"), J, 400, "invalid_json", "body"),
+    ("application/xml", "/predict", b"<user/>", "application/xml", 415, "unsupported_media_type", None),
+    (
+        "multipart",
+        "/predict",
+        b"--x--",
+        "multipart/form-data; boundary=x",
+        415,
+        "unsupported_media_type",
+        None,
+    ),
+    ("json-ish text", "/predict", one(), "text/json", 415, "unsupported_media_type", None),
+    ("batch empty users list body", "/predict/batch", b'{"users": []}', J, 422, "invalid_input", "users"),
+    (
+        "batch 100k events",
+        "/predict/batch",
+        {"users": [one(events=[GOOD_EVENT] * 100_000)]},
+        J,
+        422,
+        "too_many_events",
+        "users[0].events",
+    ),
+    (
+        "batch year 1 and 9999",
+        "/predict/batch",
+        {"users": [event(timestamp="0001-01-01T00:00:00Z"), one(as_of="9999-12-31T23:59:59Z")]},
+        J,
+        422,
+        "invalid_input",
+        "users[0].events[0].timestamp",
+    ),
     (
         "batch text/csv",
         "/predict/batch",
@@ -250,3 +303,14 @@ def test_every_bad_field_is_named_at_once(client: TestClient) -> None:
     body = one(user_id=1, events=[GOOD_EVENT | {"amount": -1, "quantity": "x"}])
     fields = {d["field"] for d in client.post("/predict", json=body).json()["detail"]}
     assert fields == {"user_id", "events[0].amount", "events[0].quantity"}
+
+
+def test_duplicate_user_ids_in_a_batch_are_scored_independently(client: TestClient) -> None:
+    """The documented policy: ids are the caller's labels, not keys; each entry is answered in place."""
+    early, late = one(as_of="1997-03-01T00:00:00Z"), one(as_of="1997-09-30T00:00:00Z")
+    r = client.post("/predict/batch", json={"users": [early, late, early]})
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert [p["user_id"] for p in predictions] == ["u-1", "u-1", "u-1"]
+    assert predictions[0] == predictions[2]
+    assert predictions[0]["probability"] != predictions[1]["probability"]

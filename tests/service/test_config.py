@@ -19,6 +19,17 @@ def test_defaults() -> None:
     assert s.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert s.latency_buckets == DEFAULT_LATENCY_BUCKETS
     assert s.latency_buckets[0] <= 0.0001  # sub-millisecond resolution for a ~25 us model
+    assert s.admin_token is None  # no admin endpoint unless a token is set
+    assert s.shutdown_drain_seconds < s.shutdown_grace_seconds
+    assert s.max_body_bytes < 10_000_000  # the hostile-input catalogue's 10 MB body is a 413
+
+
+def test_the_admin_token_is_kept_out_of_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PI_ADMIN_TOKEN", "hunter2-token")
+    s = Settings()
+    assert s.admin_token is not None
+    assert s.admin_token.get_secret_value() == "hunter2-token"
+    assert "hunter2" not in repr(s)
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +61,10 @@ def test_json_lists_work_too(monkeypatch: pytest.MonkeyPatch) -> None:
         ("PI_LATENCY_BUCKETS", "0.1,0.01"),
         ("PI_MAX_BATCH_USERS", "0"),
         ("PI_LOG_LEVEL", "loud"),
+        ("PI_SHUTDOWN_DRAIN_SECONDS", "10"),  # not shorter than the default grace of 10 s
+        ("PI_MAX_BODY_BYTES", "100"),
+        ("PI_REQUEST_TIMEOUT_SECONDS", "0"),
+        ("PI_MAX_CONCURRENT_REQUESTS", "0"),
     ],
 )
 def test_invalid_environment_is_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

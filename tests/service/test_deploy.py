@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,8 @@ def test_dockerfile_stages() -> None:
     text = DOCKERFILE.read_text()
     train = _stage(text, "train")
     assert re.search(r"pip install [^\n]*torch==2\.13\.0\b", train), "CPU torch pinned exactly"
-    assert "pip install '.[train]'" in train
+    assert "pip install -r requirements.lock" in train
+    assert "pip install -c requirements.lock '.[train]'" in train
     assert "python -m model_export train --data cdnow" in train
     for name in ("runtime", "runtime-gpu"):
         stage = _stage(text, name)
@@ -174,7 +176,10 @@ def test_dockerfile_stages() -> None:
         assert "torch" not in stage
         assert "[train]" not in stage
         assert 'CMD ["python", "-m", "service"]' in stage
-    assert "[gpu]" in _stage(text, "runtime-gpu")
+        # the pinned dependencies, and nothing resolved again when the service goes in
+        assert "pip install -r /tmp/requirements.lock" in stage, name
+        assert "pip install --no-deps /wheels/*.whl" in stage, name
+    assert 'onnxruntime-gpu==${ORT_GPU_VERSION}"' in _stage(text, "runtime-gpu")
     for source in re.findall(r"^COPY\s+(?!--from)(\S+)", text, flags=re.M):
         assert (ROOT / source).exists(), source
     assert text.rstrip().splitlines()[-1].startswith("FROM runtime AS"), "plain build must give the CPU image"
@@ -205,3 +210,73 @@ def test_healthcheck_command_follows_readiness(tmp_path: Path) -> None:
         ready.stop()
         broken.stop()
     assert healthcheck(ready.url.rsplit(":", 1)[1]) != 0  # nothing listening
+
+
+LOCK = ROOT / "requirements.lock"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _locked() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][^\s;]*)", line.strip())
+            assert match, f"not an exact pin: {line!r}"
+            pins[_canonical(match.group(1))] = match.group(2)
+    return pins
+
+
+def test_the_lock_pins_the_whole_runtime_closure_and_nothing_of_training() -> None:
+    """Every runtime dependency and each of theirs is pinned exactly; no torch, no CUDA wheels."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    pins = _locked()
+    assert not [p for p in pins if p in {"torch", "triton", "pandas"} or p.startswith("nvidia-")], pins
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"]]
+    seen: set[str] = set()
+    while todo:
+        requirement = todo.pop()
+        name = _canonical(requirement.name)
+        if name in seen or (
+            requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})
+        ):
+            continue
+        seen.add(name)
+        assert name in pins, f"{name} is a runtime dependency but not in requirements.lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+        try:
+            todo.extend(Requirement(r) for r in distribution(name).requires or [])
+        except PackageNotFoundError:
+            pytest.fail(f"{name} is not installed: run make env")
+    assert seen == set(pins), f"pinned but not needed at runtime: {sorted(set(pins) - seen)}"
+
+
+def test_the_environment_runs_what_the_lock_pins() -> None:
+    """make env installs from the lock: the versions the tests run on are the ones shipped."""
+    from importlib.metadata import version
+
+    drift = {name: (pin, version(name)) for name, pin in _locked().items() if version(name) != pin}
+    assert not drift, f"installed versions differ from requirements.lock (run make env): {drift}"
+
+
+def test_makefile_installs_torch_first_then_the_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    steps = [
+        s
+        for s in re.findall(r"^\t\$\(BIN\)/pip install[^\n]*", makefile, flags=re.M)
+        if "--upgrade pip" not in s
+    ]
+    assert steps[:3] == [
+        "\t$(BIN)/pip install --quiet torch==2.13.0",
+        "\t$(BIN)/pip install --quiet -r requirements.lock",
+        "\t$(BIN)/pip install --quiet -c requirements.lock -e '.[train]'",
+    ], steps
+    assert all(
+        "-c requirements.lock" in step for step in steps[2:] if "-e '." in step and "[gpu]" not in step
+    )

@@ -26,8 +26,6 @@ from tests.service.processes import (
     require_binary,
     running_prometheus,
     running_service,
-    start_service,
-    wait_until,
 )
 
 
@@ -182,37 +180,3 @@ def test_sigterm_shuts_down_gracefully(tiny_model_dir: TinyModel, tmp_path: Path
     assert proc.process.returncode in (0, -signal.SIGTERM)
     messages = [x["message"] for x in proc.log_lines()]
     assert "Application shutdown complete." in messages
-
-
-def test_an_unloadable_model_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
-    broken = tmp_path / "model.onnx"
-    broken.write_bytes(b"not a model")
-    for model, expected in ((tmp_path / "missing.onnx", "model file not found"), (broken, "cannot load")):
-        proc = start_service(model, tmp_path / "service.log")
-        try:
-            code = proc.process.wait(timeout=30)
-        finally:
-            proc.stop()
-        assert code == 1
-        errors = [x for x in proc.log_lines() if x["level"] == "error"]
-        assert len(errors) == 1, errors
-        assert expected in errors[0]["message"], errors
-
-
-def test_not_ready_but_alive_when_configured_to_stay_up(tmp_path: Path) -> None:
-    proc = start_service(
-        tmp_path / "missing.onnx", tmp_path / "service.log", env={"PI_EXIT_ON_LOAD_FAILURE": "false"}
-    )
-    try:
-        wait_until(f"{proc.url}/healthz", proc.process)
-        r = wait_until(f"{proc.url}/readyz", proc.process, status=503)
-        deadline = time.monotonic() + 10
-        while r.json()["status"] == "loading" and time.monotonic() < deadline:
-            time.sleep(0.05)
-            r = httpx.get(f"{proc.url}/readyz")
-        assert r.status_code == 503
-        assert r.json()["status"] == "failed"
-        assert "missing.onnx" not in r.text  # the cause is in the log, not in responses
-        assert httpx.post(f"{proc.url}/predict", json={}).status_code == 503
-    finally:
-        assert proc.stop() in (0, -signal.SIGTERM)

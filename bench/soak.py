@@ -1,0 +1,173 @@
+"""Soak: minutes of mixed traffic against a real ``python -m service`` process, its RSS sampled.
+
+    python -m bench.soak [--seconds 180] [--clients 4] [--model PATH]     (or: make soak)
+
+Traffic: single and batch predictions, every kind of bad request, probes, scrapes, and a model
+hot swap every few seconds. An error is any answer whose status is not the one expected for its
+kind, or a transport failure; there must be none. RSS is read from /proc every second; growth is
+measured from the end of the first tenth of the run (after warm-up) to the end. Not part of
+``make test``. Exits 1 on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.service.fakes import make_metadata
+from tests.service.onnx_models import write_model
+from tests.service.processes import start_service, wait_until
+
+TOKEN = "soak-token"
+_EVENT = {"timestamp": "1997-09-01T00:00:00Z", "amount": 10.0, "quantity": 2}
+J = {"Content-Type": "application/json"}
+
+
+def _user(rng: random.Random, i: int) -> dict[str, Any]:
+    # varied histories, so batches and features take many shapes (arena growth would show)
+    events = [
+        {**_EVENT, "timestamp": f"1997-{rng.randint(1, 9):02d}-{rng.randint(1, 28):02d}T00:00:00Z"}
+        for _ in range(rng.randint(0, 40))
+    ]
+    return {"user_id": f"u-{i}", "as_of": "1997-09-30T00:00:00Z", "events": events}
+
+
+#: kind -> (method, path, body or None, headers, expected status)
+def _requests(rng: random.Random) -> list[tuple[str, str, str, Any, dict[str, str], int]]:
+    return [
+        ("single", "POST", "/predict", _user(rng, 1), {}, 200),
+        ("single", "POST", "/predict", _user(rng, 2), {}, 200),
+        ("single", "POST", "/predict", _user(rng, 3), {}, 200),
+        (
+            "batch",
+            "POST",
+            "/predict/batch",
+            {"users": [_user(rng, i) for i in range(rng.randint(1, 200))]},
+            {},
+            200,
+        ),
+        ("bad_json", "POST", "/predict", b'{"user_id": ', J, 400),
+        ("invalid", "POST", "/predict", {"user_id": 1, "events": []}, {}, 422),
+        ("too_large", "POST", "/predict", b"x" * (9 * 2**20), J, 413),
+        ("media_type", "POST", "/predict", b"user_id=u", {"Content-Type": "text/plain"}, 415),
+        ("not_found", "GET", "/nope", None, {}, 404),
+        ("healthz", "GET", "/healthz", None, {}, 200),
+        ("readyz", "GET", "/readyz", None, {}, 200),
+        ("metrics", "GET", "/metrics", None, {}, 200),
+    ]
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--swap-every", type=float, default=5.0, help="seconds between hot swaps")
+    parser.add_argument("--model", type=Path, help="default: a synthetic model (the tests' one)")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="soak-"))
+    models = [args.model] if args.model else []
+    if not models:
+        models = [
+            write_model(workdir / f"m{i}.onnx", metadata=make_metadata(version=f"soak-{i}"), bias=b)
+            for i, b in enumerate((-0.5, 0.3))
+        ]
+    env = {"PI_ADMIN_TOKEN": TOKEN, "PI_SHUTDOWN_DRAIN_SECONDS": "0"}
+    server = start_service(models[0], workdir / "service.log", env=env)
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    rss: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    try:
+        wait_until(f"{server.url}/readyz", server.process, timeout=60)
+        started = time.monotonic()
+        stop_at = started + args.seconds
+
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                for kind, method, path, body, headers, want in itertools.cycle(_requests(rng)):
+                    if time.monotonic() >= stop_at:
+                        return
+                    try:
+                        if isinstance(body, bytes):
+                            r = c.request(method, path, content=body, headers=headers)
+                        else:
+                            r = c.request(method, path, json=body, headers=headers)
+                        outcome = None if r.status_code == want else f"{kind}: {r.status_code}"
+                    except httpx.HTTPError as exc:
+                        outcome = f"{kind}: {type(exc).__name__}"
+                    with lock:
+                        counts[kind] += 1
+                        if outcome is not None:
+                            errors[outcome] += 1
+
+        def swapper() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                for model in itertools.cycle(models):
+                    if time.monotonic() + args.swap_every >= stop_at:
+                        return
+                    time.sleep(args.swap_every)
+                    r = c.post(
+                        "/admin/reload",
+                        json={"model_path": str(model)},
+                        headers={"Authorization": f"Bearer {TOKEN}"},
+                    )
+                    with lock:
+                        counts["swap"] += 1
+                        if r.status_code != 200:
+                            errors[f"swap: {r.status_code}"] += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        threads.append(threading.Thread(target=swapper))
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            rss.append((time.monotonic() - started, _rss(server.process.pid)))
+            time.sleep(1.0)
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+
+    total = sum(v for k, v in counts.items() if k != "swap")
+    warm = next((r for t, r in rss if t >= args.seconds / 10), rss[0][1])
+    end, peak = rss[-1][1], max(r for _, r in rss)
+    mib = 2**20
+    rate, swaps = total / elapsed, counts["swap"]
+    print(f"soak: {elapsed:.0f} s, {args.clients} clients, {total} requests ({rate:.0f}/s), {swaps} swaps")
+    print("| kind | requests |")
+    print("| --- | --- |")
+    for kind, n in sorted(counts.items()):
+        print(f"| {kind} | {n} |")
+    print(f"errors: {sum(errors.values())} {dict(errors) if errors else ''}")
+    growth = (end - warm) / mib
+    per_minute = growth / max(elapsed / 60, 1e-9)
+    print(
+        f"RSS: start {rss[0][1] / mib:.1f} MiB, after warm-up {warm / mib:.1f} MiB, "
+        f"peak {peak / mib:.1f} MiB, end {end / mib:.1f} MiB, "
+        f"growth after warm-up {growth:+.1f} MiB ({per_minute:+.2f} MiB/min)"
+    )
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

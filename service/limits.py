@@ -1,0 +1,90 @@
+"""Limits enforced before a request reaches a router: body size, and how many predictions at once.
+
+A plain ASGI middleware, because both decisions must be made before the body is read: a body whose
+``Content-Length`` is over the limit is refused from its headers alone, and a streamed (chunked)
+body is counted chunk by chunk as the router reads it and refused as soon as it passes the limit,
+so no more than ``max_body_bytes`` of one request is ever held in memory. uvicorn discards the
+unread rest of the body after the answer, which keeps the connection usable for the client.
+
+Prediction requests beyond ``max_concurrent_requests`` are shed at once with 503 ``overloaded``
+and ``Retry-After`` rather than queued: a queue without a bound turns a traffic spike into
+unbounded memory and latency for everyone (BentoML#3200 shows the opaque version of this). The
+count covers a request from its first byte to its last, so slow senders count too. Probes,
+``/metrics`` and the admin endpoint are never shed.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import BodyTooLargeError, OverloadedError, ServiceError, error_response
+from service.metrics import Metrics
+
+#: The routes that do prediction work and so count against ``max_concurrent_requests``.
+ADMITTED_PATHS = frozenset({"/predict", "/predict/batch"})
+#: How long a shed client should wait before trying again, seconds.
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the HTTP server refuses a malformed Content-Length before us
+    return None
+
+
+class LimitMiddleware:
+    """Body size for every request; admission (bounded concurrency) for prediction routes."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, max_concurrent: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.max_concurrent = max_concurrent
+        self.active = 0  # prediction requests in progress; only the event loop thread touches it
+
+    def _too_large(self) -> BodyTooLargeError:
+        return BodyTooLargeError(f"the request body is larger than {self.max_body_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _declared_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._refuse(self._too_large(), scope, receive, send)
+            return
+        admitted = scope["path"] in ADMITTED_PATHS
+        if admitted:
+            if self.active >= self.max_concurrent:
+                error = OverloadedError(
+                    "the service is at its concurrency limit; retry after Retry-After seconds",
+                    headers=RETRY_AFTER,
+                )
+                await self._refuse(error, scope, receive, send)
+                return
+            self.active += 1
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large()  # raised inside the router's body read: the 413 handler answers
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        finally:
+            if admitted:
+                self.active -= 1
+
+    async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics.rejected.labels(error.code).inc()
+        response = error_response(error.status_code, error.code, error.message, headers=error.headers)
+        await response(scope, receive, send)

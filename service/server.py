@@ -1,0 +1,63 @@
+"""uvicorn with a drain step, so a shutdown loses no request.
+
+The sequence on the first SIGTERM (or SIGINT):
+
+1. at once: ``/readyz`` answers 503 ``draining`` (the signal handler only flips a flag);
+2. for ``shutdown_drain_seconds``: everything is still served, new connections included, while
+   load balancers see the 503 and stop routing here (closing the socket first loses the requests
+   already on their way, uvicorn#1824);
+3. uvicorn's own graceful shutdown: the listening socket closes, idle keep-alive connections
+   close, requests in flight run to their answer for up to the rest of the grace period;
+4. whatever still runs then is cancelled, the lifespan ends, the process exits, so the whole
+   shutdown takes at most ``shutdown_grace_seconds``.
+
+A second signal skips the rest of the drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+logger = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, *, drain_seconds: float, on_drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._drain_seconds = drain_seconds
+        self._on_drain = on_drain
+        self._drain_until: float | None = None
+        self._drain_signal = int(signal.SIGTERM)
+        self._drain_logged = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in the signal handler: set flags only (no logging, no locks; on_tick does the rest).
+        if self._drain_until is None and not self.should_exit:
+            self._drain_until = time.monotonic() + self._drain_seconds
+            self._drain_signal = sig
+            self._on_drain()
+            if self._drain_seconds > 0:
+                return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_until is not None:
+            if not self._drain_logged:
+                self._drain_logged = True
+                logger.info(
+                    "shutting down: readiness is 503, draining before the socket closes",
+                    extra={
+                        "signal": signal.Signals(self._drain_signal).name,
+                        "drain_seconds": self._drain_seconds,
+                        "grace_seconds": self.config.timeout_graceful_shutdown,
+                    },
+                )
+            if not self.should_exit and time.monotonic() >= self._drain_until:
+                super().handle_exit(self._drain_signal, None)  # uvicorn's graceful shutdown from here
+        return await super().on_tick(counter)
