@@ -42,10 +42,11 @@ env: $(VENV)/.stamp-dev
 
 # onnxruntime-gpu and onnxruntime both provide the `onnxruntime` module: remove both, then put back
 # only the GPU build, so the CPU wheel cannot shadow it.
+# The version matches the Dockerfile's ORT_GPU_VERSION.
+ORT_GPU_VERSION ?= 1.31.1
 gpu-env: $(VENV)/.stamp-dev
-	$(BIN)/pip install --quiet -e '.[gpu]'
 	$(BIN)/pip uninstall --quiet -y onnxruntime onnxruntime-gpu
-	$(BIN)/pip install --quiet --no-deps 'onnxruntime-gpu>=1.20'
+	$(BIN)/pip install --quiet --no-deps 'onnxruntime-gpu==$(ORT_GPU_VERSION)'
 
 $(MODEL): | $(VENV)/.stamp-train
 	$(BIN)/python -m model_export train --data cdnow --protocol customer-split --seeds $(SEEDS) --out $(MODEL_DIR)
