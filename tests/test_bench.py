@@ -111,10 +111,11 @@ def test_lua_script_posts_the_body_file(tmp_path: Path) -> None:
 
 def test_bodies_are_valid_requests_of_the_advertised_size() -> None:
     user = PredictRequest.model_validate_json(bodies.predict_body())
+    assert user.events is not None
     assert len(user.events) == bodies.EVENTS_PER_USER
     batch = BatchPredictRequest.model_validate_json(bodies.batch_body(users=50))
     assert len(batch.users) == 50
-    assert all(len(u.events) == bodies.EVENTS_PER_USER for u in batch.users)
+    assert all(len(u.events or ()) == bodies.EVENTS_PER_USER for u in batch.users)
     assert bodies.predict_body() == bodies.predict_body()  # deterministic
 
 

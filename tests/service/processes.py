@@ -67,7 +67,13 @@ class ServiceProcess:
 def start_service(model: Path, log: Path, *, env: dict[str, str] | None = None) -> ServiceProcess:
     port = free_port()
     # no drain by default: stopping a test server should not wait; shutdown tests set it
-    full_env = {**os.environ, "PI_PROVIDERS": "cpu", "PI_SHUTDOWN_DRAIN_SECONDS": "0", **(env or {})}
+    full_env = {
+        **os.environ,
+        "PI_PROVIDERS": "cpu",
+        "PI_SHUTDOWN_DRAIN_SECONDS": "0",
+        "PI_STORE_PATH": str(log.parent / f"{log.stem}.events.sqlite3"),  # a store per server
+        **(env or {}),
+    }
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "--model", str(model), "--host", HOST, "--port", str(port)],
