@@ -101,7 +101,7 @@ def test_prediction_by_user_id_equals_the_same_events_inline(api: TestClient) ->
     by_id = api.post("/predict", json={"user_id": "u-1", "as_of": AS_OF}).json()
     inline = api.post("/predict", json={"user_id": "u-1", "as_of": AS_OF, "events": HISTORY}).json()
     assert by_id == inline
-    users = [
+    users: list[dict[str, Any]] = [
         {"user_id": "u-2", "as_of": AS_OF},
         {"user_id": "u-x", "as_of": AS_OF, "events": HISTORY[:2]},
         {"user_id": "u-1", "as_of": AS_OF},

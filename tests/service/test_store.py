@@ -126,7 +126,9 @@ def test_compaction_keeps_recent_and_just_stored_events_raw(store: EventStore) -
     assert folded == Folded(2, old_day - 10, old_day, 8.0, 4.0)
 
 
-def _columns(histories: list[tuple[list[int], list[float], list[int]]]) -> tuple[np.ndarray, ...]:
+def _columns(
+    histories: list[tuple[list[int], list[float], list[int]]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     offsets = np.cumsum([0] + [len(h[0]) for h in histories])
     ts = np.array([t for h in histories for t in h[0]], dtype=np.int64)
     amounts = np.array([a for h in histories for a in h[1]], dtype=np.float64)
