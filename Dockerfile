@@ -37,8 +37,12 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    PI_MODEL_PATH=/models/cdnow/model.onnx PI_HOST=0.0.0.0 PI_PORT=8000
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+    PI_MODEL_PATH=/models/cdnow/model.onnx PI_HOST=0.0.0.0 PI_PORT=8000 \
+    PI_STORE_PATH=/data/events.sqlite3
+# /data: the SQLite event store, owned by the service user (mount a volume there to keep it)
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
+    && mkdir /data && chown 10001:10001 /data
+VOLUME /data
 COPY requirements.lock /tmp/requirements.lock
 COPY --from=train /wheels /wheels
 # the pinned dependencies, then the service itself without letting pip resolve anything again
@@ -63,12 +67,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     PI_MODEL_PATH=/models/cdnow/model.onnx PI_HOST=0.0.0.0 PI_PORT=8000 \
-    PI_PROVIDERS=cuda,cpu PI_REQUIRE_GPU=true
+    PI_PROVIDERS=cuda,cpu PI_REQUIRE_GPU=true PI_STORE_PATH=/data/events.sqlite3
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
+    && mkdir /data && chown 10001:10001 /data
+VOLUME /data
 COPY requirements.lock /tmp/requirements.lock
 COPY --from=train /wheels /wheels
 # The pinned dependencies and the service; then, since both wheels provide the `onnxruntime`

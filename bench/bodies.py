@@ -50,3 +50,15 @@ def batch_body(users: int = BATCH_USERS, events: int = EVENTS_PER_USER, seed: in
     """A ``/predict/batch`` body: ``users`` users with ``events`` purchases each."""
     rng = np.random.default_rng(seed)
     return json.dumps({"users": [make_user(i, rng, events) for i in range(users)]}).encode()
+
+
+def by_id_body(seed: int = 0) -> bytes:
+    """A ``/predict`` body naming the user of :func:`predict_body` without events (read from the store)."""
+    user = make_user(0, np.random.default_rng(seed))
+    return json.dumps({"user_id": user["user_id"], "as_of": user["as_of"]}).encode()
+
+
+def events_body(events: int = EVENTS_PER_USER, seed: int = 0) -> bytes:
+    """A ``/events`` body storing the events of :func:`predict_body`'s user."""
+    user = make_user(0, np.random.default_rng(seed), events)
+    return json.dumps({"events": [{"user_id": user["user_id"], **e} for e in user["events"]]}).encode()

@@ -8,6 +8,7 @@ does share the machine with the server it loads, as it does for every row alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import bodies, floors, machine, processes, wrk
-from bench.report import HttpPhase, Report, RunSettings
+from bench.report import BY_ID_PATH, HttpPhase, Report, RunSettings
 from service.config import Settings
 from service.schemas import BatchPredictRequest, PredictRequest
 
@@ -195,14 +196,22 @@ def run(options: Options, say: Say) -> Report:
         port,
         workdir / "service.log",
         cwd=REPO,
+        env={"PI_STORE_PATH": str(workdir / "events.sqlite3")},
     )
     with _running(service, say):
         with urllib.request.urlopen(service.url + "/readyz", timeout=5) as response:
             ready = json.loads(response.read())
         _check_answers(service.url + "/predict", predict_body, "service")
         _check_answers(service.url + "/predict/batch", batch_body, "service")
+        # the same user's history in the event store: /predict by user id next to inline events
+        _check_answers(service.url + "/events", bodies.events_body(options.events), "service")
+        (workdir / "by_id.json").write_bytes(bodies.by_id_body())
+        by_id = wrk.write_post_script(workdir / "by_id.lua", workdir / "by_id.json")
+        _check_answers(service.url + "/predict", bodies.by_id_body(), "service")
         with processes.RssSampler(service.process.pid) as rss:
             http += _load(service, scripts, options, say)
+            phase = _http_phase(service, "/predict", by_id, max(options.connections), 1, options, say)
+            http.append(dataclasses.replace(phase, path=BY_ID_PATH))
             hwm_kib = rss.high_water_mark_kib() or 0
 
     return Report(

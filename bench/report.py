@@ -97,6 +97,10 @@ def _verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
+#: The phase path of ``/predict`` by user id (the history read from the event store).
+BY_ID_PATH = "/predict by user id"
+
+
 def _find(http: list[HttpPhase], server: str, path: str, connections: int | None = None) -> HttpPhase | None:
     for phase in http:
         if phase.server == server and phase.path == path and connections in (None, phase.connections):
@@ -118,6 +122,10 @@ def ratios(report: Report) -> dict[str, float]:
             floor = _find(report.http, "constant", "/predict", phase.connections)
             if floor is not None and floor.requests_per_s > 0:
                 out[f"predict_c{phase.connections}"] = phase.requests_per_s / floor.requests_per_s
+        elif phase.path == BY_ID_PATH:
+            inline = _find(report.http, "service", "/predict", phase.connections)
+            if inline is not None and inline.requests_per_s > 0:
+                out[f"by_id_c{phase.connections}"] = phase.requests_per_s / inline.requests_per_s
         elif phase.path == "/predict/batch":
             ort_floor = _ort(report, phase.users_per_request)
             if ort_floor is not None and ort_floor.users_per_s > 0:
@@ -187,6 +195,8 @@ def rows(report: Report) -> list[Row]:
                     f"≥ {TARGET_PREDICT_RATIO_64}x: {_verdict(met['predict_c64_ratio'])}; "
                     f"p99 ≤ {TARGET_PREDICT_P99_MS_64:.0f} ms: {_verdict(met['predict_c64_p99'])}"
                 )
+        elif phase.path == BY_ID_PATH and f"by_id_c{phase.connections}" in r:
+            ratio = f"{r[f'by_id_c{phase.connections}']:.2f} x inline events (history in SQLite)"
         elif phase.path == "/predict/batch" and "batch" in r:
             ratio = f"{r['batch']:.3f} x raw onnxruntime batch {phase.users_per_request}"
             target = f"≥ {TARGET_BATCH_RATIO}x: {_verdict(met['batch_ratio'])}"

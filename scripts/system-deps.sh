@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the project drives for real: Prometheus (server + promtool) scrapes the service in
-# the tests; wrk loads it in `make bench`.
+# the tests; wrk loads it in `make bench`; redis-server backs the event store's redis tests.
 # Installs only what is missing, so a machine that has them needs neither root nor network.
 set -euo pipefail
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from service import __version__
-from service.api import admin, health, model, predict
+from service.api import admin, events, health, model, predict, users
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.config import Settings
@@ -29,6 +30,9 @@ from service.middleware import RequestMiddleware
 from service.predictor import Predictor
 from service.schemas import BatchPredictRequest, PredictRequest, ReloadRequest
 from service.scoring import Scorer
+from service.store import EventStore, GuardedStore, open_store
+from service.store.metrics import StoreMetrics
+from service.store.upkeep import compact_periodically, watch_health
 
 _DESCRIPTION = """\
 Per-user purchase-intent predictions: send a user's purchase events, get the probability that
@@ -50,7 +54,7 @@ def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             if admin_enabled:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for request_model in (PredictRequest, BatchPredictRequest, ReloadRequest):
+            for request_model in (PredictRequest, BatchPredictRequest, ReloadRequest, events.EventsRequest):
                 body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, definition in body.pop("$defs", {}).items():
                     components.setdefault(name, definition)
@@ -68,17 +72,25 @@ def create_app(
     registry: CollectorRegistry | None = None,
     on_load_failure: Callable[[str], None] | None = None,
     slot: ModelSlot | None = None,
+    store: EventStore | None = None,
 ) -> FastAPI:
     """Build the app. The model is loaded (or ``predictor`` warmed up) after start-up, in the
     background; ``on_load_failure`` is called with the cause if that fails. ``slot`` is passed
-    in by the CLI, whose signal handler drains it (readiness 503) on SIGTERM."""
+    in by the CLI, whose signal handler drains it (readiness 503) on SIGTERM. ``store`` replaces
+    the configured event store backend (tests)."""
     metrics = Metrics(
         registry if registry is not None else CollectorRegistry(),
         latency_buckets=settings.latency_buckets,
         reject_reasons=REJECT_REASONS,
     )
     model_slot = slot if slot is not None else ModelSlot()
-    metrics.ready.set_function(lambda: 1.0 if model_slot.ready else 0.0)
+    backend = store if store is not None else open_store(settings)  # no I/O until first use
+    guarded = (
+        None
+        if backend is None
+        else GuardedStore(backend, StoreMetrics(metrics.registry, latency_buckets=settings.latency_buckets))
+    )
+    metrics.ready.set_function(lambda: 1.0 if model_slot.ready and (guarded is None or guarded.up) else 0.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -89,7 +101,15 @@ def create_app(
             scorer=Scorer(metrics),
             limiter=anyio.CapacityLimiter(settings.batch_threads),
             reload_lock=anyio.Lock(),
+            store=guarded,
+            store_limiter=anyio.CapacityLimiter(settings.store_threads),
         )
+        upkeep: list[asyncio.Task[None]] = []
+        if guarded is not None:
+            limiter = context.store_limiter
+            assert limiter is not None
+            upkeep.append(asyncio.create_task(watch_health(guarded, limiter)))
+            upkeep.append(asyncio.create_task(compact_periodically(guarded, settings, model_slot, limiter)))
         loading = asyncio.create_task(
             load_model(
                 model_slot,
@@ -104,9 +124,12 @@ def create_app(
             yield {"context": context}
         finally:
             model_slot.drain()
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            for task in (loading, *upkeep):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if guarded is not None:
+                await anyio.to_thread.run_sync(guarded.close)
 
     app = FastAPI(
         title="purchase-intent",
@@ -120,6 +143,10 @@ def create_app(
     admin_enabled = settings.admin_token is not None
     if admin_enabled:  # no token, no endpoint: a 404 like any unknown path
         app.include_router(admin.router)
+    if guarded is not None:
+        app.include_router(events.router)
+        if admin_enabled:
+            app.include_router(users.router)
     install_error_handlers(app, metrics)
     # added first = inside RequestMiddleware, which times, logs and counts what this one refuses
     app.add_middleware(

@@ -128,6 +128,44 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     """Bearer token for ``POST /admin/reload``; unset (the default) disables the endpoint (404)."""
 
+    store_backend: Literal["sqlite", "redis", "none"] = "sqlite"
+    """Where ``POST /events`` stores purchase histories for predictions by user id: ``sqlite`` (an
+    embedded file, one replica), ``redis`` (shared by replicas) or ``none`` (inline events only)."""
+
+    store_path: Path = Path("data/events.sqlite3")
+    """The SQLite file (its directory is created); WAL mode, so ``-wal`` and ``-shm`` files sit
+    beside it. Relative paths are from the working directory."""
+
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """The Redis server for ``PI_STORE_BACKEND=redis`` (may hold a password, so it is kept out of
+    reprs and logs)."""
+
+    redis_key_prefix: str = Field(default="pi:", min_length=1)
+    """Prefix of every Redis key the service writes (two keys per user)."""
+
+    store_timeout_seconds: float = Field(default=2.0, gt=0)
+    """Most time one store call may wait (Redis socket timeout, SQLite lock wait); past it the
+    request is a 503 ``store_unavailable``."""
+
+    store_threads: int = Field(default=4, ge=1)
+    """Worker threads for event writes and the admin history endpoints (reads for predictions use
+    the prediction threads, ``PI_BATCH_THREADS``)."""
+
+    store_retention_days: int = Field(default=400, ge=1)
+    """Raw events are kept at least this many days back from now (and never less than the served
+    model's lookback); older ones are folded into per-user counters by compaction."""
+
+    store_dedup_seconds: int = Field(default=7 * 86_400, ge=0)
+    """An event is kept raw (its id known) for at least this long after it was stored, so a
+    retried request within this time is recognised as a duplicate even if compaction ran."""
+
+    store_compact_interval_seconds: float = Field(default=3600.0, ge=0)
+    """Seconds between compaction rounds; 0 disables compaction."""
+
+    store_unknown_user: Literal["reject", "empty"] = "reject"
+    """A user sent without ``events`` and unknown to the store: ``reject`` answers 404
+    ``unknown_user``; ``empty`` scores them as a user with no history (cold start)."""
+
     exit_on_load_failure: bool = True
     """Exit non-zero when the model cannot be loaded at start-up; false keeps the process up and not
     ready (a later ``/admin/reload`` can still load one)."""

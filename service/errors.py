@@ -33,6 +33,9 @@ REJECT_REASONS: tuple[str, ...] = (
     "unauthorized",
     "model_rejected",
     "not_ready",
+    "unknown_user",
+    "history_compacted",
+    "store_unavailable",
     "not_found",
     "method_not_allowed",
     "http_error",
@@ -110,6 +113,21 @@ class UnauthorizedError(ServiceError):
 class ModelRejectedError(ServiceError):
     status_code = 422
     code = "model_rejected"
+
+
+class UnknownUserError(ServiceError):
+    status_code = 404
+    code = "unknown_user"
+
+
+class HistoryCompactedError(ServiceError):
+    status_code = 422
+    code = "history_compacted"
+
+
+class StoreUnavailableError(ServiceError):
+    status_code = 503
+    code = "store_unavailable"
 
 
 def field_path(loc: Sequence[int | str]) -> str:

@@ -121,6 +121,29 @@ class UserSummary:
 
 
 @dataclass(frozen=True)
+class FoldedHistory:
+    """Per-user counters of purchases that were folded out of a stored history (compaction).
+
+    What the encoder needs from events older than the window, nothing else: distinct purchase
+    days, the first and last purchase day (whole UTC days since the epoch), spend and quantity.
+    Every folded purchase must lie outside the window of the ``as_of`` it is encoded at (the
+    encoder refuses otherwise); then the features equal those of the full event history, as long
+    as no folded day is also a day of the raw events (compaction folds whole days).
+    """
+
+    purchase_days: NDArray[np.int64]  # 0 for a user with nothing folded
+    first_day: NDArray[np.int64]  # epoch days; ignored where purchase_days == 0
+    last_day: NDArray[np.int64]
+    total_amount: NDArray[np.float64]
+    total_quantity: NDArray[np.float64]
+
+    @classmethod
+    def empty(cls, n_users: int) -> FoldedHistory:
+        zeros = np.zeros(n_users, dtype=np.int64)
+        return cls(zeros, zeros, zeros, np.zeros(n_users), np.zeros(n_users))
+
+
+@dataclass(frozen=True)
 class _Prepared:
     n_users: int
     user: NDArray[np.int64]  # per kept event
@@ -130,6 +153,7 @@ class _Prepared:
     day_user: NDArray[np.int64]  # per distinct (user, day), sorted by user then age
     day_age: NDArray[np.int64]
     summary: UserSummary
+    folded_last_age: NDArray[np.int64]  # age of the newest folded purchase day; -1 where none
 
 
 def _as_offsets(offsets: ArrayLike, n_events: int) -> NDArray[np.int64]:
@@ -149,6 +173,7 @@ def _prepare(
     quantities: ArrayLike,
     offsets: ArrayLike,
     as_of: ArrayLike,
+    folded: FoldedHistory | None = None,
 ) -> _Prepared:
     ts = np.asarray(timestamps, dtype=np.int64).reshape(-1)
     amt = np.asarray(amounts, dtype=np.float64).reshape(-1)
@@ -182,14 +207,33 @@ def _prepare(
     first_age = np.full(n_users, -1, dtype=np.int64)
     last_age[has] = day_age[starts[has]]
     first_age[has] = day_age[starts[has] + purchase_days[has] - 1]
+    total_amount = np.bincount(user, weights=amt, minlength=n_users).astype(np.float64)
+    total_quantity = np.bincount(user, weights=qty, minlength=n_users).astype(np.float64)
+    folded_last_age = np.full(n_users, -1, dtype=np.int64)
+    if folded is not None:
+        f_has = np.asarray(folded.purchase_days, dtype=np.int64) > 0
+        if f_has.shape != (n_users,):
+            raise ValueError(f"folded history must hold one entry per user ({n_users})")
+        as_day = as_of_u // SECONDS_PER_DAY
+        f_first = np.where(f_has, as_day - folded.first_day, -1)
+        f_last = np.where(f_has, as_day - folded.last_day, -1)
+        if np.any(f_has & (f_last < 0)):
+            raise ValueError("folded purchases after as_of: the history was compacted past it")
+        # a user's first purchase is the older of the two; the last the newer one where both exist
+        first_age = np.maximum(first_age, f_first)
+        last_age = np.where(has & f_has, np.minimum(last_age, f_last), np.where(has, last_age, f_last))
+        purchase_days = purchase_days + np.where(f_has, folded.purchase_days, 0)
+        total_amount = total_amount + np.where(f_has, folded.total_amount, 0.0)
+        total_quantity = total_quantity + np.where(f_has, folded.total_quantity, 0.0)
+        folded_last_age = f_last
     summary = UserSummary(
         purchase_days=purchase_days,
         first_age_days=first_age,
         last_age_days=last_age,
-        total_amount=np.bincount(user, weights=amt, minlength=n_users).astype(np.float64),
-        total_quantity=np.bincount(user, weights=qty, minlength=n_users).astype(np.float64),
+        total_amount=total_amount,
+        total_quantity=total_quantity,
     )
-    return _Prepared(n_users, user, age, amt, qty, day_user, day_age, summary)
+    return _Prepared(n_users, user, age, amt, qty, day_user, day_age, summary, folded_last_age)
 
 
 def summarise(
@@ -210,15 +254,21 @@ def encode_batch(
     offsets: ArrayLike,
     as_of: ArrayLike,
     spec: FeatureSpec,
+    folded: FoldedHistory | None = None,
 ) -> NDArray[np.float32]:
     """Encode many users at once: ``float32 [n_users, lookback_bins, channels]``.
 
     Events are columnar: user ``i`` owns ``timestamps[offsets[i]:offsets[i + 1]]`` (and the same
     slice of amounts and quantities), in any order. ``as_of`` is one epoch-second value or one per
     user. The work is a handful of sorts and bincounts over all events, never a per-event loop.
+    ``folded``: counters of purchases compacted out of a stored history (all older than the window).
     """
-    p = _prepare(timestamps, amounts, quantities, offsets, as_of)
+    p = _prepare(timestamps, amounts, quantities, offsets, as_of, folded)
     n, n_bins, bin_days = p.n_users, spec.lookback_bins, spec.bin_days
+    if np.any(p.folded_last_age >= 0) and int(p.folded_last_age[p.folded_last_age >= 0].min()) < (
+        n_bins * bin_days
+    ):
+        raise ValueError("folded purchases inside the window: the history was compacted past as_of")
     s = p.summary
     has = s.purchase_days > 0
     wanted = set(spec.channels)
@@ -253,6 +303,9 @@ def encode_batch(
         seed = np.full(n, np.iinfo(np.int64).min // 2, dtype=np.int64)
         newest_old_age = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(newest_old_age, p.day_user[out_of_window], p.day_age[out_of_window])
+        newest_old_age = np.where(
+            p.folded_last_age >= 0, np.minimum(newest_old_age, p.folded_last_age), newest_old_age
+        )
         has_old = newest_old_age != np.iinfo(np.int64).max
         seed[has_old] = n_bins - 1 - newest_old_age[has_old] // bin_days
         marks = np.where(purchases > 0, t_index[None, :], seed[:, None])

@@ -21,7 +21,7 @@ from service.errors import BodyTooLargeError, OverloadedError, ServiceError, err
 from service.metrics import Metrics
 
 #: The routes that do prediction work and so count against ``max_concurrent_requests``.
-ADMITTED_PATHS = frozenset({"/predict", "/predict/batch"})
+ADMITTED_PATHS = frozenset({"/predict", "/predict/batch", "/events"})
 #: How long a shed client should wait before trying again, seconds.
 RETRY_AFTER = {"Retry-After": "1"}
 

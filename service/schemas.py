@@ -64,12 +64,14 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(**_STRICT, json_schema_extra={"examples": [EXAMPLE_USER]})
 
     user_id: str = Field(min_length=1, max_length=256, description="Echoed back; never logged.")
-    events: list[Event] = Field(
+    events: list[Event] | None = Field(
+        default=None,
         description=(
             "The user's purchases in any order; may be empty (a user with no history). Events "
             "after `as_of` are ignored, even later on the same day. Several events on one UTC "
-            "day count as one purchase day."
-        )
+            "day count as one purchase day. Left out: the history stored by `POST /events` is "
+            "used (inline events are used as sent, never merged with the stored ones)."
+        ),
     )
     as_of: Timestamp | None = Field(
         default=None,
@@ -222,12 +224,17 @@ class ReadinessResponse(BaseModel):
     )
 
     ready: bool
-    status: str = Field(description="loading | ready | failed | draining")
+    status: str = Field(description="loading | ready | failed | draining | store_unavailable")
     reason: str | None = Field(description="Why not ready; null when ready.")
     model_version: str | None
     provider: str | None = Field(description="The execution provider onnxruntime actually runs on.")
     provider_fallback: bool | None = Field(
         description="True when onnxruntime silently fell back from the first provider asked for."
+    )
+    store: str | None = Field(
+        default=None,
+        description="The event store: `ok`, `unavailable` (predictions by user id and writes get "
+        "503 until it is back) or null when none is configured.",
     )
 
 

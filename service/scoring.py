@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from service.features import encode_batch
+from service.features import FoldedHistory, encode_batch
 from service.metrics import Metrics
 from service.predictor import Predictor
 from service.schemas import PredictRequest
@@ -29,6 +29,7 @@ class EventColumns:
     quantities: NDArray[np.float64]
     offsets: NDArray[np.int64]  # [n_users + 1]
     as_of: NDArray[np.int64]  # [n_users], epoch seconds
+    folded: FoldedHistory | None = None  # compacted counters of stored histories
 
     @property
     def n_users(self) -> int:
@@ -41,11 +42,11 @@ def to_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
     This is the one per-event Python loop left (reading attributes off validated objects); the
     encoder works on the columns with no per-event Python at all.
     """
-    counts = np.fromiter((len(u.events) for u in users), dtype=np.int64, count=len(users))
+    counts = np.fromiter((len(u.events or ()) for u in users), dtype=np.int64, count=len(users))
     offsets = np.zeros(len(users) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     total = int(offsets[-1])
-    events = [e for u in users for e in u.events]
+    events = [e for u in users for e in u.events or ()]
     # aware datetimes -> float epoch seconds -> floor: exact to the second up to 2100 (< 2**53 us)
     seconds = np.fromiter((e.timestamp.timestamp() for e in events), dtype=np.float64, count=total)
     as_of = np.fromiter(
@@ -77,6 +78,7 @@ class Scorer:
             columns.offsets,
             columns.as_of,
             predictor.metadata.feature_spec,
+            columns.folded,
         )
         t1 = time.perf_counter()
         probabilities = predictor.predict(features)

@@ -111,10 +111,11 @@ def test_lua_script_posts_the_body_file(tmp_path: Path) -> None:
 
 def test_bodies_are_valid_requests_of_the_advertised_size() -> None:
     user = PredictRequest.model_validate_json(bodies.predict_body())
+    assert user.events is not None
     assert len(user.events) == bodies.EVENTS_PER_USER
     batch = BatchPredictRequest.model_validate_json(bodies.batch_body(users=50))
     assert len(batch.users) == 50
-    assert all(len(u.events) == bodies.EVENTS_PER_USER for u in batch.users)
+    assert all(len(u.events or ()) == bodies.EVENTS_PER_USER for u in batch.users)
     assert bodies.predict_body() == bodies.predict_body()  # deterministic
 
 
@@ -235,10 +236,13 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         ("service", "/predict", 1),
         ("service", "/predict", 4),
         ("service", "/predict/batch", 2),
+        ("service", "/predict by user id", 4),
     ]
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in data["http"])
     assert [f["batch"] for f in data["ort"]] == [1, 20]
-    assert set(data["ratios"]) == {"predict_c1", "predict_c4", "batch"}
+    assert set(data["ratios"]) == {"predict_c1", "predict_c4", "batch", "by_id_c4"}
+    assert "| service /predict by user id | 4 |" in done.stdout
+    assert "x inline events (history in SQLite)" in done.stdout
     assert data["peak_rss_mb"] > 0
     assert "| service /predict | 1 |" in done.stdout
     logs = [tmp_path / "work" / name for name in ("constant.log", "service.log")]

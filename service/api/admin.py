@@ -17,7 +17,7 @@ from service.schemas import ErrorResponse, ReloadRequest, ReloadResponse
 router = APIRouter(tags=["admin"])
 
 
-def _authorise(request: Request, ctx: AppContext) -> None:
+def authorise(request: Request, ctx: AppContext) -> None:
     expected = ctx.settings.admin_token
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     # compare_digest: the time taken must not tell how much of a guessed token was right
@@ -58,7 +58,7 @@ def _authorise(request: Request, ctx: AppContext) -> None:
     "it. A file that fails any step is refused and the old model keeps serving.",
 )
 async def reload(request: Request, ctx: Context) -> Response:
-    _authorise(request, ctx)
+    authorise(request, ctx)
     body = await request.body()
     target = ReloadRequest()
     if body.strip():

@@ -13,6 +13,7 @@ from service.errors import NotReadyError
 from service.lifecycle import ModelSlot, Served
 from service.metrics import Metrics
 from service.scoring import Scorer
+from service.store import GuardedStore
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class AppContext:
     scorer: Scorer
     limiter: anyio.CapacityLimiter  # threads for large requests; created inside the running loop
     reload_lock: anyio.Lock  # one model load at a time: the first load and hot swaps
+    store: GuardedStore | None = None  # the event store (PI_STORE_BACKEND), None when "none"
+    store_limiter: anyio.CapacityLimiter | None = None  # threads for writes and admin history calls
 
 
 async def get_context(request: Request) -> AppContext:

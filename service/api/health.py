@@ -36,20 +36,27 @@ async def healthz() -> Response:
     summary="Readiness: a warmed-up model is serving",
     description="200 once the model is loaded and has answered a warm-up inference at every batch "
     "size the server can produce; 503 with a reason before that, if loading failed, or from the "
-    "moment a shutdown starts (SIGTERM). Reports "
+    "moment a shutdown starts (SIGTERM), and while the event store is down (`store_unavailable`). Reports "
     "the model version and the execution provider onnxruntime really uses.",
 )
 async def readyz(ctx: Context) -> Response:
     slot = ctx.slot
     served = slot.served
-    if served is None or slot.draining:
+    store = ctx.store
+    store_state = None if store is None else ("ok" if store.up else "unavailable")
+    if served is None or slot.draining or store_state == "unavailable":
+        status: str = slot.status
+        reason = slot.reason
+        if served is not None and not slot.draining and store is not None:
+            status, reason = "store_unavailable", store.reason
         body = ReadinessResponse(
             ready=False,
-            status=slot.status,
-            reason=slot.reason,
+            status=status,
+            reason=reason,
             model_version=None if served is None else served.predictor.metadata.model_version,
             provider=None,
             provider_fallback=None,
+            store=store_state,
         )
         return Response(body.model_dump_json(), status_code=503, media_type="application/json")
     runtime = served.predictor.runtime
@@ -60,5 +67,6 @@ async def readyz(ctx: Context) -> Response:
         model_version=served.predictor.metadata.model_version,
         provider=runtime.provider,
         provider_fallback=runtime.fallback,
+        store=store_state,
     )
     return Response(body.model_dump_json(), media_type="application/json")

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from service.api.deps import AppContext, Context, require_model
+from service.api.history import StoreReadNeeded, resolve_columns
 from service.errors import (
     OverloadedError,
     RequestTimeoutError,
@@ -47,7 +48,6 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from service.scoring import to_columns
 
 router = APIRouter(tags=["predict"])
 
@@ -64,12 +64,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {
         "model": ErrorResponse,
         "description": "Wrong or missing fields, non-finite or negative numbers, timestamps that "
-        "do not parse, lack a UTC offset or lie outside 1970..2100, too many events for a user.",
+        "do not parse, lack a UTC offset or lie outside 1970..2100, too many events for a user; "
+        "`history_compacted`: `as_of` before the stored history's retention horizon.",
+    },
+    404: {
+        "model": ErrorResponse,
+        "description": "A user sent without `events` has no stored history (`unknown_user`; "
+        "with `PI_STORE_UNKNOWN_USER=empty` they are scored as a new user instead).",
     },
     503: {
         "model": ErrorResponse,
-        "description": "No model is ready yet (`not_ready`), or the service is at its concurrency "
-        "limit (`overloaded`); retry after `Retry-After`.",
+        "description": "No model is ready yet (`not_ready`), the service is at its concurrency "
+        "limit (`overloaded`), or the event store is down (`store_unavailable`); retry after "
+        "`Retry-After`.",
     },
 }
 
@@ -105,7 +112,7 @@ def parse_json(model: type[ModelT], body: bytes) -> ModelT:
 
 
 def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[int], str]) -> None:
-    over = [i for i, user in enumerate(users) if len(user.events) > limit]
+    over = [i for i, user in enumerate(users) if len(user.events or ()) > limit]
     if over:
         raise TooManyEventsError(
             f"at most {limit} events per user; {len(over)} user(s) sent more",
@@ -118,7 +125,8 @@ def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[
 def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
     user = parse_json(PredictRequest, body)
     _check_events([user], ctx.settings.max_events_per_user, lambda _: "events")
-    probability = float(ctx.scorer.score(served.predictor, to_columns([user], now))[0])
+    columns = resolve_columns(ctx, served, [user], now, lambda _: "")
+    probability = float(ctx.scorer.score(served.predictor, columns)[0])
     meta = served.predictor.metadata
     return (
         PredictResponse.model_construct(
@@ -143,7 +151,8 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
             [ErrorItem(field="users", type="too_long", message=f"more than {limit} users")],
         )
     _check_events(users, ctx.settings.max_events_per_user, lambda i: f"users[{i}].events")
-    probabilities = ctx.scorer.score(served.predictor, to_columns(users, now)).tolist()
+    columns = resolve_columns(ctx, served, users, now, lambda i: f"users[{i}].")
+    probabilities = ctx.scorer.score(served.predictor, columns).tolist()
     meta = served.predictor.metadata
     threshold = meta.threshold
     return (
@@ -175,8 +184,11 @@ async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
         raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s")
     now = int(time.time())
     if len(body) <= ctx.settings.inline_max_body_bytes:
-        content = work(ctx, served, body, now)
-        return Response(content, media_type="application/json")
+        try:
+            content = work(ctx, served, body, now)
+            return Response(content, media_type="application/json")
+        except StoreReadNeeded:
+            pass  # a user without inline events: the store is read in a worker thread, below
     # Waiting for a worker counts against the deadline; the work itself, once started, runs to the
     # end (a thread cannot be interrupted, and abandoning it would leak threads under overload).
     try:

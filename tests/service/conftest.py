@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -34,6 +35,12 @@ def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').json()}")
         time.sleep(0.005)
+
+
+@pytest.fixture(autouse=True)
+def _store_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every app a test builds keeps its SQLite event store in the test's own directory."""
+    monkeypatch.setenv("PI_STORE_PATH", str(tmp_path / "events.sqlite3"))
 
 
 @pytest.fixture

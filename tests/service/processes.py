@@ -31,11 +31,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def require_binary(name: str) -> str:
+def require_binary(name: str, package: str = "prometheus") -> str:
     """The path of ``name``; in CI (CI=true) a missing binary fails the test, locally it skips."""
     path = shutil.which(name)
     if path is None:
-        message = f"'{name}' not found on PATH: install Debian's 'prometheus' (apt-get install -y prometheus)"
+        message = f"'{name}' not found on PATH: install Debian's '{package}' (apt-get install -y {package})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -67,7 +67,13 @@ class ServiceProcess:
 def start_service(model: Path, log: Path, *, env: dict[str, str] | None = None) -> ServiceProcess:
     port = free_port()
     # no drain by default: stopping a test server should not wait; shutdown tests set it
-    full_env = {**os.environ, "PI_PROVIDERS": "cpu", "PI_SHUTDOWN_DRAIN_SECONDS": "0", **(env or {})}
+    full_env = {
+        **os.environ,
+        "PI_PROVIDERS": "cpu",
+        "PI_SHUTDOWN_DRAIN_SECONDS": "0",
+        "PI_STORE_PATH": str(log.parent / f"{log.stem}.events.sqlite3"),  # a store per server
+        **(env or {}),
+    }
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "--model", str(model), "--host", HOST, "--port", str(port)],
@@ -143,3 +149,74 @@ def running_prometheus(target: str, workdir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+@dataclass
+class RedisProcess:
+    """A real ``redis-server`` on loopback, append-only with an fsync per write (as deployed)."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> None:
+        import redis
+
+        binary = require_binary("redis-server", package="redis-server")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = (self.workdir / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port", str(self.port),
+                "--bind", HOST,
+                "--dir", str(self.workdir),
+                "--appendonly", "yes",
+                "--appendfsync", "always",
+                "--save", "",
+                "--daemonize", "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"redis-server exited with {self.process.returncode}")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"redis-server not answering after {timeout}s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.process = None
+
+
+@contextmanager
+def running_redis(workdir: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(free_port(), workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -163,6 +163,7 @@ def test_healthz_readyz_and_model(client: TestClient) -> None:
         "model_version": "fake-1",
         "provider": "CPUExecutionProvider",
         "provider_fallback": False,
+        "store": "ok",
     }
     model = client.get("/v1/model").json()
     assert model["model_version"] == "fake-1"
@@ -255,7 +256,7 @@ def test_provider_fallback_is_visible(settings: Settings, registry: CollectorReg
 def test_metrics_count_what_happened(client: TestClient, registry: CollectorRegistry) -> None:
     client.post("/predict", json=user())
     client.post("/predict/batch", json={"users": [user("a"), user("b"), user("c")]})
-    client.post("/predict", json={"user_id": "x"})  # 422
+    client.post("/predict", json={"events": []})  # 422: no user_id
     for path in ("/wp-admin", "/u/12345", "/.env"):
         client.get(path)
     text = client.get("/metrics").text
@@ -317,7 +318,15 @@ def test_probability_histogram_buckets_are_cumulative(
 def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
-    assert set(paths) == {"/predict", "/predict/batch", "/healthz", "/readyz", "/metrics", "/v1/model"}
+    assert set(paths) == {
+        "/predict",
+        "/predict/batch",
+        "/events",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/model",
+    }
     for path in ("/predict", "/predict/batch"):
         body = paths[path]["post"]["requestBody"]["content"]["application/json"]
         ref = body["schema"]["$ref"].rsplit("/", 1)[-1]

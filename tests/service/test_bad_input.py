@@ -61,7 +61,8 @@ CASES: list[tuple[str, str, Any, str | None, int, str, str | None]] = [
     ("no content type", "/predict", one(), None, 415, "unsupported_media_type", None),
     ("array body", "/predict", [one()], J, 422, "invalid_input", "body"),
     ("missing user_id", "/predict", {"events": []}, J, 422, "invalid_input", "user_id"),
-    ("missing events", "/predict", {"user_id": "u"}, J, 422, "invalid_input", "events"),
+    # no events: the stored history is read, and this user has none
+    ("missing events, unknown user", "/predict", {"user_id": "u"}, J, 404, "unknown_user", "user_id"),
     ("user_id number", "/predict", one(user_id=42), J, 422, "invalid_input", "user_id"),
     ("user_id empty", "/predict", one(user_id=""), J, 422, "invalid_input", "user_id"),
     ("events object", "/predict", one(events={"a": 1}), J, 422, "invalid_input", "events"),

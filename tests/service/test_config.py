@@ -99,3 +99,20 @@ def test_bad_settings_exit_2_with_a_clear_line() -> None:
     )
     assert proc.returncode == 2
     assert "error: setting port (PI_PORT)" in proc.stderr
+
+
+def test_event_store_defaults_and_the_redis_url_stays_out_of_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PI_STORE_PATH")  # the suite points every store at a temp dir
+    s = Settings()
+    assert s.store_backend == "sqlite"
+    assert str(s.store_path) == "data/events.sqlite3"
+    assert s.store_unknown_user == "reject"
+    assert s.store_retention_days * 86_400 > s.store_dedup_seconds
+    monkeypatch.setenv("PI_STORE_BACKEND", "redis")
+    monkeypatch.setenv("PI_REDIS_URL", "redis://:s3cret-pass@cache:6379/1")
+    s = Settings()
+    assert s.redis_url.get_secret_value().endswith("@cache:6379/1")
+    assert "s3cret" not in repr(s)
+    monkeypatch.setenv("PI_STORE_BACKEND", "postgres")
+    with pytest.raises(ValidationError):
+        Settings()

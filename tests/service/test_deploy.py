@@ -116,7 +116,7 @@ def test_dashboard_uses_only_metrics_and_labels_the_service_exports(
 def test_compose_file_parses_and_points_at_real_files() -> None:
     compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"service", "prometheus", "grafana"}
+    assert set(services) == {"service", "prometheus", "grafana", "redis", "replica-a", "replica-b"}
     build = services["service"]["build"]
     assert (ROOT / build["context"] / "Dockerfile").is_file()
     stages = re.findall(
@@ -136,6 +136,39 @@ def test_compose_file_parses_and_points_at_real_files() -> None:
     prometheus_config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     target = prometheus_config["scrape_configs"][0]["static_configs"][0]["targets"][0]
     assert target == f"service:{services['service']['environment']['PI_PORT']}"
+
+
+def test_compose_runs_two_replicas_on_one_durable_redis() -> None:
+    """The ``replicas`` profile: two service containers on the redis backend, one Redis with an
+    fsync per write; the default profile keeps its SQLite file in a volume (the root fs is
+    read-only)."""
+    compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    redis = services["redis"]
+    assert redis["profiles"] == ["replicas"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert "--appendfsync always" in command
+    host_ports = set()
+    for name in ("replica-a", "replica-b"):
+        replica = services[name]
+        assert replica["profiles"] == ["replicas"]
+        assert replica["environment"]["PI_STORE_BACKEND"] == "redis"
+        assert replica["environment"]["PI_REDIS_URL"] == "redis://redis:6379/0"
+        assert "redis" in replica["depends_on"]
+        assert replica["build"]["target"] == services["service"]["build"]["target"]
+        host_ports.add(replica["ports"][0].rsplit(":", 1)[0])
+    assert len(host_ports) == 2
+    assert "profiles" not in services["service"]
+    assert services["service"]["read_only"] is True
+    mounts = [v.split(":") for v in services["service"]["volumes"]]
+    assert ["service-data", "/data"] in mounts
+    assert "service-data" in compose["volumes"]
+    dockerfile = DOCKERFILE.read_text()
+    for stage in ("runtime", "runtime-gpu"):
+        body = _stage(dockerfile, stage)
+        assert "PI_STORE_PATH=/data/events.sqlite3" in body, stage
+        assert "chown 10001:10001 /data" in body, stage
 
 
 def test_grafana_provisioning_parses_and_matches_the_dashboard() -> None:

@@ -1,0 +1,151 @@
+"""``GET /users/{user_id}/events`` and ``DELETE /users/{user_id}``: a user's stored history, behind
+the admin token (mounted only when ``PI_ADMIN_TOKEN`` is set and an event store is configured).
+
+Erasure removes the raw events and the folded counters in one transaction; afterwards the user is
+unknown (``/predict`` without events answers ``unknown_user``, or cold-starts them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from service.api.admin import authorise
+from service.api.deps import Context
+from service.api.events import in_store_thread, require_store
+from service.errors import UnknownUserError
+from service.features import SECONDS_PER_DAY
+from service.schemas import ErrorItem, ErrorResponse
+from service.store import Folded, StoredEvent, event_id_of
+
+router = APIRouter(tags=["admin"])
+
+UserId = Annotated[str, Path(min_length=1, max_length=256, description="Percent-encode it in the URL.")]
+
+_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
+    422: {"model": ErrorResponse, "description": "A bad user id or query parameter."},
+    503: {"model": ErrorResponse, "description": "The event store is down (`store_unavailable`)."},
+}
+
+
+class StoredEventOut(BaseModel):
+    event_id: str | None = Field(description="The id it was sent with; null when it had none.")
+    timestamp: str = Field(description="RFC 3339, UTC, whole seconds.")
+    amount: float
+    quantity: int
+    ingested_at: str = Field(description="When the store first acknowledged it, RFC 3339.")
+
+
+class FoldedOut(BaseModel):
+    """Purchases compacted out of the raw history, as the counters the model needs."""
+
+    purchase_days: int = Field(description="Distinct UTC days with a purchase.")
+    first_purchase_day: str = Field(description="YYYY-MM-DD, UTC.")
+    last_purchase_day: str
+    total_amount: float
+    total_quantity: float
+
+
+class UserEventsPage(BaseModel):
+    user_id: str
+    total: int = Field(description="Raw events stored for the user.")
+    offset: int
+    limit: int
+    next_offset: int | None = Field(description="Offset of the next page; null on the last one.")
+    events: list[StoredEventOut] = Field(description="Ordered by timestamp.")
+    folded: FoldedOut | None = Field(description="Compacted older purchases; null when none.")
+
+
+class ErasureResponse(BaseModel):
+    user_id: str
+    deleted_events: int = Field(
+        description="Raw events deleted (0 for an unknown user); folded counters go too."
+    )
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _day(epoch_day: int) -> str:
+    return datetime.fromtimestamp(epoch_day * SECONDS_PER_DAY, UTC).date().isoformat()
+
+
+def _event(e: StoredEvent) -> StoredEventOut:
+    return StoredEventOut(
+        event_id=event_id_of(e.key),
+        timestamp=_iso(e.timestamp),
+        amount=e.amount,
+        quantity=e.quantity,
+        ingested_at=_iso(e.ingested_at),
+    )
+
+
+def _folded(f: Folded) -> FoldedOut:
+    return FoldedOut(
+        purchase_days=f.purchase_days,
+        first_purchase_day=_day(f.first_day),
+        last_purchase_day=_day(f.last_day),
+        total_amount=f.total_amount,
+        total_quantity=f.total_quantity,
+    )
+
+
+@router.get(
+    "/users/{user_id:path}/events",
+    response_model=UserEventsPage,
+    responses={
+        **_RESPONSES,
+        404: {"model": ErrorResponse, "description": "No stored history (`unknown_user`)."},
+    },
+    openapi_extra={"security": [{"bearer": []}]},
+    summary="A user's stored events, paged",
+)
+async def user_events(
+    request: Request,
+    ctx: Context,
+    user_id: UserId,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    authorise(request, ctx)
+    store, _ = require_store(ctx)
+    page = await in_store_thread(ctx, lambda: store.page(user_id, offset, limit))
+    if page is None:
+        raise UnknownUserError(
+            "no stored history for this user",
+            [ErrorItem(field="user_id", type="unknown_user", message="no stored history")],
+        )
+    end = offset + len(page.events)
+    body = UserEventsPage(
+        user_id=user_id,
+        total=page.total,
+        offset=offset,
+        limit=limit,
+        next_offset=end if end < page.total else None,
+        events=[_event(e) for e in page.events],
+        folded=_folded(page.folded) if page.folded is not None else None,
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+@router.delete(
+    "/users/{user_id:path}",
+    response_model=ErasureResponse,
+    responses=_RESPONSES,
+    openapi_extra={"security": [{"bearer": []}]},
+    summary="Forget a user (erasure)",
+    description="Deletes the user's raw events and compacted counters. Idempotent: erasing an "
+    "unknown user answers 200 with `deleted_events: 0`.",
+)
+async def erase_user(request: Request, ctx: Context, user_id: UserId) -> Response:
+    authorise(request, ctx)
+    store, _ = require_store(ctx)
+    deleted = await in_store_thread(ctx, lambda: store.erase(user_id))
+    body = ErasureResponse(user_id=user_id, deleted_events=deleted)
+    return Response(body.model_dump_json(), media_type="application/json")

@@ -1,0 +1,142 @@
+"""What every event store backend implements, and the values that cross it.
+
+Events are keyed per user: ``(user_id, key)`` is unique, where ``key`` is ``"id:" + event_id`` for
+an event sent with an id and ``"sha:" + digest`` of its content otherwise, so a retried request
+stores nothing twice either way (two identical purchases in the same second without ids count
+once: send ids to tell them apart).
+
+Compaction folds raw events older than a cut-off day into per-user counters (:class:`Folded`),
+exactly what :func:`service.features.encode_batch` needs from events outside the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+_ID_PREFIX = "id:"
+_SHA_PREFIX = "sha:"
+
+
+class StoreDownError(Exception):
+    """The backend cannot be reached or refused the operation; nothing was acknowledged."""
+
+
+def content_key(user_id: str, timestamp: int, amount: float, quantity: int) -> str:
+    """The idempotency key of an event sent without an ``event_id``."""
+    text = f"{user_id}\x00{timestamp}\x00{float(amount)!r}\x00{quantity}"
+    return _SHA_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def event_key(user_id: str, event_id: str | None, timestamp: int, amount: float, quantity: int) -> str:
+    if event_id is not None:
+        return _ID_PREFIX + event_id
+    return content_key(user_id, timestamp, amount, quantity)
+
+
+def event_id_of(key: str) -> str | None:
+    """The caller's ``event_id`` back from a key (``None`` for a content key)."""
+    return key[len(_ID_PREFIX) :] if key.startswith(_ID_PREFIX) else None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    user_id: str
+    key: str  # see event_key
+    timestamp: int  # epoch seconds, UTC
+    amount: float
+    quantity: int
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    key: str
+    timestamp: int
+    amount: float
+    quantity: int
+    ingested_at: float  # unix time the store first acknowledged it
+
+
+@dataclass(frozen=True)
+class Folded:
+    """One user's compacted purchases: counters over whole UTC days (epoch days)."""
+
+    purchase_days: int
+    first_day: int
+    last_day: int
+    total_amount: float
+    total_quantity: float
+
+    def merge(self, other: Folded) -> Folded:
+        """Both folds together; days are assumed disjoint (see README, "Event store")."""
+        return Folded(
+            self.purchase_days + other.purchase_days,
+            min(self.first_day, other.first_day),
+            max(self.last_day, other.last_day),
+            self.total_amount + other.total_amount,
+            self.total_quantity + other.total_quantity,
+        )
+
+
+@dataclass(frozen=True)
+class History:
+    """A user's raw events (any order) and their folded counters, if any."""
+
+    timestamps: list[int]
+    amounts: list[float]
+    quantities: list[int]
+    folded: Folded | None
+
+
+@dataclass(frozen=True)
+class Appended:
+    stored: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[StoredEvent]  # ordered by (timestamp, key)
+    total: int  # raw events stored for the user
+    folded: Folded | None
+
+
+@dataclass(frozen=True)
+class Compacted:
+    users: int
+    events: int
+
+
+class EventStore(Protocol):
+    """Blocking calls: run them in a worker thread. Backend errors propagate as the backend's own
+    exceptions; :class:`service.store.GuardedStore` turns them into :class:`StoreDownError`."""
+
+    backend: str
+
+    def append(self, events: Sequence[NewEvent], now: float) -> Appended:
+        """Store the events not stored yet, in one durable transaction; count the rest as duplicates."""
+        ...
+
+    def histories(self, user_ids: Sequence[str]) -> dict[str, History]:
+        """Every known user among ``user_ids`` (one query / one round trip); unknown ones are absent."""
+        ...
+
+    def page(self, user_id: str, offset: int, limit: int) -> Page | None:
+        """A page of one user's raw events; ``None`` for an unknown user."""
+        ...
+
+    def erase(self, user_id: str) -> int:
+        """Forget the user (raw events and folded counters); returns the raw events deleted."""
+        ...
+
+    def compact(self, before_day: int, ingested_before: float) -> Compacted:
+        """Fold events on days before ``before_day`` that were stored before ``ingested_before``."""
+        ...
+
+    def ping(self) -> None:
+        """Raise if the backend cannot serve (also (re)opens a connection that was lost)."""
+        ...
+
+    def close(self) -> None: ...

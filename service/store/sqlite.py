@@ -1,0 +1,231 @@
+"""The default backend: one SQLite file, WAL journal, ``synchronous=FULL``.
+
+Durability: a write is acknowledged after ``COMMIT`` returns, and with ``synchronous=FULL`` in WAL
+mode that commit has fsynced the WAL, so an acknowledged event survives a SIGKILL and a power
+loss (``NORMAL`` would survive the first but may lose the last commits on the second). Writes go
+through one connection under a lock (SQLite has one writer anyway); reads use a small pool of
+connections, and WAL lets them run beside the writer without waiting.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from service.store.base import Appended, Compacted, Folded, History, NewEvent, Page, StoredEvent
+
+_SECONDS_PER_DAY = 86_400
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    user_id TEXT NOT NULL,
+    event_key TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    day INTEGER NOT NULL,
+    amount REAL NOT NULL,
+    quantity INTEGER NOT NULL,
+    ingested_at REAL NOT NULL,
+    PRIMARY KEY (user_id, event_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_day ON events (day);
+CREATE TABLE IF NOT EXISTS folded (
+    user_id TEXT PRIMARY KEY,
+    purchase_days INTEGER NOT NULL,
+    first_day INTEGER NOT NULL,
+    last_day INTEGER NOT NULL,
+    amount REAL NOT NULL,
+    quantity REAL NOT NULL
+) WITHOUT ROWID;
+"""
+_FOLD = """
+INSERT INTO folded (user_id, purchase_days, first_day, last_day, amount, quantity)
+SELECT user_id, COUNT(DISTINCT day), MIN(day), MAX(day), SUM(amount), SUM(quantity)
+FROM events WHERE day < :before_day AND ingested_at < :ingested_before GROUP BY user_id
+ON CONFLICT (user_id) DO UPDATE SET
+    purchase_days = purchase_days + excluded.purchase_days,
+    first_day = MIN(first_day, excluded.first_day),
+    last_day = MAX(last_day, excluded.last_day),
+    amount = amount + excluded.amount,
+    quantity = quantity + excluded.quantity
+"""
+
+
+class SQLiteStore:
+    backend = "sqlite"
+
+    def __init__(self, path: Path, *, timeout: float) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._generation = 0  # bumped on close: pooled readers of an older generation are dropped
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are explicit (BEGIN ... COMMIT) below
+        conn = sqlite3.connect(
+            self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        if self._writer is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._connect()
+            try:
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._writer = conn
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        # after an error the connection may be unusable (file gone, disk error): open a new one
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            conn = self._writer_conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    self._drop_writer()
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        generation = self._generation
+        if self._writer is None:  # the schema exists before anyone reads
+            with self._write_lock:
+                self._writer_conn()
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        conn.execute("BEGIN")  # one snapshot for every statement of the read
+        try:
+            yield conn
+        finally:
+            try:
+                conn.execute("COMMIT")
+                keep = generation == self._generation
+            except sqlite3.Error:
+                keep = False
+            if keep:
+                self._readers.put(conn)
+            else:
+                conn.close()
+
+    def append(self, events: Sequence[NewEvent], now: float) -> Appended:
+        rows = [
+            (e.user_id, e.key, e.timestamp, e.timestamp // _SECONDS_PER_DAY, e.amount, e.quantity, now)
+            for e in events
+        ]
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO events (user_id, event_key, ts, day, amount, quantity, ingested_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                rows,
+            )
+            stored = conn.total_changes - before
+        return Appended(stored=stored, duplicates=len(rows) - stored)
+
+    def histories(self, user_ids: Sequence[str]) -> dict[str, History]:
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        # one statement: raw events and folded counters from the same snapshot
+        sql = (
+            f"SELECT user_id, 0, ts, amount, quantity, 0, 0 FROM events WHERE user_id IN ({marks}) "
+            "UNION ALL SELECT user_id, 1, purchase_days, amount, quantity, first_day, last_day "
+            f"FROM folded WHERE user_id IN ({marks})"
+        )
+        out: dict[str, History] = {}
+        with self._read() as conn:
+            rows = conn.execute(sql, ids + ids).fetchall()
+        for user_id, kind, a, amount, quantity, first_day, last_day in rows:
+            history = out.get(user_id)
+            if history is None:
+                history = out[user_id] = History([], [], [], None)
+            if kind == 0:
+                history.timestamps.append(a)
+                history.amounts.append(amount)
+                history.quantities.append(quantity)
+            else:
+                folded = Folded(a, first_day, last_day, amount, quantity)
+                out[user_id] = History(history.timestamps, history.amounts, history.quantities, folded)
+        return out
+
+    def page(self, user_id: str, offset: int, limit: int) -> Page | None:
+        with self._read() as conn:
+            (total,) = conn.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (user_id,)).fetchone()
+            folded_row = conn.execute(
+                "SELECT purchase_days, first_day, last_day, amount, quantity FROM folded WHERE user_id = ?",
+                (user_id,),
+            ).fetchone()
+            rows = conn.execute(
+                "SELECT event_key, ts, amount, quantity, ingested_at FROM events WHERE user_id = ? "
+                "ORDER BY ts, event_key LIMIT ? OFFSET ?",
+                (user_id, limit, offset),
+            ).fetchall()
+        if total == 0 and folded_row is None:
+            return None
+        folded = Folded(*folded_row) if folded_row is not None else None
+        return Page([StoredEvent(*row) for row in rows], int(total), folded)
+
+    def erase(self, user_id: str) -> int:
+        with self._write() as conn:
+            deleted = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+            conn.execute("DELETE FROM folded WHERE user_id = ?", (user_id,))
+        return int(deleted)
+
+    def compact(self, before_day: int, ingested_before: float) -> Compacted:
+        params = {"before_day": before_day, "ingested_before": ingested_before}
+        with self._write() as conn:
+            users = conn.execute(_FOLD, params).rowcount
+            events = conn.execute(
+                "DELETE FROM events WHERE day < :before_day AND ingested_at < :ingested_before", params
+            ).rowcount
+        return Compacted(users=int(users), events=int(events))
+
+    def ping(self) -> None:
+        with self._write_lock:
+            try:
+                self._writer_conn().execute("SELECT 1 FROM folded LIMIT 1").fetchall()
+            except sqlite3.Error:
+                self._drop_writer()
+                raise
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._generation += 1
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        while True:
+            try:
+                self._readers.get_nowait().close()
+            except queue.Empty:
+                return

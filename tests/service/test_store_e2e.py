@@ -1,0 +1,181 @@
+"""The event store with real processes: SIGKILL after acknowledged writes loses none of them
+(SQLite), and two replicas sharing a real redis-server under concurrent writers and readers lose
+no event and agree on every prediction. Both serve the real tiny CDNOW model."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import TinyModel
+from tests.service.processes import running_redis, running_service, start_service, wait_until
+
+TOKEN = "e2e-admin"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AS_OF = "1997-09-30T00:00:00Z"
+
+
+def cdnow_users(model: TinyModel, n: int) -> dict[str, list[dict[str, Any]]]:
+    """``n`` real customers with several purchases each, every event with an id."""
+    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    with model.events.open(newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            events[row["user_id"]].append(
+                {
+                    "event_id": f"row-{i}",
+                    "timestamp": row["timestamp"],
+                    "amount": float(row["amount"]),
+                    "quantity": int(row["quantity"]),
+                }
+            )
+    chosen = sorted((u for u, e in events.items() if len(e) >= 3), key=lambda u: (-len(events[u]), u))[:n]
+    return {u: events[u] for u in chosen}
+
+
+def inline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: e[k] for k in ("timestamp", "amount", "quantity")} for e in events]
+
+
+def stored_events(client: httpx.Client, user: str) -> list[dict[str, Any]]:
+    page = client.get(f"/users/{user}/events", params={"limit": 1000}, headers=AUTH).json()
+    assert page["next_offset"] is None
+    events: list[dict[str, Any]] = page["events"]
+    return events
+
+
+def test_sigkill_after_acknowledged_writes_loses_none_of_them(
+    tiny_model_dir: TinyModel, tmp_path: Path
+) -> None:
+    users = cdnow_users(tiny_model_dir, 12)
+    env = {"PI_ADMIN_TOKEN": TOKEN, "PI_STORE_PATH": str(tmp_path / "events.sqlite3")}
+    acked: dict[str, set[str]] = defaultdict(set)
+    stop = threading.Event()
+    for run in range(3):
+        server = start_service(tiny_model_dir.model, tmp_path / f"run{run}.log", env=env)
+        try:
+            wait_until(f"{server.url}/readyz", server.process)
+            # one writer, one event per request, as fast as it can; SIGKILL lands mid-stream
+            todo = [(u, e) for u, events in users.items() for e in events[run::3]]
+            stop.clear()
+
+            def write(url: str, todo: list[tuple[str, dict[str, Any]]]) -> None:
+                with httpx.Client(base_url=url, timeout=10) as client:
+                    for user, e in todo:
+                        if stop.is_set():
+                            return
+                        try:
+                            r = client.post("/events", json={"events": [{"user_id": user, **e}]})
+                        except httpx.TransportError:
+                            return  # killed before it answered: not acknowledged
+                        if r.status_code == 200:
+                            acked[user].add(e["event_id"])
+
+            writer = threading.Thread(target=write, args=(server.url, todo))
+            writer.start()
+            while sum(map(len, acked.values())) < (run + 1) * 15 and writer.is_alive():
+                stop.wait(0.005)
+            server.process.send_signal(signal.SIGKILL)
+            stop.set()
+            writer.join(timeout=30)
+        finally:
+            server.process.kill()
+            server.process.wait(timeout=10)
+    assert sum(map(len, acked.values())) >= 45
+    with (
+        running_service(tiny_model_dir.model, tmp_path / "after.log", env=env) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        for user, ids in acked.items():
+            stored = stored_events(client, user)
+            assert ids <= {e["event_id"] for e in stored}, user  # every acknowledged event survived
+            by_id = client.post("/predict", json={"user_id": user, "as_of": AS_OF}).json()
+            same = client.post(
+                "/predict", json={"user_id": user, "as_of": AS_OF, "events": inline(stored)}
+            ).json()
+            assert by_id == same
+    print(
+        f"durability: 3 SIGKILLs mid-stream, {sum(map(len, acked.values()))} acknowledged events, all stored"
+    )
+
+
+def test_two_replicas_on_redis_lose_no_event_and_agree(tiny_model_dir: TinyModel, tmp_path: Path) -> None:
+    users = cdnow_users(tiny_model_dir, 8)
+    with running_redis(tmp_path / "redis") as redis:
+        env = {"PI_ADMIN_TOKEN": TOKEN, "PI_STORE_BACKEND": "redis", "PI_REDIS_URL": redis.url}
+        with (
+            running_service(tiny_model_dir.model, tmp_path / "a.log", env=env) as a,
+            running_service(tiny_model_dir.model, tmp_path / "b.log", env=env) as b,
+        ):
+            errors: list[str] = []
+            counts = {"stored": 0, "duplicates": 0, "reads": 0}
+            lock = threading.Lock()
+            done = threading.Event()
+
+            def writer(k: int) -> None:
+                # each writer sends every user's events in its own order, to both replicas in turn:
+                # four writers race on the same ids, so three of every four sends are duplicates
+                order = list(users.items())[k:] + list(users.items())[:k]
+                with httpx.Client(timeout=30) as client:
+                    for j, (user, events) in enumerate(order):
+                        url = (a, b)[(j + k) % 2].url
+                        for start in range(0, len(events), 4):
+                            body = {"events": [{"user_id": user, **e} for e in events[start : start + 4]]}
+                            r = client.post(f"{url}/events", json=body)
+                            if r.status_code != 200:
+                                errors.append(r.text)
+                                return
+                            with lock:
+                                counts["stored"] += r.json()["stored"]
+                                counts["duplicates"] += r.json()["duplicates"]
+
+            def reader(url: str) -> None:
+                with httpx.Client(base_url=url, timeout=30) as client:
+                    while not done.is_set():
+                        body = {"users": [{"user_id": u, "as_of": AS_OF} for u in users]}
+                        r = client.post("/predict/batch", json=body)
+                        if r.status_code not in (200, 404):  # 404 until every user has an event
+                            errors.append(r.text)
+                            return
+                        with lock:
+                            counts["reads"] += 1
+
+            writers = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+            readers = [threading.Thread(target=reader, args=(s.url,)) for s in (a, b)]
+            for t in writers + readers:
+                t.start()
+            for t in writers:
+                t.join(timeout=120)
+            done.set()
+            for t in readers:
+                t.join(timeout=30)
+            assert not errors, errors[:3]
+            total = sum(len(e) for e in users.values())
+            assert counts["stored"] == total
+            assert counts["duplicates"] == 3 * total
+            with httpx.Client(timeout=30) as client:
+                for user, events in users.items():
+                    page = client.get(f"{a.url}/users/{user}/events", params={"limit": 1000}, headers=AUTH)
+                    stored = page.json()["events"]
+                    assert {e["event_id"] for e in stored} == {e["event_id"] for e in events}
+                body = {"users": [{"user_id": u, "as_of": AS_OF} for u in users]}
+                from_a = client.post(f"{a.url}/predict/batch", json=body).json()["predictions"]
+                from_b = client.post(f"{b.url}/predict/batch", json=body).json()["predictions"]
+                want = client.post(
+                    f"{a.url}/predict/batch",
+                    json={
+                        "users": [
+                            {"user_id": u, "as_of": AS_OF, "events": inline(e)} for u, e in users.items()
+                        ]
+                    },
+                ).json()["predictions"]
+                assert from_a == from_b == want
+    print(
+        f"replicas: {4 * total} events sent by 4 writers to 2 replicas, {total} stored, "
+        f"{counts['reads']} batch reads"
+    )
