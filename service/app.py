@@ -20,6 +20,7 @@ from service import __version__
 from service.api import admin, health, model, predict
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
+from service.batching import Batcher
 from service.config import Settings
 from service.errors import REJECT_REASONS, install_error_handlers
 from service.lifecycle import ModelSlot, load_model
@@ -82,13 +83,25 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        scorer = Scorer(metrics)
+        batcher = None
+        if settings.microbatch:
+            batcher = Batcher(
+                lambda served, columns: scorer.score(served.predictor, columns),
+                max_users=settings.microbatch_max_users,
+                max_wait_s=settings.microbatch_max_wait_seconds,
+                max_queue=settings.microbatch_queue_size,
+                queue_wait=metrics.batch_queue_duration,
+            )
+            batcher.start()  # its queue and task belong to this running loop
         context = AppContext(
             settings=settings,
             slot=model_slot,
             metrics=metrics,
-            scorer=Scorer(metrics),
+            scorer=scorer,
             limiter=anyio.CapacityLimiter(settings.batch_threads),
             reload_lock=anyio.Lock(),
+            batcher=batcher,
         )
         loading = asyncio.create_task(
             load_model(
@@ -107,6 +120,8 @@ def create_app(
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            if batcher is not None:
+                await batcher.stop()
 
     app = FastAPI(
         title="purchase-intent",

@@ -112,6 +112,21 @@ class Settings(BaseSettings):
     batch_threads: int = Field(default=2, ge=1)
     """Worker threads for large requests; more than the cores only adds contention."""
 
+    microbatch: bool = True
+    """Gather concurrent small ``/predict`` requests into one encode + inference call
+    (``service/batching.py``). An idle queue never waits, so one connection pays nothing."""
+
+    microbatch_max_users: int = Field(default=64, ge=1)
+    """Most users in one gathered micro-batch."""
+
+    microbatch_max_wait_seconds: float = Field(default=0.002, ge=0)
+    """Most time a busy micro-batch keeps gathering after its first request, seconds; a cap, not a
+    delay: gathering stops as soon as a turn of the event loop brings no new request. 0: take only
+    what is already queued."""
+
+    microbatch_queue_size: int = Field(default=128, ge=1)
+    """Most requests waiting for a micro-batch; one more is shed with 503 ``overloaded``."""
+
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest request body, bytes; more is a 413, decided from ``Content-Length`` before the body
     is read, or as soon as a streamed (chunked) body passes the limit."""

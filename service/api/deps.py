@@ -8,6 +8,7 @@ from typing import Annotated, cast
 import anyio
 from fastapi import Depends, Request
 
+from service.batching import Batcher
 from service.config import Settings
 from service.errors import NotReadyError
 from service.lifecycle import ModelSlot, Served
@@ -25,6 +26,7 @@ class AppContext:
     scorer: Scorer
     limiter: anyio.CapacityLimiter  # threads for large requests; created inside the running loop
     reload_lock: anyio.Lock  # one model load at a time: the first load and hot swaps
+    batcher: Batcher | None = None  # micro-batching of small /predict calls; None when switched off
 
 
 async def get_context(request: Request) -> AppContext:

@@ -27,7 +27,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from service.api.deps import AppContext, Context, require_model
+from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.errors import (
+    InvalidInputError,
+    NotReadyError,
     OverloadedError,
     RequestTimeoutError,
     TooManyEventsError,
@@ -39,6 +42,7 @@ from service.lifecycle import Served
 from service.limits import RETRY_AFTER
 from service.schemas import (
     EXAMPLE_USER,
+    RANGE_MESSAGE,
     BatchPredictRequest,
     BatchPredictResponse,
     ErrorItem,
@@ -47,7 +51,7 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from service.scoring import to_columns
+from service.scoring import EventColumns, out_of_range, to_columns
 
 router = APIRouter(tags=["predict"])
 
@@ -55,6 +59,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 Work = Callable[[AppContext, Served, bytes, int], bytes]
 
 _MAX_LISTED = 10  # users named in a too-many-events error; the count says the rest
+_MAX_FIELDS = 100  # timestamps named in one out-of-range error
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
@@ -115,14 +120,34 @@ def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[
         )
 
 
-def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+def check_timestamps(
+    columns: EventColumns, event_field: Callable[[int, int], str], as_of_field: Callable[[int], str]
+) -> None:
+    """The 1970..2100 rule for timestamps and ``as_of``, on the flat columns: the same 422 and field
+    path (``events[3].timestamp``) a per-value pydantic validator gave, without a Python call each."""
+    users, events, as_of = out_of_range(columns)
+    if users.size or as_of.size:
+        fields = [event_field(int(u), int(e)) for u, e in zip(users, events, strict=True)]
+        fields += [as_of_field(int(u)) for u in as_of]
+        raise InvalidInputError(
+            "the request body does not match the schema",
+            [ErrorItem(field=f, type="value_error", message=RANGE_MESSAGE) for f in fields[:_MAX_FIELDS]],
+        )
+
+
+def _parse_one(ctx: AppContext, body: bytes, now: int) -> tuple[PredictRequest, EventColumns]:
     user = parse_json(PredictRequest, body)
     _check_events([user], ctx.settings.max_events_per_user, lambda _: "events")
-    probability = float(ctx.scorer.score(served.predictor, to_columns([user], now))[0])
+    columns = to_columns([user], now)
+    check_timestamps(columns, lambda _, e: f"events[{e}].timestamp", lambda _: "as_of")
+    return user, columns
+
+
+def _answer_one(served: Served, user_id: str, probability: float) -> bytes:
     meta = served.predictor.metadata
     return (
         PredictResponse.model_construct(
-            user_id=user.user_id,
+            user_id=user_id,
             probability=probability,
             will_purchase=probability >= meta.threshold,
             threshold=meta.threshold,
@@ -134,6 +159,11 @@ def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
     )
 
 
+def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    user, columns = _parse_one(ctx, body, now)
+    return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
+
+
 def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
     users = parse_json(BatchPredictRequest, body).users
     limit = ctx.settings.max_batch_users
@@ -143,7 +173,9 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
             [ErrorItem(field="users", type="too_long", message=f"more than {limit} users")],
         )
     _check_events(users, ctx.settings.max_events_per_user, lambda i: f"users[{i}].events")
-    probabilities = ctx.scorer.score(served.predictor, to_columns(users, now)).tolist()
+    columns = to_columns(users, now)
+    check_timestamps(columns, lambda u, e: f"users[{u}].events[{e}].timestamp", lambda u: f"users[{u}].as_of")
+    probabilities = ctx.scorer.score(served.predictor, columns).tolist()
     meta = served.predictor.metadata
     threshold = meta.threshold
     return (
@@ -161,7 +193,8 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
     )
 
 
-async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
+async def _receive(request: Request, ctx: AppContext) -> tuple[Served, bytes, float]:
+    """Content type, model, body: the model this request runs on and its body, read in time."""
     check_content_type(request)
     # The model this request runs on, taken once: a hot swap while it runs does not change it.
     served = require_model(ctx)
@@ -173,27 +206,54 @@ async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
         body = await request.body()
     if arrival.cancelled_caught:
         raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s")
-    now = int(time.time())
-    if len(body) <= ctx.settings.inline_max_body_bytes:
-        content = work(ctx, served, body, now)
-        return Response(content, media_type="application/json")
-    # Waiting for a worker counts against the deadline; the work itself, once started, runs to the
-    # end (a thread cannot be interrupted, and abandoning it would leak threads under overload).
+    return served, body, deadline
+
+
+async def _offload(ctx: AppContext, work: Work, served: Served, body: bytes, deadline: float) -> bytes:
+    """Run ``work`` in the bounded thread pool. Waiting for a worker counts against the deadline;
+    the work itself, once started, runs to the end (a thread cannot be interrupted, and abandoning
+    it would leak threads under overload)."""
     try:
         ctx.limiter.acquire_nowait()  # a free worker is taken even when the deadline has just passed
     except anyio.WouldBlock:
         with anyio.move_on_after(max(deadline - anyio.current_time(), 0.0)) as queue:
             await ctx.limiter.acquire()
         if queue.cancelled_caught:
+            timeout = ctx.settings.request_timeout_seconds
             raise OverloadedError(
                 f"no worker became free within {timeout:g} s; retry after Retry-After seconds",
                 headers=RETRY_AFTER,
             ) from None
     try:
-        content = await anyio.to_thread.run_sync(work, ctx, served, body, now)
+        return await anyio.to_thread.run_sync(work, ctx, served, body, int(time.time()))
     finally:
         ctx.limiter.release()
+
+
+async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
+    served, body, deadline = await _receive(request, ctx)
+    if len(body) <= ctx.settings.inline_max_body_bytes:
+        content = work(ctx, served, body, int(time.time()))
+    else:
+        content = await _offload(ctx, work, served, body, deadline)
     return Response(content, media_type="application/json")
+
+
+async def _predict_batched(request: Request, ctx: AppContext, batcher: Batcher) -> Response:
+    """``/predict`` with micro-batching: parse and validate alone, score together."""
+    served, body, deadline = await _receive(request, ctx)
+    if len(body) > ctx.settings.inline_max_body_bytes:  # a long history: parsed in a worker, alone
+        return Response(
+            await _offload(ctx, _score_one, served, body, deadline), media_type="application/json"
+        )
+    user, columns = _parse_one(ctx, body, int(time.time()))
+    try:
+        probabilities = await batcher.submit(served, columns)
+    except QueueFullError as exc:
+        raise OverloadedError(f"{exc}; retry after Retry-After seconds", headers=RETRY_AFTER) from None
+    except BatcherStoppedError as exc:
+        raise NotReadyError(str(exc), headers=RETRY_AFTER) from None
+    return Response(_answer_one(served, user.user_id, float(probabilities[0])), media_type="application/json")
 
 
 @router.post(
@@ -215,6 +275,8 @@ async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
     "`as_of`? Events after `as_of` are ignored. Timestamps must be RFC 3339 with a UTC offset.",
 )
 async def predict(request: Request, ctx: Context) -> Response:
+    if ctx.batcher is not None:
+        return await _predict_batched(request, ctx, ctx.batcher)
     return await _handle(request, ctx, _score_one)
 
 
