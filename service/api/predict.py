@@ -22,12 +22,27 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import numpy as np
 from fastapi import APIRouter, Request
+from numpy.typing import NDArray
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from service.api.deps import AppContext, Context, require_model
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
+from service.bulk import (
+    ARROW_MEDIA_TYPE,
+    ARROW_PATHS,
+    JSON_PATHS,
+    ColumnarBatch,
+    Paths,
+    arrow_answer,
+    check_columns,
+    is_columnar_json,
+    parse_arrow,
+    parse_columnar_json,
+    require_arrow,
+)
 from service.errors import (
     InvalidInputError,
     NotReadyError,
@@ -45,6 +60,8 @@ from service.schemas import (
     RANGE_MESSAGE,
     BatchPredictRequest,
     BatchPredictResponse,
+    ColumnarPredictions,
+    ColumnarPredictResponse,
     ErrorItem,
     ErrorResponse,
     Prediction,
@@ -94,8 +111,12 @@ def json_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any
     }
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 def check_content_type(request: Request) -> None:
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    media_type = _media_type(request)
     if media_type != "application/json" and not (
         media_type.startswith("application/") and media_type.endswith("+json")
     ):
@@ -193,9 +214,64 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
     )
 
 
-async def _receive(request: Request, ctx: AppContext) -> tuple[Served, bytes, float]:
+def _score_bulk(
+    ctx: AppContext, served: Served, batch: ColumnarBatch, paths: Paths, now: int
+) -> NDArray[np.float32]:
+    settings = ctx.settings
+    columns = check_columns(
+        batch,
+        now=now,
+        max_users=settings.max_batch_users,
+        max_events=settings.max_events_per_user,
+        paths=paths,
+    )
+    return ctx.scorer.score(served.predictor, columns)
+
+
+def _score_columnar(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    batch = parse_columnar_json(body)
+    probabilities = _score_bulk(ctx, served, batch, JSON_PATHS, now)
+    meta = served.predictor.metadata
+    return (
+        ColumnarPredictResponse.model_construct(
+            model_version=meta.model_version,
+            threshold=meta.threshold,
+            horizon_days=meta.horizon_days,
+            columns=ColumnarPredictions.model_construct(
+                user_id=batch.user_ids,
+                probability=probabilities.tolist(),
+                will_purchase=(probabilities.astype(np.float64) >= meta.threshold).tolist(),
+            ),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def _score_arrow(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    batch = parse_arrow(body, max_users=ctx.settings.max_batch_users)
+    probabilities = _score_bulk(ctx, served, batch, ARROW_PATHS, now)
+    meta = served.predictor.metadata
+    return arrow_answer(
+        batch.user_ids,
+        probabilities,
+        threshold=meta.threshold,
+        horizon_days=meta.horizon_days,
+        model_version=meta.model_version,
+    )
+
+
+def _score_json_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    if is_columnar_json(body):
+        return _score_columnar(ctx, served, body, now)
+    return _score_batch(ctx, served, body, now)
+
+
+async def _receive(
+    request: Request, ctx: AppContext, check: Callable[[Request], None] = check_content_type
+) -> tuple[Served, bytes, float]:
     """Content type, model, body: the model this request runs on and its body, read in time."""
-    check_content_type(request)
+    check(request)
     # The model this request runs on, taken once: a hot swap while it runs does not change it.
     served = require_model(ctx)
     # the version goes into the access log line, whatever happens next
@@ -230,13 +306,20 @@ async def _offload(ctx: AppContext, work: Work, served: Served, body: bytes, dea
         ctx.limiter.release()
 
 
-async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
-    served, body, deadline = await _receive(request, ctx)
+async def _handle(
+    request: Request,
+    ctx: AppContext,
+    work: Work,
+    *,
+    check: Callable[[Request], None] = check_content_type,
+    media_type: str = "application/json",
+) -> Response:
+    served, body, deadline = await _receive(request, ctx, check)
     if len(body) <= ctx.settings.inline_max_body_bytes:
         content = work(ctx, served, body, int(time.time()))
     else:
         content = await _offload(ctx, work, served, body, deadline)
-    return Response(content, media_type="application/json")
+    return Response(content, media_type=media_type)
 
 
 async def _predict_batched(request: Request, ctx: AppContext, batcher: Batcher) -> Response:
@@ -306,4 +389,8 @@ async def predict(request: Request, ctx: Context) -> Response:
     "Duplicate user ids are scored independently (e.g. one user at several `as_of`).",
 )
 async def predict_batch(request: Request, ctx: Context) -> Response:
-    return await _handle(request, ctx, _score_batch)
+    if _media_type(request) == ARROW_MEDIA_TYPE:
+        return await _handle(
+            request, ctx, _score_arrow, check=lambda _: require_arrow(), media_type=ARROW_MEDIA_TYPE
+        )
+    return await _handle(request, ctx, _score_json_batch)
