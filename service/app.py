@@ -28,7 +28,7 @@ from service.limits import LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.predictor import Predictor
-from service.schemas import BatchPredictRequest, PredictRequest, ReloadRequest
+from service.schemas import BatchPredictRequest, ColumnarPredictRequest, PredictRequest, ReloadRequest
 from service.scoring import Scorer
 
 _DESCRIPTION = """\
@@ -51,7 +51,7 @@ def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             if admin_enabled:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for request_model in (PredictRequest, BatchPredictRequest, ReloadRequest):
+            for request_model in (PredictRequest, BatchPredictRequest, ColumnarPredictRequest, ReloadRequest):
                 body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, definition in body.pop("$defs", {}).items():
                     components.setdefault(name, definition)
