@@ -128,8 +128,6 @@ def parse_columnar_json(body: bytes) -> ColumnarBatch:
     c = request.columns
     n = len(c.user_id)
     as_of = np.full(n, math.nan) if c.as_of is None else _seconds(c.as_of)
-    if c.as_of is not None and as_of.size != n:
-        raise _invalid("columns.as_of", "length", f"as_of has {as_of.size} values for {n} users")
     return ColumnarBatch(
         user_ids=c.user_id,
         offsets=np.array(c.offsets, dtype=np.int64),
@@ -172,6 +170,10 @@ def check_columns(
             [f"{paths.users}[{i}]" for i in bad_ids],
             "string_length",
             "a user id is 1 to 256 characters",
+        )
+    if batch.as_of.size != n:
+        raise _invalid(
+            paths.as_of(0).split("[")[0], "length", f"as_of has {batch.as_of.size} values for {n} users"
         )
     offsets, n_events = batch.offsets, batch.timestamps.size
     if offsets.size != n + 1 or offsets[0] != 0 or offsets[-1] != n_events or np.any(np.diff(offsets) < 0):
