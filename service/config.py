@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     cuda_device_id: int = Field(default=0, ge=0)
     """GPU ordinal for the CUDA / TensorRT providers."""
 
+    provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
+    """onnxruntime provider options by provider, as JSON: ``{"cuda": {"arena_extend_strategy":
+    "kSameAsRequested"}, "tensorrt": {"trt_fp16_enable": "True"}}`` (short names work as keys).
+    ``device_id`` comes from ``cuda_device_id`` unless given here."""
+
     intra_op_threads: int = Field(default=1, ge=0)
     """onnxruntime threads inside one operator; 0 = onnxruntime's default (one per core).
 
@@ -181,6 +186,11 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one execution provider is needed")
         return value
+
+    @field_validator("provider_options")
+    @classmethod
+    def _name_providers(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        return {PROVIDER_ALIASES.get(k.lower(), k): v for k, v in value.items()}
 
     @field_validator("latency_buckets", mode="before")
     @classmethod

@@ -99,3 +99,19 @@ def test_bad_settings_exit_2_with_a_clear_line() -> None:
     )
     assert proc.returncode == 2
     assert "error: setting port (PI_PORT)" in proc.stderr
+
+
+def test_provider_options_reach_the_session_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.predictor import provider_arguments
+
+    monkeypatch.setenv("PI_PROVIDER_OPTIONS", '{"cuda": {"arena_extend_strategy": "kSameAsRequested"}}')
+    monkeypatch.setenv("PI_CUDA_DEVICE_ID", "1")
+    s = Settings()
+    assert s.provider_options == {"CUDAExecutionProvider": {"arena_extend_strategy": "kSameAsRequested"}}
+    assert provider_arguments(
+        s, ("CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider")
+    ) == [
+        ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested", "device_id": 1}),
+        ("TensorrtExecutionProvider", {"device_id": 1}),
+        "CPUExecutionProvider",
+    ]
