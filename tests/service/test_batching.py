@@ -238,3 +238,19 @@ def test_micro_batching_can_be_switched_off(registry: CollectorRegistry) -> None
         wait_ready(client)
         assert client.post("/predict", json=_user(2)).status_code == 200
     assert registry.get_sample_value("purchase_intent_batch_queue_duration_seconds_count") == 0
+
+
+def test_a_full_batch_queue_is_a_503_with_retry_after(
+    client: TestClient, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def full(*_: object) -> NDArray[np.float32]:
+        raise QueueFullError("128 requests are already waiting for the model")
+
+    context = client.app_state["context"]  # what the lifespan handed out
+    assert context.batcher is not None
+    monkeypatch.setattr(context.batcher, "submit", full)
+    r = client.post("/predict", json=_user(1))
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"] == "overloaded"
+    assert registry.get_sample_value("purchase_intent_rejected_requests_total", {"reason": "overloaded"}) == 1
