@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -285,16 +286,53 @@ def _no_nulls(array: pa.Array, field: Callable[[int], str]) -> None:
         )
 
 
+def _compressed(meta: bytes) -> bool:
+    """Whether an IPC ``Message`` flatbuffer holds a ``RecordBatch`` with a ``compression`` field.
+
+    Reads the three offsets it needs by hand (flatbuffers: a root offset, then per table a signed
+    offset back to its vtable of 16-bit field offsets) rather than pulling in a flatbuffers
+    package; pyarrow has verified nothing yet, so a malformed buffer raises ``struct.error``.
+    """
+
+    def field(table: int, index: int) -> int:
+        vtable = table - struct.unpack_from("<i", meta, table)[0]
+        size = struct.unpack_from("<H", meta, vtable)[0]
+        at = 4 + 2 * index
+        return 0 if at >= size else int(struct.unpack_from("<H", meta, vtable + at)[0])
+
+    message = struct.unpack_from("<I", meta, 0)[0]
+    header = field(message, 2)  # Message.header
+    if not header:
+        return False
+    batch = message + header + struct.unpack_from("<I", meta, message + header)[0]
+    return field(batch, 3) != 0  # RecordBatch.compression
+
+
 def parse_arrow(body: bytes, *, max_users: int) -> ColumnarBatch:
     """An Arrow IPC stream with one row per user: ``user_id`` (string), optional ``as_of``
     (timestamp with a time zone, or epoch seconds; null = now) and ``events``
     (list of struct ``timestamp``, ``amount``, ``quantity``)."""
     pa = _pyarrow()
+    unreadable = InvalidArrowError(
+        "the request body is not a valid Arrow IPC stream",
+        [ErrorItem(field="body", type="arrow_invalid", message="not a readable Arrow IPC stream")],
+    )
     try:
-        reader = pa.ipc.open_stream(pa.py_buffer(body))
+        # Message by message, so each record batch's header is seen before its body is decoded.
+        messages = pa.ipc.MessageReader.open_stream(pa.py_buffer(body))
+        first = messages.read_next_message()
+        if first.type != "schema":
+            raise unreadable
+        schema = pa.ipc.read_schema(first)
         batches = []
         rows = 0
-        for record_batch in reader:
+        for message in messages:
+            if message.type != "record batch":
+                raise _invalid("body", "arrow_dictionary", "dictionary-encoded columns are not supported")
+            if _compressed(message.metadata.to_pybytes()):
+                # ~8 MiB of zstd can decode to gigabytes: the body limit bounds only plain buffers
+                raise _invalid("body", "arrow_compressed", "compressed Arrow buffers are not accepted")
+            record_batch = pa.ipc.read_record_batch(message, schema)
             record_batch.validate(full=True)  # bounds-checks offsets before numpy reads them
             rows += record_batch.num_rows
             if rows > max_users:
@@ -303,12 +341,15 @@ def parse_arrow(body: bytes, *, max_users: int) -> ColumnarBatch:
                     [ErrorItem(field="user_id", type="too_long", message=f"more than {max_users} users")],
                 )
             batches.append(record_batch)
-        table = pa.Table.from_batches(batches, schema=reader.schema)
-    except (pa.ArrowException, ValueError, TypeError, OSError):
-        raise InvalidArrowError(
-            "the request body is not a valid Arrow IPC stream",
-            [ErrorItem(field="body", type="arrow_invalid", message="not a readable Arrow IPC stream")],
-        ) from None
+        table = pa.Table.from_batches(batches, schema=schema)
+        return _columns_of(pa, table)
+    except (pa.ArrowException, ValueError, TypeError, OSError, LookupError, struct.error, StopIteration):
+        # pyarrow's own errors on a malformed stream, and what its accessors raise on one that
+        # passed them (field names that are not UTF-8, ...); our 4xx are ServiceErrors, not these
+        raise unreadable from None
+
+
+def _columns_of(pa: Any, table: pa.Table) -> ColumnarBatch:
     names = table.schema.names
     unknown = [n for n in names if n not in _ARROW_FIELDS]
     missing = [n for n in ("user_id", "events") if n not in names]

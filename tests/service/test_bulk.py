@@ -289,3 +289,28 @@ def test_without_pyarrow_an_arrow_body_is_a_clear_415(
     assert _error(r, 415, "unsupported_media_type") == []
     assert "arrow" in r.json()["message"]
     assert client.post("/predict/batch", json=columnar()).status_code == 200  # JSON still works
+
+
+def test_compressed_and_dictionary_arrow_streams_are_refused(client: TestClient) -> None:
+    """A compressed buffer can decode to far more than the body limit: refused before decoding."""
+    for compression in ("zstd", "lz4"):
+        table = arrow_table()
+        sink = pa.BufferOutputStream()
+        options = pa.ipc.IpcWriteOptions(compression=compression)
+        with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+            writer.write_table(table)
+        r = post_arrow(client, bytes(sink.getvalue()))
+        assert _error(r, 422, "invalid_input") == ["body"]
+        assert "compressed" in r.json()["detail"][0]["message"]
+    encoded = arrow_table(user_id=pa.array(USERS).dictionary_encode())
+    assert _error(post_arrow(client, stream(encoded)), 422, "invalid_input") == ["body"]
+
+
+def test_a_stream_of_several_batches_is_one_request(client: TestClient) -> None:
+    table = arrow_table()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1)  # three record batches
+    r = post_arrow(client, bytes(sink.getvalue()))
+    assert r.status_code == 200, r.text
+    assert pa.ipc.open_stream(r.content).read_all()["user_id"].to_pylist() == USERS
