@@ -11,8 +11,14 @@ thread costs under load (measured in issue 6: inline 5.5k req/s vs thread pool 3
 above ``inline_max_body_bytes`` goes to a bounded thread pool; onnxruntime and most numpy
 kernels release the GIL there. Measured with three clients each sending 1,000 users x 20 events
 in a loop: ``/healthz`` p50 16 ms in the pool vs 95 ms inline (max 160 vs 270 ms). What remains is
-pydantic-core holding the GIL for one whole ``validate_json`` (~80 ms for such a body); a faster
-bulk format is the fix for that, not more threads.
+pydantic-core holding the GIL for one whole ``validate_json`` (~15 ms for such a body since the
+per-timestamp validator went, ~80 ms before); the bulk formats are the fix for that, not more
+threads.
+
+With micro-batching on (``service/batching.py``), a small ``/predict`` is parsed and validated on
+the loop as before, then scored together with whatever else is queued. ``/predict/batch`` takes
+three body formats, told apart by content type and, for JSON, by the first key (``users`` rows or
+``columns``); ``service/bulk.py`` parses the columnar ones, and the answer has the format sent.
 """
 
 from __future__ import annotations
