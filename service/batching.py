@@ -114,7 +114,7 @@ class Batcher:
 
         Raises :class:`QueueFullError` at once when the queue is full, or whatever scoring raised.
         """
-        if self._queue is None or self._task is None:
+        if self._queue is None or self._task is None or self._task.done():
             raise BatcherStoppedError("the batcher is not running")
         future: asyncio.Future[NDArray[np.float32]] = asyncio.get_running_loop().create_future()
         try:
