@@ -135,7 +135,7 @@ class ColumnarEvents(BaseModel):
         default=None,
         description="One per user: epoch seconds or RFC 3339 with an offset; null (or no column) = now.",
     )
-    offsets: list[int] = Field(
+    offsets: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(
         description="n_users + 1 non-decreasing positions into the event columns, from 0 to their length."
     )
     timestamp: list[float | EventTimestamp] = Field(

@@ -155,6 +155,8 @@ def _error(r: Any, status: int, code: str) -> list[str]:
         ({"as_of": [AS_OF_S]}, 422, "invalid_input", "columns.as_of"),
         ({"offsets": [0, 2, 2]}, 422, "invalid_input", "columns.offsets"),
         ({"offsets": [0, 3, 2, 3]}, 422, "invalid_input", "columns.offsets"),
+        ({"offsets": [0, 2**64, 3, 3]}, 422, "invalid_input", "columns.offsets[1]"),
+        ({"offsets": [0, -1, 3, 3]}, 422, "invalid_input", "columns.offsets[1]"),
         ({"amount": [10.0]}, 422, "invalid_input", "columns"),
         ({"user_id": ["a", "", "c"]}, 422, "invalid_input", "columns.user_id[1]"),
         ({"user_id": []}, 422, "invalid_input", "columns.user_id"),
