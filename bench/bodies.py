@@ -62,3 +62,54 @@ def events_body(events: int = EVENTS_PER_USER, seed: int = 0) -> bytes:
     """A ``/events`` body storing the events of :func:`predict_body`'s user."""
     user = make_user(0, np.random.default_rng(seed), events)
     return json.dumps({"events": [{"user_id": user["user_id"], **e} for e in user["events"]]}).encode()
+
+
+def _epoch(text: str) -> int:
+    return int(datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+
+
+def _columns(users: int, events: int, seed: int) -> dict[str, Any]:
+    """The same users as :func:`batch_body`, one list per field, timestamps as epoch seconds."""
+    rng = np.random.default_rng(seed)
+    rows = [make_user(i, rng, events) for i in range(users)]
+    flat = [e for u in rows for e in u["events"]]
+    return {
+        "user_id": [u["user_id"] for u in rows],
+        "as_of": [_epoch(u["as_of"]) for u in rows],
+        "offsets": [events * i for i in range(users + 1)],
+        "timestamp": [_epoch(e["timestamp"]) for e in flat],
+        "amount": [e["amount"] for e in flat],
+        "quantity": [e["quantity"] for e in flat],
+    }
+
+
+def columnar_body(users: int = BATCH_USERS, events: int = EVENTS_PER_USER, seed: int = 0) -> bytes:
+    """The :func:`batch_body` users as a columnar JSON ``/predict/batch`` body (epoch seconds)."""
+    return json.dumps({"columns": _columns(users, events, seed)}).encode()
+
+
+def arrow_body(users: int = BATCH_USERS, events: int = EVENTS_PER_USER, seed: int = 0) -> bytes:
+    """The :func:`batch_body` users as an Arrow IPC stream (needs pyarrow, the ``arrow`` extra)."""
+    import pyarrow as pa
+    import pyarrow.ipc  # the package does not import its ipc submodule
+
+    c = _columns(users, events, seed)
+    values = pa.StructArray.from_arrays(
+        [
+            pa.array(c["timestamp"], pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+            pa.array(c["amount"], pa.float64()),
+            pa.array(c["quantity"], pa.int64()),
+        ],
+        names=["timestamp", "amount", "quantity"],
+    )
+    table = pa.table(
+        {
+            "user_id": pa.array(c["user_id"], pa.string()),
+            "as_of": pa.array(c["as_of"], pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+            "events": pa.ListArray.from_arrays(pa.array(c["offsets"], pa.int32()), values),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from service.artifact import ModelMetadata
 from service.config import Settings
 from service.features import encode_batch
-from service.predictor import choose_providers
+from service.predictor import choose_providers, provider_arguments
 from service.schemas import PredictRequest
 from service.scoring import to_columns
 
@@ -56,7 +56,9 @@ def open_session(model: Path, settings: Settings) -> OrtSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     providers = choose_providers(settings.providers, ort.get_available_providers())
-    session = ort.InferenceSession(str(model), sess_options=options, providers=list(providers))
+    session = ort.InferenceSession(
+        str(model), sess_options=options, providers=provider_arguments(settings, providers)
+    )
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     return OrtSession(
         session=session,

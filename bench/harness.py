@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench import bodies, floors, machine, processes, wrk
 from bench.report import BY_ID_PATH, HttpPhase, Report, RunSettings
+from service.bulk import ARROW_MEDIA_TYPE
 from service.config import Settings
 from service.schemas import BatchPredictRequest, PredictRequest
 
@@ -55,8 +56,8 @@ def _running(server: processes.Server, say: Say) -> Iterator[processes.Server]:
         server.stop()
 
 
-def _check_answers(url: str, body: bytes, what: str) -> None:
-    status, answer = processes.post(url, body)
+def _check_answers(url: str, body: bytes, what: str, content_type: str = "application/json") -> None:
+    status, answer = processes.post(url, body, content_type)
     if status != 200:
         raise BenchError(f"{what}: POST {url} answered {status}: {answer[:300]!r}")
 
@@ -69,8 +70,9 @@ def _http_phase(
     users: int,
     options: Options,
     say: Say,
+    body: str = "rows",
 ) -> HttpPhase:
-    say(f"{server.name} {path}: {connections} connection(s) for {options.duration_s} s")
+    say(f"{server.name} {path} ({body}): {connections} connection(s) for {options.duration_s} s")
     result = wrk.run(
         server.url + path,
         script=script,
@@ -96,6 +98,7 @@ def _http_phase(
         p90_ms=p.get(90.0, float("nan")),
         p99_ms=p[99.0],
         errors=result.errors,
+        body=body,
     )
 
 
@@ -111,7 +114,9 @@ def _warm_up(server: processes.Server, script: Path, options: Options, say: Say)
         )
 
 
-def _load(server: processes.Server, scripts: dict[str, Path], options: Options, say: Say) -> list[HttpPhase]:
+def _load(
+    server: processes.Server, scripts: dict[str, Path], options: Options, say: Say, bulk: bool = False
+) -> list[HttpPhase]:
     _warm_up(server, scripts["/predict"], options, say)
     phases = [
         _http_phase(server, "/predict", scripts["/predict"], c, 1, options, say) for c in options.connections
@@ -127,6 +132,20 @@ def _load(server: processes.Server, scripts: dict[str, Path], options: Options, 
             say,
         )
     )
+    # the bulk formats exist on the service only: their floor is raw onnxruntime
+    for body in ("columns", "arrow") if bulk else ():
+        phases.append(
+            _http_phase(
+                server,
+                "/predict/batch",
+                scripts[body],
+                options.batch_connections,
+                options.batch_users,
+                options,
+                say,
+                body=body,
+            )
+        )
     return phases
 
 
@@ -146,6 +165,12 @@ def run(options: Options, say: Say) -> Report:
     for path, body, name in (("/predict", predict_body, "predict"), ("/predict/batch", batch_body, "batch")):
         (workdir / f"{name}.json").write_bytes(body)
         scripts[path] = wrk.write_post_script(workdir / f"{name}.lua", workdir / f"{name}.json")
+    columns_body = bodies.columnar_body(options.batch_users, options.events)
+    (workdir / "columns.json").write_bytes(columns_body)
+    scripts["columns"] = wrk.write_post_script(workdir / "columns.lua", workdir / "columns.json")
+    arrow_body = bodies.arrow_body(options.batch_users, options.events)
+    (workdir / "arrow.bin").write_bytes(arrow_body)
+    scripts["arrow"] = wrk.write_post_script(workdir / "arrow.lua", workdir / "arrow.bin", ARROW_MEDIA_TYPE)
 
     # The same settings the service builds from the same environment (PI_* variables apply to both).
     settings = Settings(model_path=options.model)
@@ -203,13 +228,15 @@ def run(options: Options, say: Say) -> Report:
             ready = json.loads(response.read())
         _check_answers(service.url + "/predict", predict_body, "service")
         _check_answers(service.url + "/predict/batch", batch_body, "service")
+        _check_answers(service.url + "/predict/batch", columns_body, "service")
+        _check_answers(service.url + "/predict/batch", arrow_body, "service", ARROW_MEDIA_TYPE)
         # the same user's history in the event store: /predict by user id next to inline events
         _check_answers(service.url + "/events", bodies.events_body(options.events), "service")
         (workdir / "by_id.json").write_bytes(bodies.by_id_body())
         by_id = wrk.write_post_script(workdir / "by_id.lua", workdir / "by_id.json")
         _check_answers(service.url + "/predict", bodies.by_id_body(), "service")
         with processes.RssSampler(service.process.pid) as rss:
-            http += _load(service, scripts, options, say)
+            http += _load(service, scripts, options, say, bulk=True)
             phase = _http_phase(service, "/predict", by_id, max(options.connections), 1, options, say)
             http.append(dataclasses.replace(phase, path=BY_ID_PATH))
             hwm_kib = rss.high_water_mark_kib() or 0

@@ -92,11 +92,11 @@ def wait_ready(server: Server, path: str = "/readyz", timeout: float = 60.0) -> 
     raise StartError(f"{server.name}: {path} not 200 after {timeout}s ({last}):\n{server.log_tail()}")
 
 
-def post(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, bytes]:
-    """One POST of a JSON body; the status and the response body, also for error statuses."""
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
+def post(
+    url: str, body: bytes, content_type: str = "application/json", timeout: float = 30.0
+) -> tuple[int, bytes]:
+    """One POST of a body (JSON by default); the status and the response body, also for error statuses."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status), bytes(response.read())

@@ -100,8 +100,8 @@ def parse_output(text: str) -> WrkResult:
     )
 
 
-def write_post_script(path: Path, body: Path) -> Path:
-    """A wrk Lua script that POSTs the bytes of ``body`` as JSON on every request.
+def write_post_script(path: Path, body: Path, content_type: str = "application/json") -> Path:
+    """A wrk Lua script that POSTs the bytes of ``body`` (as ``content_type``) on every request.
 
     The body is read once at start-up; no ``request``/``response`` callback is defined, so wrk sends
     one pre-built request and stays in C on the hot path.
@@ -112,7 +112,7 @@ def write_post_script(path: Path, body: Path) -> Path:
         'wrk.method = "POST"\n'
         'wrk.body = file:read("*a")\n'
         "file:close()\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Content-Type"] = "{content_type}"\n'
     )
     return path
 

@@ -21,6 +21,7 @@ from service import __version__
 from service.api import admin, events, health, model, predict, users
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
+from service.batching import Batcher
 from service.config import Settings
 from service.errors import REJECT_REASONS, install_error_handlers
 from service.lifecycle import ModelSlot, load_model
@@ -28,7 +29,7 @@ from service.limits import LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.predictor import Predictor
-from service.schemas import BatchPredictRequest, PredictRequest, ReloadRequest
+from service.schemas import BatchPredictRequest, ColumnarPredictRequest, PredictRequest, ReloadRequest
 from service.scoring import Scorer
 from service.store import EventStore, GuardedStore, open_store
 from service.store.metrics import StoreMetrics
@@ -54,7 +55,13 @@ def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             if admin_enabled:
                 schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for request_model in (PredictRequest, BatchPredictRequest, ReloadRequest, events.EventsRequest):
+            for request_model in (
+                PredictRequest,
+                BatchPredictRequest,
+                ColumnarPredictRequest,
+                ReloadRequest,
+                events.EventsRequest,
+            ):
                 body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, definition in body.pop("$defs", {}).items():
                     components.setdefault(name, definition)
@@ -94,15 +101,27 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        scorer = Scorer(metrics)
+        batcher = None
+        if settings.microbatch:
+            batcher = Batcher(
+                lambda served, columns: scorer.score(served.predictor, columns),
+                max_users=settings.microbatch_max_users,
+                max_wait_s=settings.microbatch_max_wait_seconds,
+                max_queue=settings.microbatch_queue_size,
+                queue_wait=metrics.batch_queue_duration,
+            )
+            batcher.start()  # its queue and task belong to this running loop
         context = AppContext(
             settings=settings,
             slot=model_slot,
             metrics=metrics,
-            scorer=Scorer(metrics),
+            scorer=scorer,
             limiter=anyio.CapacityLimiter(settings.batch_threads),
             reload_lock=anyio.Lock(),
             store=guarded,
             store_limiter=anyio.CapacityLimiter(settings.store_threads),
+            batcher=batcher,
         )
         upkeep: list[asyncio.Task[None]] = []
         if guarded is not None:
@@ -128,6 +147,8 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if batcher is not None:
+                await batcher.stop()
             if guarded is not None:
                 await anyio.to_thread.run_sync(guarded.close)
 

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     cuda_device_id: int = Field(default=0, ge=0)
     """GPU ordinal for the CUDA / TensorRT providers."""
 
+    provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
+    """onnxruntime provider options by provider, as JSON: ``{"cuda": {"arena_extend_strategy":
+    "kSameAsRequested"}, "tensorrt": {"trt_fp16_enable": "True"}}`` (short names work as keys).
+    ``device_id`` comes from ``cuda_device_id`` unless given here."""
+
     intra_op_threads: int = Field(default=1, ge=0)
     """onnxruntime threads inside one operator; 0 = onnxruntime's default (one per core).
 
@@ -111,6 +116,21 @@ class Settings(BaseSettings):
 
     batch_threads: int = Field(default=2, ge=1)
     """Worker threads for large requests; more than the cores only adds contention."""
+
+    microbatch: bool = True
+    """Gather concurrent small ``/predict`` requests into one encode + inference call
+    (``service/batching.py``). An idle queue never waits, so one connection pays nothing."""
+
+    microbatch_max_users: int = Field(default=64, ge=1)
+    """Most users in one gathered micro-batch."""
+
+    microbatch_max_wait_seconds: float = Field(default=0.002, ge=0)
+    """Most time a busy micro-batch keeps gathering after its first request, seconds; a cap, not a
+    delay: gathering stops as soon as a turn of the event loop brings no new request. 0: take only
+    what is already queued."""
+
+    microbatch_queue_size: int = Field(default=128, ge=1)
+    """Most requests waiting for a micro-batch; one more is shed with 503 ``overloaded``."""
 
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest request body, bytes; more is a 413, decided from ``Content-Length`` before the body
@@ -204,6 +224,11 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one execution provider is needed")
         return value
+
+    @field_validator("provider_options")
+    @classmethod
+    def _name_providers(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        return {PROVIDER_ALIASES.get(k.lower(), k): v for k, v in value.items()}
 
     @field_validator("latency_buckets", mode="before")
     @classmethod

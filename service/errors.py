@@ -23,6 +23,7 @@ from service.schemas import ErrorItem, ErrorResponse
 #: Every ``error`` code the service answers with; the ``reason`` label of the rejection counter.
 REJECT_REASONS: tuple[str, ...] = (
     "invalid_json",
+    "invalid_arrow",
     "unsupported_media_type",
     "invalid_input",
     "too_many_events",
@@ -63,6 +64,11 @@ class ServiceError(Exception):
 class InvalidJSONError(ServiceError):
     status_code = 400
     code = "invalid_json"
+
+
+class InvalidArrowError(ServiceError):
+    status_code = 400
+    code = "invalid_arrow"
 
 
 class UnsupportedMediaTypeError(ServiceError):

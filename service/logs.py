@@ -22,6 +22,9 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
 }
 
 
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps builds one per call
+
+
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "message", **extra}``; exceptions as one ``exc_info`` string."""
 
@@ -37,11 +40,17 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str, ensure_ascii=False)
+        return _ENCODER.encode(payload)
 
 
 def configure_logging(level: str = "info") -> None:
     """Send the root logger and uvicorn's loggers to stderr as JSON (called by the CLI only)."""
+    # Facts every record would otherwise collect (thread and process names, the caller's file and
+    # line by walking the stack) that the JSON line never shows: ~1/3 of an access line's cost.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # the documented way to skip findCaller
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

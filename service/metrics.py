@@ -122,6 +122,13 @@ class Metrics:
             buckets=latency_buckets,
             registry=registry,
         )
+        self.batch_queue_duration = ArrayHistogram(
+            f"{p}_batch_queue_duration_seconds",
+            "Time a /predict request waited in the micro-batch queue before its batch was scored "
+            "(separate from encoding and inference time).",
+            latency_buckets,
+        )
+        registry.register(self.batch_queue_duration)
         self.batch_size = Histogram(
             f"{p}_batch_size",
             "Users per inference call.",

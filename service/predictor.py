@@ -77,6 +77,20 @@ def batch_sizes(max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
+def provider_arguments(
+    settings: Settings, requested: tuple[str, ...]
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """What ``InferenceSession(providers=...)`` gets: each provider with its options from the
+    settings (``device_id`` from ``cuda_device_id`` for the GPU providers unless set explicitly)."""
+    out: list[str | tuple[str, dict[str, Any]]] = []
+    for name in requested:
+        options: dict[str, Any] = dict(settings.provider_options.get(name, {}))
+        if name in _DEVICE_PROVIDERS:
+            options.setdefault("device_id", settings.cuda_device_id)
+        out.append((name, options) if options else name)
+    return out
+
+
 def choose_providers(preferred: tuple[str, ...], available: list[str]) -> tuple[str, ...]:
     """Keep the preferred providers this onnxruntime build offers, in preference order."""
     chosen = tuple(p for p in preferred if p in available)
@@ -133,9 +147,7 @@ class OnnxPredictor:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: we report provider fallback ourselves, as JSON
-        provider_args: list[str | tuple[str, dict[str, Any]]] = [
-            (p, {"device_id": settings.cuda_device_id}) if p in _DEVICE_PROVIDERS else p for p in requested
-        ]
+        provider_args = provider_arguments(settings, requested)
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=provider_args)
         except Exception as exc:  # onnxruntime raises its own pybind exception types

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.ipc
 import pytest
 
 from bench import bodies, floors, report, wrk
@@ -109,6 +110,17 @@ def test_lua_script_posts_the_body_file(tmp_path: Path) -> None:
     assert '\\"quoted\\"' in script
 
 
+def test_bulk_bodies_hold_the_same_users_as_the_rows() -> None:
+    rows = BatchPredictRequest.model_validate_json(bodies.batch_body(users=5)).users
+    columns = json.loads(bodies.columnar_body(users=5))["columns"]
+    assert columns["user_id"] == [u.user_id for u in rows]
+    assert columns["timestamp"] == [int(e.timestamp.timestamp()) for u in rows for e in u.events]
+    assert columns["offsets"][-1] == 5 * bodies.EVENTS_PER_USER
+    table = pyarrow.ipc.open_stream(bodies.arrow_body(users=5)).read_all()
+    assert table["user_id"].to_pylist() == columns["user_id"]
+    assert table.num_rows == 5
+
+
 def test_bodies_are_valid_requests_of_the_advertised_size() -> None:
     user = PredictRequest.model_validate_json(bodies.predict_body())
     assert user.events is not None
@@ -133,7 +145,9 @@ def test_raw_onnxruntime_floor_runs_on_a_tiny_model(tmp_path: Path) -> None:
     assert 0 < floor.p50_ms <= floor.p99_ms
 
 
-def _phase(server: str, path: str, connections: int, rps: float, users: int = 1) -> report.HttpPhase:
+def _phase(
+    server: str, path: str, connections: int, rps: float, users: int = 1, body: str = "rows"
+) -> report.HttpPhase:
     return report.HttpPhase(
         server=server,
         path=path,
@@ -148,6 +162,7 @@ def _phase(server: str, path: str, connections: int, rps: float, users: int = 1)
         p90_ms=0.5,
         p99_ms=20.0,
         errors=0,
+        body=body,
     )
 
 
@@ -180,6 +195,8 @@ def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
             _phase("service", "/predict", 1, 2500),
             _phase("service", "/predict", 64, 5700),
             _phase("service", "/predict/batch", 2, 30, users=1000),
+            _phase("service", "/predict/batch", 2, 45, users=1000, body="columns"),
+            _phase("service", "/predict/batch", 2, 55, users=1000, body="arrow"),
         ],
         peak_rss_mb=200.0,
         sampled_peak_rss_mb=190.0,
@@ -194,8 +211,11 @@ def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
         "predict_c64_ratio": True,
         "predict_c64_p99": False,  # 20 ms > 15 ms
         "batch_ratio": True,
+        "batch_columns_ratio": True,
+        "batch_arrow_ratio": False,  # 0.55 < 0.6
         "peak_rss": True,
     }
+    assert "Arrow IPC (1,000 users x 20 events)" in report.markdown(result)
     table = report.markdown(result)
     assert "0.95 x constant FastAPI" in table
     assert "p99 ≤ 15 ms: **missed**" in table
@@ -236,11 +256,14 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         ("service", "/predict", 1),
         ("service", "/predict", 4),
         ("service", "/predict/batch", 2),
+        ("service", "/predict/batch", 2),
+        ("service", "/predict/batch", 2),
         ("service", "/predict by user id", 4),
     ]
+    assert [p["body"] for p in data["http"]][-4:] == ["rows", "columns", "arrow", "rows"]
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in data["http"])
     assert [f["batch"] for f in data["ort"]] == [1, 20]
-    assert set(data["ratios"]) == {"predict_c1", "predict_c4", "batch", "by_id_c4"}
+    assert set(data["ratios"]) == {"predict_c1", "predict_c4", "batch", "batch_columns", "batch_arrow", "by_id_c4"}
     assert "| service /predict by user id | 4 |" in done.stdout
     assert "x inline events (history in SQLite)" in done.stdout
     assert data["peak_rss_mb"] > 0

@@ -8,6 +8,7 @@ from typing import Annotated, cast
 import anyio
 from fastapi import Depends, Request
 
+from service.batching import Batcher
 from service.config import Settings
 from service.errors import NotReadyError
 from service.lifecycle import ModelSlot, Served
@@ -28,6 +29,7 @@ class AppContext:
     reload_lock: anyio.Lock  # one model load at a time: the first load and hot swaps
     store: GuardedStore | None = None  # the event store (PI_STORE_BACKEND), None when "none"
     store_limiter: anyio.CapacityLimiter | None = None  # threads for writes and admin history calls
+    batcher: Batcher | None = None  # micro-batching of small /predict calls; None when switched off
 
 
 async def get_context(request: Request) -> AppContext:

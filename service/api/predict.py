@@ -11,8 +11,14 @@ thread costs under load (measured in issue 6: inline 5.5k req/s vs thread pool 3
 above ``inline_max_body_bytes`` goes to a bounded thread pool; onnxruntime and most numpy
 kernels release the GIL there. Measured with three clients each sending 1,000 users x 20 events
 in a loop: ``/healthz`` p50 16 ms in the pool vs 95 ms inline (max 160 vs 270 ms). What remains is
-pydantic-core holding the GIL for one whole ``validate_json`` (~80 ms for such a body); a faster
-bulk format is the fix for that, not more threads.
+pydantic-core holding the GIL for one whole ``validate_json`` (~15 ms for such a body since the
+per-timestamp validator went, ~80 ms before); the bulk formats are the fix for that, not more
+threads.
+
+With micro-batching on (``service/batching.py``), a small ``/predict`` is parsed and validated on
+the loop as before, then scored together with whatever else is queued. ``/predict/batch`` takes
+three body formats, told apart by content type and, for JSON, by the first key (``users`` rows or
+``columns``); ``service/bulk.py`` parses the columnar ones, and the answer has the format sent.
 """
 
 from __future__ import annotations
@@ -22,13 +28,31 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import numpy as np
 from fastapi import APIRouter, Request
+from numpy.typing import NDArray
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from service.api.deps import AppContext, Context, require_model
+from service.api.deps import AppContext, get_context, require_model
 from service.api.history import StoreReadNeeded, resolve_columns
+from service.batching import Batcher, BatcherStoppedError, QueueFullError
+from service.bulk import (
+    ARROW_MEDIA_TYPE,
+    ARROW_PATHS,
+    JSON_PATHS,
+    ColumnarBatch,
+    Paths,
+    arrow_answer,
+    check_columns,
+    is_columnar_json,
+    parse_arrow,
+    parse_columnar_json,
+    require_arrow,
+)
 from service.errors import (
+    InvalidInputError,
+    NotReadyError,
     OverloadedError,
     RequestTimeoutError,
     TooManyEventsError,
@@ -39,15 +63,21 @@ from service.errors import (
 from service.lifecycle import Served
 from service.limits import RETRY_AFTER
 from service.schemas import (
+    EXAMPLE_COLUMNS,
     EXAMPLE_USER,
+    RANGE_MESSAGE,
     BatchPredictRequest,
     BatchPredictResponse,
+    ColumnarPredictions,
+    ColumnarPredictRequest,
+    ColumnarPredictResponse,
     ErrorItem,
     ErrorResponse,
     Prediction,
     PredictRequest,
     PredictResponse,
 )
+from service.scoring import EventColumns, out_of_range
 
 router = APIRouter(tags=["predict"])
 
@@ -55,9 +85,13 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 Work = Callable[[AppContext, Served, bytes, int], bytes]
 
 _MAX_LISTED = 10  # users named in a too-many-events error; the count says the rest
+_MAX_FIELDS = 100  # timestamps named in one out-of-range error
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+    400: {
+        "model": ErrorResponse,
+        "description": "The body is not valid JSON (or not a readable Arrow stream).",
+    },
     408: {"model": ErrorResponse, "description": "The body did not arrive within the request timeout."},
     413: {"model": ErrorResponse, "description": "The body is larger than `PI_MAX_BODY_BYTES`."},
     415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
@@ -96,8 +130,48 @@ def json_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any
     }
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _batch_body() -> dict[str, Any]:
+    """``/predict/batch``: rows or columns as JSON, or an Arrow IPC stream."""
+    extra = json_body(
+        BatchPredictRequest,
+        {
+            "two_users": {
+                "summary": "Two users, one inference call",
+                "value": {
+                    "users": [EXAMPLE_USER, {"user_id": "u-7", "events": [], "as_of": "1997-09-30T00:00:00Z"}]
+                },
+            },
+            "columns": {
+                "summary": "The same in columns (epoch seconds and RFC 3339 both accepted)",
+                "value": EXAMPLE_COLUMNS,
+            },
+        },
+    )
+    content = extra["requestBody"]["content"]
+    content["application/json"]["schema"] = {
+        "oneOf": [
+            {"$ref": f"#/components/schemas/{BatchPredictRequest.__name__}"},
+            {"$ref": f"#/components/schemas/{ColumnarPredictRequest.__name__}"},
+        ]
+    }
+    content[ARROW_MEDIA_TYPE] = {
+        "schema": {
+            "type": "string",
+            "format": "binary",
+            "description": "An Arrow IPC stream, one row per user: `user_id` (string), optional `as_of` "
+            "(timestamp with a time zone, or epoch seconds; null = now), `events` (list of struct "
+            "`timestamp`, `amount`, `quantity`). The answer is an Arrow stream too.",
+        }
+    }
+    return extra
+
+
 def check_content_type(request: Request) -> None:
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    media_type = _media_type(request)
     if media_type != "application/json" and not (
         media_type.startswith("application/") and media_type.endswith("+json")
     ):
@@ -122,15 +196,35 @@ def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[
         )
 
 
-def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+def check_timestamps(
+    columns: EventColumns, event_field: Callable[[int, int], str], as_of_field: Callable[[int], str]
+) -> None:
+    """The 1970..2100 rule for timestamps and ``as_of``, on the flat columns: the same 422 and field
+    path (``events[3].timestamp``) a per-value pydantic validator gave, without a Python call each."""
+    users, events, as_of = out_of_range(columns)
+    if users.size or as_of.size:
+        fields = [event_field(int(u), int(e)) for u, e in zip(users, events, strict=True)]
+        fields += [as_of_field(int(u)) for u in as_of]
+        raise InvalidInputError(
+            "the request body does not match the schema",
+            [ErrorItem(field=f, type="value_error", message=RANGE_MESSAGE) for f in fields[:_MAX_FIELDS]],
+        )
+
+
+def _parse_one(ctx: AppContext, served: Served, body: bytes, now: int) -> tuple[PredictRequest, EventColumns]:
+    """Parse and check one user; raises :class:`StoreReadNeeded` on the loop for a by-id user."""
     user = parse_json(PredictRequest, body)
     _check_events([user], ctx.settings.max_events_per_user, lambda _: "events")
     columns = resolve_columns(ctx, served, [user], now, lambda _: "")
-    probability = float(ctx.scorer.score(served.predictor, columns)[0])
+    check_timestamps(columns, lambda _, e: f"events[{e}].timestamp", lambda _: "as_of")
+    return user, columns
+
+
+def _answer_one(served: Served, user_id: str, probability: float) -> bytes:
     meta = served.predictor.metadata
     return (
         PredictResponse.model_construct(
-            user_id=user.user_id,
+            user_id=user_id,
             probability=probability,
             will_purchase=probability >= meta.threshold,
             threshold=meta.threshold,
@@ -140,6 +234,11 @@ def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
         .model_dump_json()
         .encode()
     )
+
+
+def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    user, columns = _parse_one(ctx, served, body, now)
+    return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
 
 
 def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
@@ -152,6 +251,7 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
         )
     _check_events(users, ctx.settings.max_events_per_user, lambda i: f"users[{i}].events")
     columns = resolve_columns(ctx, served, users, now, lambda i: f"users[{i}].")
+    check_timestamps(columns, lambda u, e: f"users[{u}].events[{e}].timestamp", lambda u: f"users[{u}].as_of")
     probabilities = ctx.scorer.score(served.predictor, columns).tolist()
     meta = served.predictor.metadata
     threshold = meta.threshold
@@ -170,8 +270,64 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
     )
 
 
-async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
-    check_content_type(request)
+def _score_bulk(
+    ctx: AppContext, served: Served, batch: ColumnarBatch, paths: Paths, now: int
+) -> NDArray[np.float32]:
+    settings = ctx.settings
+    columns = check_columns(
+        batch,
+        now=now,
+        max_users=settings.max_batch_users,
+        max_events=settings.max_events_per_user,
+        paths=paths,
+    )
+    return ctx.scorer.score(served.predictor, columns)
+
+
+def _score_columnar(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    batch = parse_columnar_json(body)
+    probabilities = _score_bulk(ctx, served, batch, JSON_PATHS, now)
+    meta = served.predictor.metadata
+    return (
+        ColumnarPredictResponse.model_construct(
+            model_version=meta.model_version,
+            threshold=meta.threshold,
+            horizon_days=meta.horizon_days,
+            columns=ColumnarPredictions.model_construct(
+                user_id=batch.user_ids,
+                probability=probabilities.tolist(),
+                will_purchase=(probabilities.astype(np.float64) >= meta.threshold).tolist(),
+            ),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def _score_arrow(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    batch = parse_arrow(body, max_users=ctx.settings.max_batch_users)
+    probabilities = _score_bulk(ctx, served, batch, ARROW_PATHS, now)
+    meta = served.predictor.metadata
+    return arrow_answer(
+        batch.user_ids,
+        probabilities,
+        threshold=meta.threshold,
+        horizon_days=meta.horizon_days,
+        model_version=meta.model_version,
+    )
+
+
+def _score_json_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+    if is_columnar_json(body):
+        return _score_columnar(ctx, served, body, now)
+    return _score_batch(ctx, served, body, now)
+
+
+async def _receive(
+    request: Request, ctx: AppContext, check: Callable[[Request], None] = check_content_type
+) -> tuple[Served, bytes, float]:
+    """Content type, model, body: the model this request runs on and its body, read in time."""
+    check(request)
     # The model this request runs on, taken once: a hot swap while it runs does not change it.
     served = require_model(ctx)
     # the version goes into the access log line, whatever happens next
@@ -182,30 +338,67 @@ async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
         body = await request.body()
     if arrival.cancelled_caught:
         raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s")
-    now = int(time.time())
-    if len(body) <= ctx.settings.inline_max_body_bytes:
-        try:
-            content = work(ctx, served, body, now)
-            return Response(content, media_type="application/json")
-        except StoreReadNeeded:
-            pass  # a user without inline events: the store is read in a worker thread, below
-    # Waiting for a worker counts against the deadline; the work itself, once started, runs to the
-    # end (a thread cannot be interrupted, and abandoning it would leak threads under overload).
+    return served, body, deadline
+
+
+async def _offload(ctx: AppContext, work: Work, served: Served, body: bytes, deadline: float) -> bytes:
+    """Run ``work`` in the bounded thread pool. Waiting for a worker counts against the deadline;
+    the work itself, once started, runs to the end (a thread cannot be interrupted, and abandoning
+    it would leak threads under overload)."""
     try:
         ctx.limiter.acquire_nowait()  # a free worker is taken even when the deadline has just passed
     except anyio.WouldBlock:
         with anyio.move_on_after(max(deadline - anyio.current_time(), 0.0)) as queue:
             await ctx.limiter.acquire()
         if queue.cancelled_caught:
+            timeout = ctx.settings.request_timeout_seconds
             raise OverloadedError(
                 f"no worker became free within {timeout:g} s; retry after Retry-After seconds",
                 headers=RETRY_AFTER,
             ) from None
     try:
-        content = await anyio.to_thread.run_sync(work, ctx, served, body, now)
+        return await anyio.to_thread.run_sync(work, ctx, served, body, int(time.time()))
     finally:
         ctx.limiter.release()
-    return Response(content, media_type="application/json")
+
+
+async def _handle(
+    request: Request,
+    ctx: AppContext,
+    work: Work,
+    *,
+    check: Callable[[Request], None] = check_content_type,
+    media_type: str = "application/json",
+) -> Response:
+    served, body, deadline = await _receive(request, ctx, check)
+    if len(body) <= ctx.settings.inline_max_body_bytes:
+        try:
+            return Response(work(ctx, served, body, int(time.time())), media_type=media_type)
+        except StoreReadNeeded:
+            pass  # a user without inline events: the store is read in a worker thread, below
+    return Response(await _offload(ctx, work, served, body, deadline), media_type=media_type)
+
+
+async def _predict_batched(request: Request, ctx: AppContext, batcher: Batcher) -> Response:
+    """``/predict`` with micro-batching: parse and validate alone, score together."""
+    served, body, deadline = await _receive(request, ctx)
+    if len(body) > ctx.settings.inline_max_body_bytes:  # a long history: parsed in a worker, alone
+        return Response(
+            await _offload(ctx, _score_one, served, body, deadline), media_type="application/json"
+        )
+    try:
+        user, columns = _parse_one(ctx, served, body, int(time.time()))
+    except StoreReadNeeded:  # by user id: the store read blocks, so parse, read and score in a worker
+        return Response(
+            await _offload(ctx, _score_one, served, body, deadline), media_type="application/json"
+        )
+    try:
+        probabilities = await batcher.submit(served, columns)
+    except QueueFullError as exc:
+        raise OverloadedError(f"{exc}; retry after Retry-After seconds", headers=RETRY_AFTER) from None
+    except BatcherStoppedError as exc:
+        raise NotReadyError(str(exc), headers=RETRY_AFTER) from None
+    return Response(_answer_one(served, user.user_id, float(probabilities[0])), media_type="application/json")
 
 
 @router.post(
@@ -226,34 +419,46 @@ async def _handle(request: Request, ctx: AppContext, work: Work) -> Response:
     description="How likely is this user to buy at least once within the model's horizon after "
     "`as_of`? Events after `as_of` are ignored. Timestamps must be RFC 3339 with a UTC offset.",
 )
-async def predict(request: Request, ctx: Context) -> Response:
+async def predict(request: Request) -> Response:
+    ctx = await get_context(request)  # not Depends(): FastAPI's dependency solver costs ~30 us a call
+    if ctx.batcher is not None:
+        return await _predict_batched(request, ctx, ctx.batcher)
     return await _handle(request, ctx, _score_one)
 
 
 @router.post(
     "/predict/batch",
-    response_model=BatchPredictResponse,
+    response_model=BatchPredictResponse | ColumnarPredictResponse,
     responses={
         **_ERRORS,
+        200: {
+            "description": "Rows for rows, columns for columns, an Arrow stream (`user_id`, "
+            "`probability` float32, `will_purchase`; version, threshold and horizon in the schema "
+            "metadata) for an Arrow stream.",
+            "content": {ARROW_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        415: {
+            "model": ErrorResponse,
+            "description": "Content-Type is neither JSON nor an Arrow stream, or an Arrow stream "
+            "reached a server without pyarrow (the `arrow` extra).",
+        },
         413: {
             "model": ErrorResponse,
             "description": "More users than `PI_MAX_BATCH_USERS`, or a body over `PI_MAX_BODY_BYTES`.",
         },
     },
-    openapi_extra=json_body(
-        BatchPredictRequest,
-        {
-            "two_users": {
-                "summary": "Two users, one inference call",
-                "value": {
-                    "users": [EXAMPLE_USER, {"user_id": "u-7", "events": [], "as_of": "1997-09-30T00:00:00Z"}]
-                },
-            }
-        },
-    ),
+    openapi_extra=_batch_body(),
     summary="Score many users in one inference call",
     description="Same per-user objects as `/predict`; predictions come back in request order. "
-    "Duplicate user ids are scored independently (e.g. one user at several `as_of`).",
+    "Duplicate user ids are scored independently (e.g. one user at several `as_of`). The same users "
+    'can be sent as columns (`{"columns": {...}}`, answered in columns) or as an Arrow IPC stream '
+    "(`Content-Type: application/vnd.apache.arrow.stream`, answered as one), both much cheaper to "
+    "parse than one JSON object per event.",
 )
-async def predict_batch(request: Request, ctx: Context) -> Response:
-    return await _handle(request, ctx, _score_batch)
+async def predict_batch(request: Request) -> Response:
+    ctx = await get_context(request)
+    if _media_type(request) == ARROW_MEDIA_TYPE:
+        return await _handle(
+            request, ctx, _score_arrow, check=lambda _: require_arrow(), media_type=ARROW_MEDIA_TYPE
+        )
+    return await _handle(request, ctx, _score_json_batch)

@@ -116,3 +116,19 @@ def test_event_store_defaults_and_the_redis_url_stays_out_of_reprs(monkeypatch: 
     monkeypatch.setenv("PI_STORE_BACKEND", "postgres")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_provider_options_reach_the_session_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.predictor import provider_arguments
+
+    monkeypatch.setenv("PI_PROVIDER_OPTIONS", '{"cuda": {"arena_extend_strategy": "kSameAsRequested"}}')
+    monkeypatch.setenv("PI_CUDA_DEVICE_ID", "1")
+    s = Settings()
+    assert s.provider_options == {"CUDAExecutionProvider": {"arena_extend_strategy": "kSameAsRequested"}}
+    assert provider_arguments(
+        s, ("CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider")
+    ) == [
+        ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested", "device_id": 1}),
+        ("TensorrtExecutionProvider", {"device_id": 1}),
+        "CPUExecutionProvider",
+    ]
