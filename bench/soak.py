@@ -2,10 +2,11 @@
 
     python -m bench.soak [--seconds 180] [--clients 4] [--model PATH]     (or: make soak)
 
-Traffic: single and batch predictions, every kind of bad request, probes, scrapes, and a model
-hot swap every few seconds. An error is any answer whose status is not the one expected for its
-kind, or a transport failure; there must be none. RSS is read from /proc every second; growth is
-measured from the end of the first tenth of the run (after warm-up) to the end. Not part of
+Traffic: single and batch predictions (rows, columnar JSON, Arrow), every kind of bad request,
+probes, scrapes, and a model hot swap every few seconds. An error is any answer whose status is
+not the one expected for its kind, or a transport failure; there must be none. RSS is read from
+/proc every second; growth is measured from the end of the first tenth of the run (after warm-up)
+to the end. Not part of
 ``make test``. Exits 1 on any error.
 """
 
@@ -42,6 +43,51 @@ def _user(rng: random.Random, i: int) -> dict[str, Any]:
     return {"user_id": f"u-{i}", "as_of": "1997-09-30T00:00:00Z", "events": events}
 
 
+def _columns(users: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same users as a columnar JSON body (RFC 3339 timestamps, as the rows have them)."""
+    offsets = [0]
+    for u in users:
+        offsets.append(offsets[-1] + len(u["events"]))
+    events = [e for u in users for e in u["events"]]
+    return {
+        "columns": {
+            "user_id": [u["user_id"] for u in users],
+            "as_of": [u["as_of"] for u in users],
+            "offsets": offsets,
+            "timestamp": [e["timestamp"] for e in events],
+            "amount": [e["amount"] for e in events],
+            "quantity": [e["quantity"] for e in events],
+        }
+    }
+
+
+def _arrow(users: list[dict[str, Any]]) -> bytes:
+    """The same users as an Arrow IPC stream (the bench process has pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.ipc  # the package does not import its ipc submodule
+
+    event = pa.struct([("timestamp", pa.string()), ("amount", pa.float64()), ("quantity", pa.int64())])
+    events = pa.array([u["events"] for u in users], pa.list_(event))
+    timestamps = events.flatten().field("timestamp").cast(pa.timestamp("s", tz="UTC"))
+    values = pa.StructArray.from_arrays(
+        [timestamps, events.flatten().field("amount"), events.flatten().field("quantity")],
+        names=["timestamp", "amount", "quantity"],
+    )
+    table = pa.table(
+        {
+            "user_id": [u["user_id"] for u in users],
+            "events": pa.ListArray.from_arrays(events.offsets, values),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
+ARROW = {"Content-Type": "application/vnd.apache.arrow.stream"}
+
+
 #: kind -> (method, path, body or None, headers, expected status)
 def _requests(rng: random.Random) -> list[tuple[str, str, str, Any, dict[str, str], int]]:
     return [
@@ -56,6 +102,23 @@ def _requests(rng: random.Random) -> list[tuple[str, str, str, Any, dict[str, st
             {},
             200,
         ),
+        (
+            "columns",
+            "POST",
+            "/predict/batch",
+            _columns([_user(rng, i) for i in range(rng.randint(1, 200))]),
+            {},
+            200,
+        ),
+        (
+            "arrow",
+            "POST",
+            "/predict/batch",
+            _arrow([_user(rng, i) for i in range(rng.randint(1, 200))]),
+            ARROW,
+            200,
+        ),
+        ("bad_arrow", "POST", "/predict/batch", b"ARROW1 not really", ARROW, 400),
         ("bad_json", "POST", "/predict", b'{"user_id": ', J, 400),
         ("invalid", "POST", "/predict", {"user_id": 1, "events": []}, {}, 422),
         ("too_large", "POST", "/predict", b"x" * (9 * 2**20), J, 413),
