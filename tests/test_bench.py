@@ -114,7 +114,7 @@ def test_bulk_bodies_hold_the_same_users_as_the_rows() -> None:
     rows = BatchPredictRequest.model_validate_json(bodies.batch_body(users=5)).users
     columns = json.loads(bodies.columnar_body(users=5))["columns"]
     assert columns["user_id"] == [u.user_id for u in rows]
-    assert columns["timestamp"] == [int(e.timestamp.timestamp()) for u in rows for e in u.events]
+    assert columns["timestamp"] == [int(e.timestamp.timestamp()) for u in rows for e in u.events or ()]
     assert columns["offsets"][-1] == 5 * bodies.EVENTS_PER_USER
     table = pyarrow.ipc.open_stream(bodies.arrow_body(users=5)).read_all()
     assert table["user_id"].to_pylist() == columns["user_id"]
@@ -263,7 +263,14 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
     assert [p["body"] for p in data["http"]][-4:] == ["rows", "columns", "arrow", "rows"]
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in data["http"])
     assert [f["batch"] for f in data["ort"]] == [1, 20]
-    assert set(data["ratios"]) == {"predict_c1", "predict_c4", "batch", "batch_columns", "batch_arrow", "by_id_c4"}
+    assert set(data["ratios"]) == {
+        "predict_c1",
+        "predict_c4",
+        "batch",
+        "batch_columns",
+        "batch_arrow",
+        "by_id_c4",
+    }
     assert "| service /predict by user id | 4 |" in done.stdout
     assert "x inline events (history in SQLite)" in done.stdout
     assert data["peak_rss_mb"] > 0
