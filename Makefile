@@ -11,7 +11,7 @@ PORT   ?= 8000
 SEEDS  ?= 5
 SOAK_SECONDS ?= 180
 
-.PHONY: env gpu-env system-deps train train-oot serve bench test soak lint format clean lock
+.PHONY: env gpu-env system-deps train train-oot serve bench bench-peers test soak lint format clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -94,3 +94,19 @@ format: $(VENV)/.stamp-dev
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# BentoML serving the same model and body next to the service (bench/README.md, "Peers"), in its own
+# venv: BentoML's dependencies never enter .venv. onnxruntime and numpy pinned as in requirements.lock;
+# our package without its dependencies, for the shared encoder the BentoML service imports.
+PEERS_VENV := bench/.venv-peers
+PEERS_ARGS ?=
+$(PEERS_VENV)/.stamp: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet 'bentoml==1.4.40' \
+	  $$(grep -E '^(onnxruntime|numpy|pydantic)==' requirements.lock)
+	$(PEERS_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+bench-peers: $(VENV)/.stamp-train system-deps $(PEERS_VENV)/.stamp $(filter $(MODEL),$(BENCH_MODEL))
+	$(BIN)/python -m bench.peers --model $(BENCH_MODEL) --bentoml $(PEERS_VENV)/bin/bentoml $(PEERS_ARGS)
