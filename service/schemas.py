@@ -57,6 +57,12 @@ EXAMPLE_USER: dict[str, Any] = {
     "as_of": "1997-09-30T00:00:00Z",
     "events": _EXAMPLE_EVENTS,
 }
+#: What every answer says about the model that produced it (the CDNOW model of `make train`).
+_EXAMPLE_MODEL: dict[str, Any] = {
+    "model_version": "cln-customer-split-19970930-6c351dd17f",
+    "threshold": 0.3003,
+    "horizon_days": 273,
+}
 
 
 class Event(BaseModel):
@@ -176,9 +182,7 @@ class PredictResponse(Prediction):
                     "user_id": "u-1042",
                     "probability": 0.5834,
                     "will_purchase": True,
-                    "threshold": 0.3003,
-                    "horizon_days": 273,
-                    "model_version": "cln-customer-split-19970930-6c351dd17f",
+                    **_EXAMPLE_MODEL,
                 }
             ]
         }
@@ -196,9 +200,7 @@ class BatchPredictResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model_version": "cln-customer-split-19970930-6c351dd17f",
-                    "threshold": 0.3003,
-                    "horizon_days": 273,
+                    **_EXAMPLE_MODEL,
                     "predictions": [
                         {"user_id": "u-1042", "probability": 0.5834, "will_purchase": True},
                         {"user_id": "u-7", "probability": 0.0213, "will_purchase": False},
@@ -229,9 +231,7 @@ class ColumnarPredictResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model_version": "cln-customer-split-19970930-6c351dd17f",
-                    "threshold": 0.3003,
-                    "horizon_days": 273,
+                    **_EXAMPLE_MODEL,
                     "columns": {
                         "user_id": ["u-1042", "u-7"],
                         "probability": [0.5834, 0.0213],
@@ -300,7 +300,7 @@ class ReadinessResponse(BaseModel):
                     "ready": True,
                     "status": "ready",
                     "reason": None,
-                    "model_version": "cln-customer-split-19970930-6c351dd17f",
+                    "model_version": _EXAMPLE_MODEL["model_version"],
                     "provider": "CPUExecutionProvider",
                     "provider_fallback": False,
                 },
@@ -350,24 +350,30 @@ class ModelResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model_version": "cln-customer-split-19970930-6c351dd17f",
-                    "created_at": "2024-01-01T00:00:00Z",
-                    "threshold": 0.3003,
-                    "horizon_weeks": 12,
-                    "horizon_days": 273,
+                    **_EXAMPLE_MODEL,
+                    "created_at": "2026-11-25T21:45:00Z",
+                    "horizon_weeks": 39,
                     "protocol": "customer-split",
                     "cutoff": "1997-09-30",
-                    "data_fingerprint": "9c1b...",
+                    "data_fingerprint": "d4d74010...",
                     "feature_spec": {
-                        "lookback_bins": 39,
+                        "lookback_bins": 52,
                         "bin_days": 7,
-                        "channels": ["purchases", "log_spend", "log_quantity", "active", "log_recency_bins"],
-                        "lookback_days": 273,
+                        "channels": [
+                            "purchases",
+                            "log_spend",
+                            "log_quantity",
+                            "active",
+                            "log_bins_since_purchase",
+                            "log_frequency_total",
+                            "log_recency_bins",
+                        ],
+                        "lookback_days": 364,
                         "time_axis": "oldest bin first; the last bin contains as_of",
                     },
-                    "training_metrics": {"roc_auc": 0.83},
-                    "hyperparameters": {"channels": 16},
-                    "opset": 17,
+                    "training_metrics": {"test": {"roc_auc": 0.7697, "brier": 0.1593}},
+                    "hyperparameters": {"conv_channels": 16, "origins": 4},
+                    "opset": 18,
                     "n_seeds": 5,
                     "format_version": 1,
                     "runtime": {
@@ -377,7 +383,7 @@ class ModelResponse(BaseModel):
                         "provider_fallback": False,
                         "batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000],
                         "load_seconds": 0.042,
-                        "loaded_at": "2024-01-02T10:00:00.000Z",
+                        "loaded_at": "2026-11-25T22:00:00.000Z",
                     },
                 }
             ]
