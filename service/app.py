@@ -16,6 +16,8 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__
 from service.api import admin, events, health, model, predict, users
@@ -25,7 +27,7 @@ from service.batching import Batcher
 from service.config import Settings
 from service.errors import REJECT_REASONS, install_error_handlers
 from service.lifecycle import ModelSlot, load_model
-from service.limits import LimitMiddleware
+from service.limits import Admission, LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.predictor import Predictor
@@ -72,6 +74,30 @@ def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class ServiceApp(FastAPI):
+    """FastAPI, except that ``POST /predict`` skips FastAPI's own layers (``serve_predict``).
+
+    The direct route still runs inside the same request and limit middleware (one admission count
+    shared with the app's), is listed in the OpenAPI document by its FastAPI declaration, and is
+    labelled with that route in metrics. Every other request, and lifespan, is FastAPI's.
+    """
+
+    direct_predict: ASGIApp | None = None
+    predict_route: BaseRoute | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.direct_predict is not None
+            and scope["type"] == "http"
+            and scope["path"] == "/predict"
+            and scope["method"] == "POST"
+        ):
+            scope["route"] = self.predict_route
+            await self.direct_predict(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -80,7 +106,7 @@ def create_app(
     on_load_failure: Callable[[str], None] | None = None,
     slot: ModelSlot | None = None,
     store: EventStore | None = None,
-) -> FastAPI:
+) -> ServiceApp:
     """Build the app. The model is loaded (or ``predictor`` warmed up) after start-up, in the
     background; ``on_load_failure`` is called with the cause if that fails. ``slot`` is passed
     in by the CLI, whose signal handler drains it (readiness 503) on SIGTERM. ``store`` replaces
@@ -152,7 +178,7 @@ def create_app(
             if guarded is not None:
                 await anyio.to_thread.run_sync(guarded.close)
 
-    app = FastAPI(
+    app = ServiceApp(
         title="purchase-intent",
         version=__version__,
         description=_DESCRIPTION,
@@ -169,13 +195,15 @@ def create_app(
         if admin_enabled:
             app.include_router(users.router)
     install_error_handlers(app, metrics)
+    limits: dict[str, Any] = {
+        "metrics": metrics,
+        "max_body_bytes": settings.max_body_bytes,
+        "admission": Admission(settings.max_concurrent_requests),
+    }
     # added first = inside RequestMiddleware, which times, logs and counts what this one refuses
-    app.add_middleware(
-        LimitMiddleware,
-        metrics=metrics,
-        max_body_bytes=settings.max_body_bytes,
-        max_concurrent=settings.max_concurrent_requests,
-    )
+    app.add_middleware(LimitMiddleware, **limits)
     app.add_middleware(RequestMiddleware, metrics=metrics)
+    app.direct_predict = RequestMiddleware(LimitMiddleware(predict.serve_predict, **limits), metrics=metrics)
+    app.predict_route = next(r for r in predict.router.routes if getattr(r, "path", None) == "/predict")
     _add_request_schemas(app, admin_enabled=admin_enabled)
     return app

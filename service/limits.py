@@ -36,15 +36,23 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
+class Admission:
+    """How many prediction requests are in progress, shared by every stack that admits them (the
+    app's middleware and the direct ``/predict`` route, see ``service.app``): one limit, one count."""
+
+    def __init__(self, max_concurrent: int) -> None:
+        self.max_concurrent = max_concurrent
+        self.active = 0  # only the event loop thread touches it
+
+
 class LimitMiddleware:
     """Body size for every request; admission (bounded concurrency) for prediction routes."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, max_concurrent: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, admission: Admission) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self.max_concurrent = max_concurrent
-        self.active = 0  # prediction requests in progress; only the event loop thread touches it
+        self.admission = admission
 
     def _too_large(self) -> BodyTooLargeError:
         return BodyTooLargeError(f"the request body is larger than {self.max_body_bytes} bytes")
@@ -57,16 +65,17 @@ class LimitMiddleware:
         if declared is not None and declared > self.max_body_bytes:
             await self._refuse(self._too_large(), scope, receive, send)
             return
+        admission = self.admission
         admitted = scope["path"] in ADMITTED_PATHS
         if admitted:
-            if self.active >= self.max_concurrent:
+            if admission.active >= admission.max_concurrent:
                 error = OverloadedError(
                     "the service is at its concurrency limit; retry after Retry-After seconds",
                     headers=RETRY_AFTER,
                 )
                 await self._refuse(error, scope, receive, send)
                 return
-            self.active += 1
+            admission.active += 1
         received = 0
 
         async def counted_receive() -> Message:
@@ -82,7 +91,7 @@ class LimitMiddleware:
             await self.app(scope, counted_receive, send)
         finally:
             if admitted:
-                self.active -= 1
+                admission.active -= 1
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.rejected.labels(error.code).inc()

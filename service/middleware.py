@@ -24,6 +24,8 @@ QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 #: A client's request id is echoed only if it is short and plain; anything else is replaced.
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _MAX_LOGGED_PATH = 200
+#: What the access log and metrics record for a request whose client left before the answer (nginx's 499).
+CLIENT_CLOSED = 499
 
 
 def _request_id(scope: Scope) -> str:
@@ -68,6 +70,8 @@ class RequestMiddleware:
         m.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+            if not response_started:
+                status = CLIENT_CLOSED  # the client went away before there was an answer to send
         except Exception:
             logger.exception("unhandled error", extra={"request_id": request_id})
             m.rejected.labels("internal_error").inc()
