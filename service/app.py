@@ -117,6 +117,7 @@ def create_app(
         reject_reasons=REJECT_REASONS,
     )
     model_slot = slot if slot is not None else ModelSlot()
+    admission = Admission(settings.max_concurrent_requests)
     backend = store if store is not None else open_store(settings)  # no I/O until first use
     guarded = (
         None
@@ -148,6 +149,7 @@ def create_app(
             store=guarded,
             store_limiter=anyio.CapacityLimiter(settings.store_threads),
             batcher=batcher,
+            admission=admission,
         )
         upkeep: list[asyncio.Task[None]] = []
         if guarded is not None:
@@ -198,7 +200,7 @@ def create_app(
     limits: dict[str, Any] = {
         "metrics": metrics,
         "max_body_bytes": settings.max_body_bytes,
-        "admission": Admission(settings.max_concurrent_requests),
+        "admission": admission,
     }
     # added first = inside RequestMiddleware, which times, logs and counts what this one refuses
     app.add_middleware(LimitMiddleware, **limits)

@@ -4,9 +4,9 @@ Each request is parsed and validated on its own (a bad request fails alone), the
 columns join a bounded queue. One consumer task takes what is queued and scores it in one call:
 
 - **an idle queue never waits**: a request that finds no company is scored at once, so one
-  connection sees no added wait (the wait bound is a cap, not a fixed delay; triton#4667). It
-  still goes through the queue and the consumer task (~15 us): scoring it inline in its handler
-  when the queue looks empty would score every request of a burst alone, since the handlers that
+  connection sees no added wait (the wait bound is a cap, not a fixed delay; triton#4667). A
+  request that is the only prediction in progress does not come here at all (the router scores it
+  in its handler); "the queue looks empty" would not do as that test, since the handlers that
   become ready in one turn of the loop each find the queue empty in turn;
 - **while requests keep arriving**, the consumer yields to the event loop and takes what the
   yield brought, until the batch holds ``max_users`` users, ``max_wait_s`` has passed, or

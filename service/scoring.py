@@ -7,6 +7,7 @@ and an offline score of the same user at the same ``as_of`` identical.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ def to_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
     encoder works on the columns with no per-event Python at all. Event timestamps are not
     range-checked here: call :func:`out_of_range` on the result.
     """
+    if len(users) == 1:
+        return _one_user(users[0], now)
     n = len(users)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(u.events or ()) for u in users], out=offsets[1:])
@@ -60,15 +63,39 @@ def to_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
     )
 
 
+_NONE = np.zeros(0, dtype=np.int64)
+_NONE.flags.writeable = False
+
+
+def _within(seconds: NDArray[np.int64]) -> bool:
+    return seconds.size == 0 or bool(seconds.min() >= EARLIEST_SECONDS and seconds.max() < LATEST_SECONDS)
+
+
+def _one_user(user: PredictRequest, now: int) -> EventColumns:
+    """:func:`to_columns` for the single-user ``/predict``, without the flattening (~4 us less)."""
+    events = user.events or ()
+    seconds = np.array([e.timestamp.timestamp() for e in events], dtype=np.float64)
+    as_of = now if user.as_of is None else math.floor(user.as_of.timestamp())
+    return EventColumns(
+        timestamps=np.floor(seconds).astype(np.int64),
+        amounts=np.array([e.amount for e in events], dtype=np.float64),
+        quantities=np.array([e.quantity for e in events], dtype=np.float64),
+        offsets=np.array([0, len(events)], dtype=np.int64),
+        as_of=np.array([as_of], dtype=np.int64),
+    )
+
+
 def out_of_range(
     columns: EventColumns,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """Timestamps outside [1970-01-01, 2100-01-01): events as ``(user index, index within the
     user)``, then the users whose ``as_of`` is out. One vectorised pass, not a call per value."""
     ts = columns.timestamps
+    as_of = columns.as_of
+    if _within(ts) and _within(as_of):  # the common case, in two reductions each
+        return _NONE, _NONE, _NONE
     bad = np.flatnonzero((ts < EARLIEST_SECONDS) | (ts >= LATEST_SECONDS))
     users = np.searchsorted(columns.offsets, bad, side="right") - 1
-    as_of = columns.as_of
     bad_as_of = np.flatnonzero((as_of < EARLIEST_SECONDS) | (as_of >= LATEST_SECONDS))
     return users.astype(np.int64), (bad - columns.offsets[users]).astype(np.int64), bad_as_of.astype(np.int64)
 

@@ -12,6 +12,7 @@ from service.batching import Batcher
 from service.config import Settings
 from service.errors import NotReadyError
 from service.lifecycle import ModelSlot, Served
+from service.limits import Admission
 from service.metrics import Metrics
 from service.scoring import Scorer
 from service.store import GuardedStore
@@ -30,6 +31,7 @@ class AppContext:
     store: GuardedStore | None = None  # the event store (PI_STORE_BACKEND), None when "none"
     store_limiter: anyio.CapacityLimiter | None = None  # threads for writes and admin history calls
     batcher: Batcher | None = None  # micro-batching of small /predict calls; None when switched off
+    admission: Admission | None = None  # prediction requests in progress (service.limits)
 
 
 async def get_context(request: Request) -> AppContext:

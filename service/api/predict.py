@@ -23,6 +23,7 @@ three body formats, told apart by content type and, for JSON, by the first key (
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -414,10 +415,20 @@ async def _submit(batcher: Batcher, served: Served, columns: EventColumns) -> ND
         raise NotReadyError(str(exc), headers=RETRY_AFTER) from None
 
 
+async def _alone(ctx: AppContext) -> bool:
+    """No other prediction request is in progress: nobody to batch with, so skip the batcher's
+    queue and its consumer task (two task switches). One turn of the loop first: requests whose
+    bytes arrived together start in that turn and count as in progress, so a burst is batched."""
+    if ctx.admission is None:
+        return False
+    await asyncio.sleep(0)
+    return ctx.admission.active <= 1
+
+
 async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
     """One user's answer. A small body is parsed and validated on the loop, then scored in the
-    micro-batcher's next call (or right here when it is off); a long history, or a user to read
-    from the store, is parsed and scored in a worker thread, alone."""
+    micro-batcher's next call (or right here when it is off or the request is alone); a long
+    history, or a user to read from the store, is parsed and scored in a worker thread, alone."""
     served, body, deadline = await _receive(scope, receive, ctx)
     if len(body) <= ctx.settings.inline_max_body_bytes:
         try:
@@ -425,7 +436,7 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
         except StoreReadNeeded:
             pass  # by user id: the store read blocks, so parse, read and score in a worker
         else:
-            if ctx.batcher is None:
+            if ctx.batcher is None or await _alone(ctx):
                 probabilities = ctx.scorer.score(served.predictor, columns)
             else:
                 probabilities = await _submit(ctx.batcher, served, columns)

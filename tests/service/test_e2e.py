@@ -7,6 +7,7 @@ call the same encoder with the model's own feature spec.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TinyModel
 from tests.service.processes import (
@@ -180,3 +182,43 @@ def test_sigterm_shuts_down_gracefully(tiny_model_dir: TinyModel, tmp_path: Path
     assert proc.process.returncode in (0, -signal.SIGTERM)
     messages = [x["message"] for x in proc.log_lines()]
     assert "Application shutdown complete." in messages
+
+
+def _sample(metrics_text: str, name: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    raise AssertionError(f"{name} not exported")
+
+
+def test_concurrent_predicts_are_batched_and_lone_ones_are_not(
+    server: ServiceProcess, offline: list[dict[str, Any]]
+) -> None:
+    """Over real sockets: a lone request skips the batcher's queue; 32 connections at once share
+    inference calls, and every answer is still its own user's (the direct /predict route)."""
+    bodies = [u["body"] for u in offline[:64]]
+    queued = "purchase_intent_batch_queue_duration_seconds_count"
+    calls = "purchase_intent_batch_size_count"
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        before = client.get("/metrics").text
+        alone = [client.post("/predict", json=b).json()["probability"] for b in bodies[:8]]
+        after_alone = client.get("/metrics").text
+    assert _sample(after_alone, queued) == _sample(before, queued)
+    assert _sample(after_alone, calls) - _sample(before, calls) == 8
+
+    async def burst() -> list[float]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            answers = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies * 4))
+        assert all(r.status_code == 200 for r in answers)
+        return [r.json()["probability"] for r in answers]
+
+    together = asyncio.run(burst())
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        after_burst = client.get("/metrics").text
+    want = np.array([u["probability"] for u in offline[:64]] * 4)
+    np.testing.assert_allclose(np.array(together), want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.array(alone), want[:8], rtol=0, atol=1e-6)
+    assert _sample(after_burst, queued) > _sample(after_alone, queued)  # some went through the queue
+    assert _sample(after_burst, calls) - _sample(after_alone, calls) < len(together)  # fewer calls
