@@ -33,7 +33,7 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-train
 # Re-resolve the runtime dependencies in a scratch venv (no torch, no extras) and pin them.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet .
+	.lock-venv/bin/pip install --quiet '.[arrow]'
 	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude purchase-intent --all \
 	  | grep -vE '^(pip|setuptools|wheel)=='; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
