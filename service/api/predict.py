@@ -360,11 +360,14 @@ async def _receive(
     # the version goes into the access log line, whatever happens next
     scope.setdefault("state", {})["model_version"] = served.predictor.metadata.model_version
     timeout = ctx.settings.request_timeout_seconds
-    deadline = anyio.current_time() + timeout
-    with anyio.move_on_after(timeout) as arrival:
-        body = await _read_body(receive)
-    if arrival.cancelled_caught:
-        raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s")
+    deadline = anyio.current_time() + timeout  # the event loop's clock, as asyncio's below
+    # asyncio's timeout, not anyio.move_on_after: anyio's cancel scope cost ~10-50 us a request
+    # with 64 requests in flight (cProfile, issue 6); uvicorn always runs us on asyncio
+    try:
+        async with asyncio.timeout_at(deadline):
+            body = await _read_body(receive)
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s") from None
     return served, body, deadline
 
 
