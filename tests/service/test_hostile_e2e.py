@@ -114,3 +114,25 @@ def test_error_bodies_carry_no_traceback_or_path(server: ServiceProcess, tmp_pat
         assert 'File "' not in r.text
         assert log_dir not in r.text
         assert "/service/" not in r.text
+
+
+def test_a_client_that_leaves_mid_body_is_logged_as_499_and_the_server_carries_on(
+    server: ServiceProcess,
+) -> None:
+    with connect(server.url) as sock:
+        sock.sendall(
+            head(
+                "/predict",
+                {"Content-Type": "application/json", "Content-Length": "200", "X-Request-ID": "gone-1"},
+            )
+        )
+        sock.sendall(b'{"user_id": "leaving", ')  # then the connection closes
+    deadline = time.monotonic() + 10
+    line: dict[str, object] | None = None
+    while line is None and time.monotonic() < deadline:
+        line = next((entry for entry in server.log_lines() if entry.get("request_id") == "gone-1"), None)
+        time.sleep(0.05)
+    assert line is not None, "no access line for the request whose client left"
+    assert line["status"] == 499 and line["route"] == "/predict"
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/healthz").status_code == 200
