@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
@@ -72,6 +73,8 @@ class RequestMiddleware:
             await self.app(scope, receive, send_with_id)
             if not response_started:
                 status = CLIENT_CLOSED  # the client went away before there was an answer to send
+        except ClientDisconnect:  # the same, noticed by a route that read the body with Starlette
+            status = CLIENT_CLOSED
         except Exception:
             logger.exception("unhandled error", extra={"request_id": request_id})
             m.rejected.labels("internal_error").inc()

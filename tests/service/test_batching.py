@@ -239,7 +239,8 @@ def test_concurrent_predicts_each_get_their_own_answer(
     # those that started in the same turn were queued together (TestClient may let a last one in
     # after the others finished: alone again, scored in its handler).
     queued = registry.get_sample_value("purchase_intent_batch_queue_duration_seconds_count")
-    assert queued is not None and 2 <= queued <= 4
+    assert queued is not None
+    assert 2 <= queued <= 4
     expected = reference_probability(np.zeros((1, 8, 3), dtype=np.float32))[0]
     assert answers[0]["probability"] == pytest.approx(float(expected), rel=1e-6)
 

@@ -116,23 +116,34 @@ def test_error_bodies_carry_no_traceback_or_path(server: ServiceProcess, tmp_pat
         assert "/service/" not in r.text
 
 
+def _access_line(server: ServiceProcess, request_id: str) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        line = next((e for e in server.log_lines() if e.get("request_id") == request_id), None)
+        if line is not None:
+            return line
+        time.sleep(0.05)
+    raise AssertionError(f"no access line for {request_id}")
+
+
 def test_a_client_that_leaves_mid_body_is_logged_as_499_and_the_server_carries_on(
     server: ServiceProcess,
 ) -> None:
     with connect(server.url) as sock:
-        sock.sendall(
-            head(
-                "/predict",
-                {"Content-Type": "application/json", "Content-Length": "200", "X-Request-ID": "gone-1"},
-            )
-        )
+        headers = {"Content-Type": "application/json", "Content-Length": "200", "X-Request-ID": "gone-1"}
+        sock.sendall(head("/predict", headers))
         sock.sendall(b'{"user_id": "leaving", ')  # then the connection closes
-    deadline = time.monotonic() + 10
-    line: dict[str, object] | None = None
-    while line is None and time.monotonic() < deadline:
-        line = next((entry for entry in server.log_lines() if entry.get("request_id") == "gone-1"), None)
-        time.sleep(0.05)
-    assert line is not None, "no access line for the request whose client left"
-    assert line["status"] == 499 and line["route"] == "/predict"
+    line = _access_line(server, "gone-1")
+    assert line["status"] == 499
+    assert line["route"] == "/predict"
     with httpx.Client(base_url=server.url, timeout=10) as client:
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_client_that_leaves_mid_batch_body_is_a_499_too(server: ServiceProcess) -> None:
+    with connect(server.url) as sock:
+        headers = {"Content-Type": "application/json", "Content-Length": "200", "X-Request-ID": "gone-2"}
+        sock.sendall(head("/predict/batch", headers))
+        sock.sendall(b'{"users": [')
+    assert _access_line(server, "gone-2")["status"] == 499
+    assert not [e for e in server.log_lines() if e.get("level") == "error"]  # not an unhandled error
