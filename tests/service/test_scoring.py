@@ -44,7 +44,8 @@ def test_one_user_columns_equal_that_user_in_a_batch(index: int) -> None:
     lo, hi = batch.offsets[index], batch.offsets[index + 1]
     for name in ("timestamps", "amounts", "quantities"):
         got, want = getattr(alone, name), getattr(batch, name)[lo:hi]
-        assert got.dtype == want.dtype and np.array_equal(got, want), name
+        assert got.dtype == want.dtype, name
+        assert np.array_equal(got, want), name
     assert np.array_equal(alone.offsets, [0, hi - lo])
     assert alone.as_of.dtype == np.int64
     assert np.array_equal(alone.as_of, batch.as_of[index : index + 1])
