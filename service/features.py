@@ -164,7 +164,7 @@ def _as_offsets(offsets: ArrayLike, n_events: int) -> NDArray[np.int64]:
         raise ValueError("offsets must be a 1-D array of n_users + 1 positions")
     if off[0] != 0 or off[-1] != n_events:
         raise ValueError(f"offsets must start at 0 and end at the number of events ({n_events})")
-    if np.any(np.diff(off) < 0):
+    if (off[1:] < off[:-1]).any():  # not np.diff: its Python wrapper was ~6% of a 1-user encode
         raise ValueError("offsets must be non-decreasing")
     return off
 
@@ -189,7 +189,7 @@ def _prepare(
     as_of_arr = np.asarray(as_of, dtype=np.int64)
     if as_of_arr.ndim > 1 or (as_of_arr.ndim == 1 and as_of_arr.size != n_users):
         raise ValueError(f"as_of must be a scalar or one value per user ({n_users})")
-    as_of_u = np.broadcast_to(as_of_arr, (n_users,))
+    as_of_u = as_of_arr if as_of_arr.ndim == 1 else np.full(n_users, as_of_arr, dtype=np.int64)
 
     user = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(off))
     keep = ts <= as_of_u[user]
@@ -267,8 +267,10 @@ def encode_batch(
     """
     p = _prepare(timestamps, amounts, quantities, offsets, as_of, folded)
     n, n_bins, bin_days = p.n_users, spec.lookback_bins, spec.bin_days
-    if np.any(p.folded_last_age >= 0) and int(p.folded_last_age[p.folded_last_age >= 0].min()) < (
-        n_bins * bin_days
+    if (
+        folded is not None
+        and int(p.folded_last_age.max(initial=-1)) >= 0
+        and int(p.folded_last_age[p.folded_last_age >= 0].min()) < (n_bins * bin_days)
     ):
         raise ValueError("folded purchases inside the window: the history was compacted past as_of")
     s = p.summary
