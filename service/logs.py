@@ -28,9 +28,24 @@ _ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps build
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "message", **extra}``; exceptions as one ``exc_info`` string."""
 
+    _second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+    def _ts(self, created: float) -> str:
+        """``isoformat(timespec="milliseconds")`` with the date and time part formatted once a
+        second: an access line per request made that call a fifth of the formatting cost."""
+        second = int(created)
+        micros = round((created - second) * 1_000_000)  # fromtimestamp rounds to the microsecond
+        if micros == 1_000_000:
+            second, micros = second + 1, 0
+        cached, text = self._second
+        if second != cached:
+            text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (second, text)  # one assignment: safe when threads log at once
+        return f"{text}.{micros // 1000:03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "ts": self._ts(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
