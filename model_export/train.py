@@ -43,7 +43,7 @@ from model_export.export import (
     with_metadata,
 )
 from model_export.files import write_atomic
-from model_export.model import CLN, CLNConfig, Ensemble, n_parameters
+from model_export.model import CLN, CLNConfig, Ensemble, FusedEnsemble, n_parameters
 from service.artifact import ModelMetadata
 from service.features import FeatureSpec, UserSummary, encode_batch, summarise
 
@@ -352,8 +352,10 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         for b in BASELINES
     }
 
-    # export: trace, check parity on the held-out users, then add metadata and write atomically
-    proto = to_onnx(ensemble, splits.test.X[: min(8, splits.test.X.shape[0])], cfg.opset)
+    # export: trace the fused serving form, check it against the trained ensemble (not against
+    # itself) on the held-out users, then add metadata and write atomically
+    served = FusedEnsemble(ensemble).eval()
+    proto = to_onnx(served, splits.test.X[: min(8, splits.test.X.shape[0])], cfg.opset)
     parity_diff = parity(ensemble, proto, splits.test.X)
     if not parity_diff <= PARITY_TOLERANCE:
         raise ExportError(f"onnxruntime disagrees with PyTorch by {parity_diff:.3g} > {PARITY_TOLERANCE}")

@@ -373,7 +373,7 @@ class ModelResponse(BaseModel):
                     },
                     "training_metrics": {"test": {"roc_auc": 0.7697, "brier": 0.1593}},
                     "hyperparameters": {"conv_channels": 16, "origins": 4},
-                    "opset": 18,
+                    "opset": 20,
                     "n_seeds": 5,
                     "format_version": 1,
                     "runtime": {

@@ -74,7 +74,7 @@ def test_onnx_file_is_a_contract(tiny_model_dir: TinyModel) -> None:
     assert dims[0].dim_param, "batch axis must be dynamic"
     meta = read_metadata(tiny_model_dir.model)
     assert [d.dim_value for d in dims[1:]] == list(meta.feature_spec.shape)
-    assert {o.domain: o.version for o in proto.opset_import}[""] == meta.opset == 18
+    assert {o.domain: o.version for o in proto.opset_import}[""] == meta.opset == 20
     session = ort.InferenceSession(str(tiny_model_dir.model), providers=["CPUExecutionProvider"])
     for batch in (1, 3, 257):
         x = np.zeros((batch, *meta.feature_spec.shape), dtype=np.float32)
