@@ -1,6 +1,7 @@
-"""``python -m bench --model PATH [--duration 10s] [--json PATH] ...``: run, print the table, write JSON.
+"""``python -m bench --model PATH [--duration 10s] [--json PATH] [--only predict] ...``: run, print
+the tables, write JSON.
 
-Progress goes to stderr, the table to stdout. Ctrl-C or SIGTERM stops every server the run started
+Progress goes to stderr, the tables to stdout. Ctrl-C or SIGTERM stops every server the run started
 before the process exits; a failed run exits 1 and writes no JSON.
 """
 
@@ -61,6 +62,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json", type=Path, help="where to write the JSON (default bench/results/<time>.json)"
     )
     parser.add_argument("--workdir", type=Path, help="keep bodies, Lua scripts and server logs here")
+    parser.add_argument(
+        "--only",
+        choices=("predict",),
+        help="predict: only the /predict phases (raw onnxruntime batch 1, constant FastAPI, "
+        "the service with and without micro-batching), for a quick A/B",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_connections=args.batch_connections,
             wrk_threads=args.wrk_threads,
             batch_users=args.batch_users,
+            phases="all" if args.only is None else args.only,
         )
         try:
             result = harness.run(options, _say)

@@ -1,8 +1,10 @@
 """One benchmark run, phase by phase, each bounded in time; every server it starts is stopped.
 
 Order: raw onnxruntime floors (nothing else running), then the constant FastAPI floor, then the
-service. One server runs at a time, so they never compete with each other for the two cores; wrk
-does share the machine with the server it loads, as it does for every row alike.
+service, then a second service with micro-batching off for its ``/predict`` phases, so the
+default is judged against the alternative in the same run on the same machine (MLServer#1826).
+One server runs at a time, so they never compete with each other for the two cores; wrk does share
+the machine with the server it loads, as it does for every row alike.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import bodies, floors, machine, processes, wrk
-from bench.report import BY_ID_PATH, HttpPhase, Report, RunSettings
+from bench.report import BY_ID_PATH, UNBATCHED_SERVER, HttpPhase, Phases, Report, RunSettings
 from service.bulk import ARROW_MEDIA_TYPE
 from service.config import Settings
 from service.schemas import BatchPredictRequest, PredictRequest
@@ -41,6 +43,7 @@ class Options:
     wrk_threads: int = 1
     batch_users: int = bodies.BATCH_USERS
     events: int = bodies.EVENTS_PER_USER
+    phases: Phases = "all"
 
 
 class BenchError(RuntimeError):
@@ -57,10 +60,28 @@ def _running(server: processes.Server, say: Say) -> Iterator[processes.Server]:
         server.stop()
 
 
-def _check_answers(url: str, body: bytes, what: str, content_type: str = "application/json") -> None:
+def _check_answers(url: str, body: bytes, what: str, content_type: str = "application/json") -> bytes:
     status, answer = processes.post(url, body, content_type)
     if status != 200:
         raise BenchError(f"{what}: POST {url} answered {status}: {answer[:300]!r}")
+    return answer
+
+
+def _metric(server: processes.Server, name: str) -> float | None:
+    """One unlabelled sample from the service's ``/metrics``, if it is there."""
+    try:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        raise _gone(server, f"GET /metrics failed ({exc})") from exc
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")), None)
+
+
+def _gone(server: processes.Server, what: str) -> BenchError:
+    """The error for a server that stopped answering, with what its log says about why."""
+    code = server.process.poll()
+    state = "is still running" if code is None else f"exited with {code}"
+    return BenchError(f"{server.name}: {what}; the process {state}; its log ends:\n{server.log_tail()}")
 
 
 def _settle(server: processes.Server, timeout_s: float = 10.0) -> None:
@@ -71,27 +92,20 @@ def _settle(server: processes.Server, timeout_s: float = 10.0) -> None:
     the concurrency limit and count the service's own load shedding as errors of the next phase.
     The constant-answer app has no /metrics and answers in microseconds: nothing to wait for.
     """
-    if server.name != "service":
+    if server.name not in _SERVICES:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
-            text = response.read().decode()
-        in_flight = next(
-            (
-                float(line.split()[-1])
-                for line in text.splitlines()
-                if line.startswith(IN_FLIGHT_METRIC + " ")
-            ),
-            0.0,
-        )
-        if in_flight <= 1.0:  # the scrape itself
+        if (_metric(server, IN_FLIGHT_METRIC) or 0.0) <= 1.0:  # the scrape itself
             return
         time.sleep(0.05)
 
 
 #: The service's in-flight gauge, read by :func:`_settle`.
 IN_FLIGHT_METRIC = "purchase_intent_requests_in_flight"
+#: Requests that went through the micro-batch queue: none may have, with micro-batching off.
+QUEUED_METRIC = "purchase_intent_batch_queue_duration_seconds_count"
+_SERVICES = ("service", UNBATCHED_SERVER)
 
 
 def _http_phase(
@@ -116,6 +130,8 @@ def _http_phase(
     )
     if result.errors:
         say(f"  {result.errors} errors ({result.socket_errors} socket, {result.non_2xx} non-2xx)")
+    if server.process.poll() is not None:
+        raise _gone(server, f"died during the {path} phase at {connections} connection(s)")
     p = result.percentiles_ms
     return HttpPhase(
         server=server.name,
@@ -147,13 +163,17 @@ def _warm_up(server: processes.Server, script: Path, options: Options, say: Say)
         )
 
 
+def _predict_phases(server: processes.Server, script: Path, options: Options, say: Say) -> list[HttpPhase]:
+    _warm_up(server, script, options, say)
+    return [_http_phase(server, "/predict", script, c, 1, options, say) for c in options.connections]
+
+
 def _load(
     server: processes.Server, scripts: dict[str, Path], options: Options, say: Say, bulk: bool = False
 ) -> list[HttpPhase]:
-    _warm_up(server, scripts["/predict"], options, say)
-    phases = [
-        _http_phase(server, "/predict", scripts["/predict"], c, 1, options, say) for c in options.connections
-    ]
+    phases = _predict_phases(server, scripts["/predict"], options, say)
+    if options.phases == "predict":
+        return phases
     phases.append(
         _http_phase(
             server,
@@ -186,6 +206,46 @@ def _service_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("PI_")}
 
 
+def _start_service(name: str, options: Options, env: dict[str, str]) -> processes.Server:
+    port = processes.free_port()
+    argv = [sys.executable, "-m", "service", "--model", str(options.model)]
+    argv += ["--host", processes.HOST, "--port", str(port)]
+    return processes.start(name, argv, port, options.workdir / f"{name}.log", cwd=REPO, env=env)
+
+
+def _probability(answer: bytes) -> float:
+    return float(json.loads(answer)["probability"])
+
+
+def _measure_unbatched(
+    script: Path, predict_body: bytes, batched_answer: bytes, options: Options, say: Say
+) -> list[HttpPhase]:
+    """The service's ``/predict`` phases again, from a second process with micro-batching off.
+
+    The same environment otherwise (PI_* variables pass to both), its own event store file and
+    log. Its answer must be the batched service's, and afterwards its queue must have seen no
+    request: a comparison with a setting that did not take effect would be no comparison.
+    """
+    env = {"PI_MICROBATCH": "false", "PI_STORE_PATH": str(options.workdir / f"{UNBATCHED_SERVER}.sqlite3")}
+    server = _start_service(UNBATCHED_SERVER, options, env)
+    with _running(server, say):
+        answer = _check_answers(server.url + "/predict", predict_body, UNBATCHED_SERVER)
+        if abs(_probability(answer) - _probability(batched_answer)) > 1e-6:
+            raise BenchError(
+                f"{UNBATCHED_SERVER} answered {answer[:300]!r}, the service {batched_answer[:300]!r}"
+            )
+        phases = _predict_phases(server, script, options, say)
+        queued = _metric(server, QUEUED_METRIC)
+        if queued is None:
+            raise BenchError(f"{UNBATCHED_SERVER}: no {QUEUED_METRIC} in /metrics to check it was unbatched")
+        if queued:
+            raise BenchError(
+                f"{UNBATCHED_SERVER}: {queued:.0f} requests went through the micro-batch queue "
+                "although it was started with PI_MICROBATCH=false"
+            )
+    return phases
+
+
 def run(options: Options, say: Say) -> Report:
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     facts = machine.describe()
@@ -212,10 +272,10 @@ def run(options: Options, say: Say) -> Report:
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         raise BenchError(f"onnxruntime cannot load {options.model}: {exc}") from exc
     ort_floors = []
-    for users in (
-        [PredictRequest.model_validate_json(predict_body)],
-        BatchPredictRequest.model_validate_json(batch_body).users,
-    ):
+    floor_users = [[PredictRequest.model_validate_json(predict_body)]]
+    if options.phases == "all":
+        floor_users.append(BatchPredictRequest.model_validate_json(batch_body).users)
+    for users in floor_users:
         features = floors.features_of(users, session.metadata)
         say(f"raw onnxruntime: batch {features.shape[0]} for {options.duration_s} s")
         ort_floors.append(floors.measure(session, features, options.duration_s))
@@ -237,42 +297,37 @@ def run(options: Options, say: Say) -> Report:
         _check_answers(constant.url + "/predict", predict_body, "constant FastAPI")
         http += _load(constant, scripts, options, say)
 
-    port = processes.free_port()
-    service = processes.start(
-        "service",
-        [
-            python,
-            "-m",
-            "service",
-            "--model",
-            str(options.model),
-            "--host",
-            processes.HOST,
-            "--port",
-            str(port),
-        ],
-        port,
-        workdir / "service.log",
-        cwd=REPO,
-        env={"PI_STORE_PATH": str(workdir / "events.sqlite3")},
-    )
+    # PI_MICROBATCH as the user set it (or the default) for the service, whose rows the targets
+    # judge; the second service exists to show the other setting, so there is none when the user
+    # has already switched micro-batching off for the first.
+    service = _start_service("service", options, {"PI_STORE_PATH": str(workdir / "events.sqlite3")})
     with _running(service, say):
         with urllib.request.urlopen(service.url + "/readyz", timeout=5) as response:
             ready = json.loads(response.read())
-        _check_answers(service.url + "/predict", predict_body, "service")
-        _check_answers(service.url + "/predict/batch", batch_body, "service")
-        _check_answers(service.url + "/predict/batch", columns_body, "service")
-        _check_answers(service.url + "/predict/batch", arrow_body, "service", ARROW_MEDIA_TYPE)
-        # the same user's history in the event store: /predict by user id next to inline events
-        _check_answers(service.url + "/events", bodies.events_body(options.events), "service")
-        (workdir / "by_id.json").write_bytes(bodies.by_id_body())
-        by_id = wrk.write_post_script(workdir / "by_id.lua", workdir / "by_id.json")
-        _check_answers(service.url + "/predict", bodies.by_id_body(), "service")
+        batched_answer = _check_answers(service.url + "/predict", predict_body, "service")
+        if options.phases == "all":
+            _check_answers(service.url + "/predict/batch", batch_body, "service")
+            _check_answers(service.url + "/predict/batch", columns_body, "service")
+            _check_answers(service.url + "/predict/batch", arrow_body, "service", ARROW_MEDIA_TYPE)
+            # the same user's history in the event store: /predict by user id next to inline events
+            _check_answers(service.url + "/events", bodies.events_body(options.events), "service")
+            (workdir / "by_id.json").write_bytes(bodies.by_id_body())
+            by_id = wrk.write_post_script(workdir / "by_id.lua", workdir / "by_id.json")
+            _check_answers(service.url + "/predict", bodies.by_id_body(), "service")
         with processes.RssSampler(service.process.pid) as rss:
             http += _load(service, scripts, options, say, bulk=True)
-            phase = _http_phase(service, "/predict", by_id, max(options.connections), 1, options, say)
-            http.append(dataclasses.replace(phase, path=BY_ID_PATH))
+            if options.phases == "all":
+                phase = _http_phase(service, "/predict", by_id, max(options.connections), 1, options, say)
+                http.append(dataclasses.replace(phase, path=BY_ID_PATH))
             hwm_kib = rss.high_water_mark_kib() or 0
+
+    if settings.microbatch:
+        http += _measure_unbatched(scripts["/predict"], predict_body, batched_answer, options, say)
+    else:
+        say(
+            "PI_MICROBATCH is false in this environment: the service rows are already without "
+            "micro-batching, so no second service is started"
+        )
 
     return Report(
         started_at=started_at,
@@ -289,6 +344,8 @@ def run(options: Options, say: Say) -> Report:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             service_env=_service_env(),
+            microbatch=settings.microbatch,
+            phases=options.phases,
         ),
         machine=facts,
         load_average_after=machine.load_average(),

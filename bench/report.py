@@ -1,7 +1,9 @@
-"""A run's results: the one table (Markdown, so it pastes into bench/README.md) and the same as JSON.
+"""A run's results: the tables (Markdown, so they paste into bench/README.md) and the same as JSON.
 
 Every service row carries its ratio to its floor and, where issue 6 sets one, the target and
-whether this run met it.
+whether this run met it. A second, small table sets the service's ``/predict`` with micro-batching
+against the same service without it, connection count by connection count: the default should be
+the one that wins where it matters.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench.floors import OrtFloor
 from bench.machine import Machine
@@ -27,13 +29,21 @@ BODY_LABELS = {"rows": "JSON rows", "columns": "columnar JSON", "arrow": "Arrow 
 _BATCH_KEYS = {"rows": "batch", "columns": "batch_columns", "arrow": "batch_arrow"}
 _BATCH_TARGETS = {"rows": TARGET_BATCH_RATIO, "columns": TARGET_COLUMNS_RATIO, "arrow": TARGET_ARROW_RATIO}
 TARGET_PEAK_RSS_MB = 300.0
+#: A micro-batching ratio closer to 1 than this is no win either way on a shared 2-core machine
+#: (interleaved A/B rounds there differ by a few per cent).
+MICROBATCH_TIE = 0.05
+
+#: Which phases a run measures: all, or only those of ``/predict`` (``--only predict``).
+Phases = Literal["all", "predict"]
+#: The second service process, started with ``PI_MICROBATCH=false`` for ``/predict`` only.
+UNBATCHED_SERVER = "service-unbatched"
 
 
 @dataclass(frozen=True)
 class HttpPhase:
     """One wrk run against one server and path."""
 
-    server: str  # "service" or "constant"
+    server: str  # "service", "service-unbatched" or "constant"
     path: str
     connections: int
     users_per_request: int
@@ -65,6 +75,8 @@ class RunSettings:
     intra_op_threads: int
     inter_op_threads: int
     service_env: dict[str, str]  # the PI_* variables the service was started with
+    microbatch: bool  # the service's PI_MICROBATCH; the second service, if any, has it off
+    phases: Phases
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class Report:
     load_average_after: tuple[float, float, float]
     ort: list[OrtFloor]
     http: list[HttpPhase]
-    peak_rss_mb: float  # the kernel's VmHWM for the service process
+    peak_rss_mb: float  # the kernel's VmHWM for the service process (not the unbatched one)
     sampled_peak_rss_mb: float  # the highest VmRSS sampled from /proc during the run
     rss_samples: int
 
@@ -144,7 +156,26 @@ def ratios(report: Report) -> dict[str, float]:
             ort_floor = _ort(report, phase.users_per_request)
             if ort_floor is not None and ort_floor.users_per_s > 0:
                 out[_BATCH_KEYS[phase.body]] = phase.users_per_s / ort_floor.users_per_s
+    for unbatched in report.http:
+        if unbatched.server != UNBATCHED_SERVER or unbatched.path != "/predict":
+            continue
+        c = unbatched.connections
+        floor = _find(report.http, "constant", "/predict", c)
+        if floor is not None and floor.requests_per_s > 0:
+            out[f"predict_unbatched_c{c}"] = unbatched.requests_per_s / floor.requests_per_s
+        batched = _find(report.http, "service", "/predict", c)
+        if batched is not None and unbatched.requests_per_s > 0:
+            out[f"microbatching_c{c}"] = batched.requests_per_s / unbatched.requests_per_s
     return out
+
+
+def microbatching_verdict(ratio: float) -> str:
+    """Which setting served more requests/s, given micro-batching on ÷ off."""
+    if ratio >= 1 + MICROBATCH_TIE:
+        return "on"
+    if ratio <= 1 / (1 + MICROBATCH_TIE):
+        return "off"
+    return f"neither (within {MICROBATCH_TIE:.0%})"
 
 
 def targets(report: Report) -> dict[str, bool]:
@@ -161,7 +192,9 @@ def targets(report: Report) -> dict[str, bool]:
     for body, key in _BATCH_KEYS.items():
         if key in r:
             out[f"{key}_ratio"] = r[key] >= _BATCH_TARGETS[body]
-    out["peak_rss"] = report.peak_rss_mb <= TARGET_PEAK_RSS_MB
+    # the target is about the whole benchmark's load, bulk bodies included
+    if report.settings.phases == "all":
+        out["peak_rss"] = report.peak_rss_mb <= TARGET_PEAK_RSS_MB
     return out
 
 
@@ -183,8 +216,10 @@ def rows(report: Report) -> list[Row]:
             )
         )
     for phase in report.http:
+        if phase.server == UNBATCHED_SERVER:
+            continue  # after the service's peak RSS, which is not theirs
         users = _num(phase.users_per_s) if phase.users_per_request > 1 else ""
-        errors = f" ({phase.errors} errors!)" if phase.errors else ""
+        errors = _errors(phase)
         if phase.server == "constant":
             body = f" {BODY_LABELS[phase.body]}" if phase.users_per_request > 1 else ""
             table.append(
@@ -204,6 +239,8 @@ def rows(report: Report) -> list[Row]:
         if phase.path == "/predict":
             key = f"predict_c{phase.connections}"
             ratio = f"{r[key]:.2f} x constant FastAPI" if key in r else ""
+            if f"microbatching_c{phase.connections}" in r:
+                ratio += f"; {r[f'microbatching_c{phase.connections}']:.2f} x without micro-batching"
             if phase.connections == 1 and "predict_c1_p50" in met:
                 target = f"p50 ≤ {TARGET_PREDICT_P50_MS_1} ms: {_verdict(met['predict_c1_p50'])}"
             elif phase.connections == 64 and "predict_c64_ratio" in met:
@@ -242,14 +279,78 @@ def rows(report: Report) -> list[Row]:
             "",
             "",
             "",
-            f"≤ {TARGET_PEAK_RSS_MB:.0f} MB: {_verdict(met['peak_rss'])}",
+            f"≤ {TARGET_PEAK_RSS_MB:.0f} MB: {_verdict(met['peak_rss'])}"
+            if "peak_rss" in met
+            else "not judged: /predict phases only",
         )
     )
+    for phase in report.http:
+        if phase.server != UNBATCHED_SERVER:
+            continue
+        key = f"predict_unbatched_c{phase.connections}"
+        table.append(
+            Row(
+                f"service {phase.path} (no micro-batching){_errors(phase)}",
+                str(phase.connections),
+                _num(phase.requests_per_s),
+                "",
+                _ms(phase.p50_ms),
+                _ms(phase.p99_ms),
+                f"{r[key]:.2f} x constant FastAPI" if key in r else "",
+                "",
+            )
+        )
     return table
 
 
+def _errors(phase: HttpPhase) -> str:
+    return f" ({phase.errors} errors!)" if phase.errors else ""
+
+
+_COLUMNS = ("measurement", "conns", "req/s", "users/s", "p50 ms", "p99 ms", "ratio to floor", "target")
+_MICROBATCH_COLUMNS = ("conns", "on req/s", "on p99 ms", "off req/s", "off p99 ms", "on ÷ off", "more req/s")
+
+
+def _markdown_table(columns: tuple[str, ...], cells: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return lines + ["| " + " | ".join(row) + " |" for row in cells]
+
+
+def microbatching_rows(report: Report) -> list[tuple[str, ...]]:
+    """``/predict`` with micro-batching against without, one row per connection count both ran."""
+    r = ratios(report)
+    out: list[tuple[str, ...]] = []
+    for off in report.http:
+        key = f"microbatching_c{off.connections}"
+        on = _find(report.http, "service", "/predict", off.connections)
+        if off.server != UNBATCHED_SERVER or on is None or key not in r:
+            continue
+        out.append(
+            (
+                str(off.connections),
+                _num(on.requests_per_s) + _errors(on),
+                _ms(on.p99_ms),
+                _num(off.requests_per_s) + _errors(off),
+                _ms(off.p99_ms),
+                f"{r[key]:.2f} x",
+                microbatching_verdict(r[key]),
+            )
+        )
+    return out
+
+
+def _microbatch_line(s: RunSettings) -> str:
+    given = s.service_env.get("PI_MICROBATCH")
+    source = "the default" if given is None else f"PI_MICROBATCH={given}"
+    if s.microbatch:
+        line = f"service micro-batching on ({source}); the no-micro-batching rows: PI_MICROBATCH=false"
+    else:
+        line = f"service micro-batching off ({source}), so no second service without it"
+    return line + ("; /predict phases only (--only predict)" if s.phases == "predict" else "")
+
+
 def markdown(report: Report) -> str:
-    """The header lines and the table, as Markdown."""
+    """The header lines and the tables, as Markdown."""
     m, s = report.machine, report.settings
     header = [
         f"Run {report.started_at}: {m.cpu_model}, {m.usable_cpus} usable of {m.logical_cpus} CPUs, "
@@ -261,13 +362,18 @@ def markdown(report: Report) -> str:
         f"model {s.model} ({s.model_version}); {s.wrk}, {s.wrk_threads} thread(s), "
         f"{s.duration_s} s per phase after {s.warmup_s} s warm-up; load average before "
         f"{m.load_average[0]}, after {report.load_average_after[0]}",
+        _microbatch_line(s),
         "",
     ]
-    columns = ("measurement", "conns", "req/s", "users/s", "p50 ms", "p99 ms", "ratio to floor", "target")
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows(report):
-        cells = dataclasses.astuple(row)
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = _markdown_table(_COLUMNS, [dataclasses.astuple(row) for row in rows(report)])
+    comparison = microbatching_rows(report)
+    if comparison:
+        lines += [
+            "",
+            "/predict with micro-batching (the service rows) against without (PI_MICROBATCH=false):",
+            "",
+        ]
+        lines += _markdown_table(_MICROBATCH_COLUMNS, comparison)
     return "\n".join(header + lines) + "\n"
 
 

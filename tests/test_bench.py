@@ -4,6 +4,7 @@ onnxruntime floor on a tiny model, and the table. No timing thresholds: numbers 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import pyarrow.ipc
 import pytest
 
-from bench import bodies, floors, report, wrk
+from bench import __main__ as bench_main
+from bench import bodies, floors, harness, processes, report, wrk
 from bench.machine import describe
 from service.config import Settings
 from service.schemas import BatchPredictRequest, PredictRequest
@@ -166,11 +168,15 @@ def _phase(
     )
 
 
-def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
-    ort_1000 = floors.OrtFloor(
-        batch=1000, calls=100, seconds=1.0, calls_per_s=100, users_per_s=100_000, p50_ms=10, p99_ms=12
-    )
-    result = report.Report(
+def _report(
+    http: list[report.HttpPhase],
+    ort: list[floors.OrtFloor] | None = None,
+    *,
+    microbatch: bool = True,
+    phases: report.Phases = "all",
+    service_env: dict[str, str] | None = None,
+) -> report.Report:
+    return report.Report(
         started_at="2024-01-01T00:00:00Z",
         settings=report.RunSettings(
             model="m.onnx",
@@ -184,12 +190,26 @@ def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
             batch_connections=2,
             intra_op_threads=1,
             inter_op_threads=1,
-            service_env={},
+            service_env=service_env or {},
+            microbatch=microbatch,
+            phases=phases,
         ),
         machine=describe(),
         load_average_after=(0.0, 0.0, 0.0),
-        ort=[ort_1000],
-        http=[
+        ort=ort or [],
+        http=http,
+        peak_rss_mb=200.0,
+        sampled_peak_rss_mb=190.0,
+        rss_samples=10,
+    )
+
+
+def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
+    ort_1000 = floors.OrtFloor(
+        batch=1000, calls=100, seconds=1.0, calls_per_s=100, users_per_s=100_000, p50_ms=10, p99_ms=12
+    )
+    result = _report(
+        [
             _phase("constant", "/predict", 1, 5000),
             _phase("constant", "/predict", 64, 6000),
             _phase("service", "/predict", 1, 2500),
@@ -198,9 +218,7 @@ def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
             _phase("service", "/predict/batch", 2, 45, users=1000, body="columns"),
             _phase("service", "/predict/batch", 2, 55, users=1000, body="arrow"),
         ],
-        peak_rss_mb=200.0,
-        sampled_peak_rss_mb=190.0,
-        rss_samples=10,
+        [ort_1000],
     )
     ratios = report.ratios(result)
     assert ratios["predict_c1"] == pytest.approx(0.5)
@@ -223,6 +241,100 @@ def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
     assert data["targets_met"]["predict_c64_p99"] is False
     assert math.isclose(data["ratios"]["batch"], 0.3)
     assert data["machine"]["onnxruntime"]
+    # no unbatched service ran: no comparison table
+    assert "without micro-batching" not in table
+    assert "on ÷ off" not in table
+
+
+UNBATCHED = report.UNBATCHED_SERVER
+
+
+def _predict_comparison(unbatched_errors: int = 0) -> report.Report:
+    return _report(
+        [
+            _phase("constant", "/predict", 1, 5000),
+            _phase("constant", "/predict", 16, 6000),
+            _phase("constant", "/predict", 64, 6000),
+            _phase("service", "/predict", 1, 2000),
+            _phase("service", "/predict", 16, 3000),
+            _phase("service", "/predict", 64, 3600),
+            dataclasses.replace(_phase(UNBATCHED, "/predict", 1, 2050), p99_ms=0.7),
+            _phase(UNBATCHED, "/predict", 16, 1500),
+            dataclasses.replace(_phase(UNBATCHED, "/predict", 64, 1800), errors=unbatched_errors),
+        ]
+    )
+
+
+def test_unbatched_rows_carry_their_floor_ratio_and_the_micro_batching_ratio(tmp_path: Path) -> None:
+    result = _predict_comparison()
+    ratios = report.ratios(result)
+    assert ratios["predict_unbatched_c16"] == pytest.approx(0.25)  # 1500 / 6000
+    assert ratios["microbatching_c16"] == pytest.approx(2.0)  # 3000 / 1500
+    assert ratios["microbatching_c1"] == pytest.approx(2000 / 2050)
+    assert ratios["predict_c64"] == pytest.approx(0.6)  # the service's own ratio is unchanged
+    table = report.markdown(result)
+    assert (
+        "| service /predict (no micro-batching) | 16 | 1,500 |  | 0.300 | 20.0 | 0.25 x constant FastAPI |"
+        in table
+    )
+    batched = "| service /predict | 16 | 3,000 |  | 0.300 | 20.0 | 0.50 x constant FastAPI; 2.00 x without"
+    assert batched + " micro-batching |" in table
+    # the unbatched rows come after the peak RSS row, which is the first service's only
+    lines = table.splitlines()
+    rss = next(i for i, line in enumerate(lines) if "peak RSS" in line)
+    assert all(i > rss for i, line in enumerate(lines) if "(no micro-batching)" in line)
+    assert "micro-batching on (the default); the no-micro-batching rows: PI_MICROBATCH=false" in table
+    # the comparison table: one row per connection count, and which setting served more
+    assert "| 1 | 2,000 | 20.0 | 2,050 | 0.700 | 0.98 x | neither (within 5%) |" in table
+    assert "| 16 | 3,000 | 20.0 | 1,500 | 20.0 | 2.00 x | on |" in table
+    assert "| 64 | 3,600 | 20.0 | 1,800 | 20.0 | 2.00 x | on |" in table
+    data = json.loads(report.write_json(result, tmp_path / "r.json").read_text())
+    assert [p["server"] for p in data["http"]].count(UNBATCHED) == 3
+    assert data["ratios"]["microbatching_c64"] == pytest.approx(2.0)
+    assert data["ratios"]["predict_unbatched_c64"] == pytest.approx(0.3)
+    assert data["settings"]["microbatch"] is True
+
+
+def test_unbatched_errors_are_flagged_in_both_tables() -> None:
+    table = report.markdown(_predict_comparison(unbatched_errors=7))
+    assert "| service /predict (no micro-batching) (7 errors!) | 64 |" in table
+    assert "| 64 | 3,600 | 20.0 | 1,800 (7 errors!) |" in table
+
+
+@pytest.mark.parametrize(
+    ("ratio", "verdict"),
+    [(2.0, "on"), (1.05, "on"), (1.04, "neither (within 5%)"), (0.96, "neither (within 5%)"), (0.95, "off")],
+)
+def test_micro_batching_verdict_needs_a_five_percent_lead(ratio: float, verdict: str) -> None:
+    assert report.microbatching_verdict(ratio) == verdict
+
+
+def test_a_service_already_unbatched_is_named_so() -> None:
+    result = _report(
+        [_phase("constant", "/predict", 1, 5000), _phase("service", "/predict", 1, 2000)],
+        microbatch=False,
+        service_env={"PI_MICROBATCH": "false"},
+    )
+    table = report.markdown(result)
+    assert "service micro-batching off (PI_MICROBATCH=false), so no second service without it" in table
+    assert "on ÷ off" not in table
+
+
+def test_a_predict_only_run_does_not_judge_peak_rss() -> None:
+    result = _report(
+        [_phase("constant", "/predict", 1, 5000), _phase("service", "/predict", 1, 2000)], phases="predict"
+    )
+    assert "peak_rss" not in report.targets(result)
+    table = report.markdown(result)
+    assert "not judged: /predict phases only" in table
+    assert "/predict phases only (--only predict)" in table
+
+
+def test_only_predict_is_the_one_phase_subset() -> None:
+    assert bench_main._parse_args(["--model", "m.onnx", "--only", "predict"]).only == "predict"
+    assert bench_main._parse_args(["--model", "m.onnx"]).only is None
+    with pytest.raises(SystemExit):
+        bench_main._parse_args(["--model", "m.onnx", "--only", "batch"])
 
 
 @pytest.mark.slow
@@ -259,8 +371,11 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         ("service", "/predict/batch", 2),
         ("service", "/predict/batch", 2),
         ("service", "/predict by user id", 4),
+        # the second service, micro-batching off, /predict only
+        ("service-unbatched", "/predict", 1),
+        ("service-unbatched", "/predict", 4),
     ]
-    assert [p["body"] for p in data["http"]][-4:] == ["rows", "columns", "arrow", "rows"]
+    assert [p["body"] for p in data["http"]][-6:-2] == ["rows", "columns", "arrow", "rows"]
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in data["http"])
     assert [f["batch"] for f in data["ort"]] == [1, 20]
     assert set(data["ratios"]) == {
@@ -270,12 +385,29 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         "batch_columns",
         "batch_arrow",
         "by_id_c4",
+        "predict_unbatched_c1",
+        "predict_unbatched_c4",
+        "microbatching_c1",
+        "microbatching_c4",
     }
     assert "| service /predict by user id | 4 |" in done.stdout
     assert "x inline events (history in SQLite)" in done.stdout
     assert data["peak_rss_mb"] > 0
     assert "| service /predict | 1 |" in done.stdout
-    logs = [tmp_path / "work" / name for name in ("constant.log", "service.log")]
+    assert "| service /predict (no micro-batching) | 4 |" in done.stdout
+    assert "| 4 | " in done.stdout.split("on ÷ off")[1]  # the comparison table
+    logs = [tmp_path / "work" / name for name in ("constant.log", "service.log", "service-unbatched.log")]
     assert all(log.is_file() for log in logs)
-    # both servers were stopped by the run (SIGTERM: uvicorn logs its shutdown)
-    assert "shutdown" in (tmp_path / "work" / "service.log").read_text().lower()
+    # both services were stopped by the run (SIGTERM: uvicorn logs its shutdown)
+    for name in ("service.log", "service-unbatched.log"):
+        assert "shutdown" in (tmp_path / "work" / name).read_text().lower()
+
+
+def test_a_server_that_stopped_answering_fails_the_run_with_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    log.write_text("starting\nERROR: [Errno 98] address already in use\n")
+    process = subprocess.Popen(["true"])
+    process.wait()
+    server = processes.Server("service", process, f"http://{processes.HOST}:{processes.free_port()}", log)
+    with pytest.raises(harness.BenchError, match=r"exited with 0; its log ends:\nstarting\nERROR: .*in use"):
+        harness._metric(server, harness.IN_FLIGHT_METRIC)
