@@ -161,7 +161,7 @@ class OnnxPredictor:
         runtime = RuntimeInfo(
             requested=requested,
             active=tuple(session.get_providers()),
-            batch_sizes=batch_sizes(settings.max_batch_users),
+            batch_sizes=batch_sizes(min(settings.inference_batch_users, settings.max_batch_users)),
         )
         if runtime.fallback:
             # onnxruntime only prints this to its own log when CUDA libraries fail to load

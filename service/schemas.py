@@ -381,7 +381,7 @@ class ModelResponse(BaseModel):
                         "active_providers": ["CPUExecutionProvider"],
                         "provider": "CPUExecutionProvider",
                         "provider_fallback": False,
-                        "batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000],
+                        "batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256],
                         "load_seconds": 0.042,
                         "loaded_at": "2026-11-25T22:00:00.000Z",
                     },

@@ -55,6 +55,17 @@ def test_loads_validates_and_predicts_every_batch_size(model_path: Path) -> None
         np.testing.assert_allclose(got, reference_probability(features), rtol=0, atol=1e-6)
 
 
+def test_inference_batch_users_caps_one_call_and_slices_larger_batches(model_path: Path) -> None:
+    predictor = load_predictor(settings_for(model_path, inference_batch_users=4))
+    assert predictor.runtime.batch_sizes == (1, 2, 4)  # the largest shape warmed up is the cap
+    features = np.random.default_rng(2).random((11, *SPEC.shape), dtype=np.float32)
+    np.testing.assert_allclose(
+        predictor.predict(features), reference_probability(features), rtol=0, atol=1e-6
+    )
+    # a cap above the request limit changes nothing: no call is ever larger than a request
+    assert load_predictor(settings_for(model_path, inference_batch_users=1000)).runtime.batch_sizes[-1] == 16
+
+
 def test_padding_does_not_change_a_row(model_path: Path) -> None:
     predictor = load_predictor(settings_for(model_path))
     features = np.random.default_rng(1).random((5, *SPEC.shape), dtype=np.float32)
