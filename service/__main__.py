@@ -21,7 +21,6 @@ from service.app import create_app
 from service.config import Settings
 from service.lifecycle import ModelSlot
 from service.logs import configure_logging
-from service.protocol import CoalescingHttpToolsProtocol
 from service.server import DrainingServer
 
 
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         # the drain comes out of the grace period: SIGTERM to exit takes at most the grace
         timeout_graceful_shutdown=settings.shutdown_grace_seconds - settings.shutdown_drain_seconds,
         server_header=False,
-        http=CoalescingHttpToolsProtocol,  # one send per response (service/protocol.py)
     )
     server = DrainingServer(config, drain_seconds=settings.shutdown_drain_seconds, on_drain=slot.drain)
     # Everything imported and built so far lives as long as the process: move it out of the
