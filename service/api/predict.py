@@ -16,7 +16,10 @@ per-timestamp validator went, ~80 ms before); the bulk formats are the fix for t
 threads.
 
 With micro-batching on (``service/batching.py``), a small ``/predict`` is parsed and validated on
-the loop as before, then scored together with whatever else is queued. ``/predict/batch`` takes
+the loop as before, then scored together with whatever else is queued (or at once when it is the
+only prediction in progress). The app serves ``/predict`` with :func:`serve_predict`, a plain
+ASGI function, rather than through FastAPI's router; the FastAPI declaration below is what the
+OpenAPI document shows and runs the same code. ``/predict/batch`` takes
 three body formats, told apart by content type and, for JSON, by the first key (``users`` rows or
 ``columns``); ``service/bulk.py`` parses the columnar ones, and the answer has the format sent.
 """

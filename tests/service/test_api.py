@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
@@ -365,3 +366,35 @@ def test_the_example_requests_in_the_docs_are_accepted(client: TestClient) -> No
 def test_probabilities_are_float32_values(client: TestClient) -> None:
     p = client.post("/predict", json=user()).json()["probability"]
     assert float(np.float32(p)) == p
+
+
+def test_the_fastapi_declaration_of_predict_answers_as_the_direct_route(settings: Settings) -> None:
+    """The app answers /predict without FastAPI's router; the declared route (what OpenAPI shows)
+    runs the same code. Served through FastAPI alone, both give the same answers and errors."""
+
+    def fresh() -> FastAPI:
+        return create_app(
+            settings, predictor=FakePredictor(max_batch=MAX_USERS), registry=CollectorRegistry()
+        )
+
+    other = fresh()
+
+    async def through_fastapi(scope: Any, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(other, scope, receive, send)  # skips ServiceApp's direct route
+
+    bodies: list[dict[str, Any]] = [
+        user(),
+        user(events=[]),
+        user(events=[{"timestamp": "1997-09-01T00:00:00", "amount": 1.0, "quantity": 1}]),  # no offset
+        {"events": []},  # no user_id
+    ]
+    answers = []
+    for target in (fresh(), through_fastapi):
+        with TestClient(target, raise_server_exceptions=False) as c:
+            wait_ready(c)
+            responses = [c.post("/predict", json=b) for b in bodies]
+            responses.append(c.post("/predict", content=b"{", headers={"Content-Type": "application/json"}))
+            responses.append(c.post("/predict", content=b"{}", headers={"Content-Type": "text/plain"}))
+            answers.append([(r.status_code, r.json()) for r in responses])
+    assert [status for status, _ in answers[0]] == [200, 200, 422, 422, 400, 415]
+    assert answers[0] == answers[1]
