@@ -23,6 +23,7 @@ from service import __version__
 from service.api import admin, events, health, model, predict, users
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
+from service.api.history import HistoryReads
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import REJECT_REASONS, install_error_handlers
@@ -139,6 +140,11 @@ def create_app(
                 queue_wait=metrics.batch_queue_duration,
             )
             batcher.start()  # its queue and task belong to this running loop
+        store_limiter = anyio.CapacityLimiter(settings.store_threads)
+        history_reads = None
+        if guarded is not None:
+            history_reads = HistoryReads(guarded, store_limiter, max_users=settings.microbatch_max_users)
+            history_reads.start()
         context = AppContext(
             settings=settings,
             slot=model_slot,
@@ -147,9 +153,10 @@ def create_app(
             limiter=anyio.CapacityLimiter(settings.batch_threads),
             reload_lock=anyio.Lock(),
             store=guarded,
-            store_limiter=anyio.CapacityLimiter(settings.store_threads),
+            store_limiter=store_limiter,
             batcher=batcher,
             admission=admission,
+            history_reads=history_reads,
         )
         upkeep: list[asyncio.Task[None]] = []
         if guarded is not None:
@@ -177,6 +184,8 @@ def create_app(
                     await task
             if batcher is not None:
                 await batcher.stop()
+            if history_reads is not None:
+                await history_reads.stop()
             if guarded is not None:
                 await anyio.to_thread.run_sync(guarded.close)
 

@@ -7,6 +7,7 @@ and an offline score of the same user at the same ``as_of`` identical.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -107,13 +108,21 @@ def concat_columns(parts: Sequence[EventColumns]) -> EventColumns:
     counts = np.concatenate([np.diff(p.offsets) for p in parts])
     offsets = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
+    folded = None
+    if any(p.folded is not None for p in parts):  # stored histories that were compacted
+        each = [p.folded if p.folded is not None else FoldedHistory.empty(p.n_users) for p in parts]
+        folded = FoldedHistory(*(np.concatenate([getattr(f, name) for f in each]) for name in _FOLDED_FIELDS))
     return EventColumns(
         timestamps=np.concatenate([p.timestamps for p in parts]),
         amounts=np.concatenate([p.amounts for p in parts]),
         quantities=np.concatenate([p.quantities for p in parts]),
         offsets=offsets,
         as_of=np.concatenate([p.as_of for p in parts]),
+        folded=folded,
     )
+
+
+_FOLDED_FIELDS = tuple(f.name for f in dataclasses.fields(FoldedHistory))
 
 
 class Scorer:

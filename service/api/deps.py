@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import anyio
 from fastapi import Depends, Request
 
 from service.batching import Batcher
+
+if TYPE_CHECKING:
+    from service.api.history import HistoryReads
 from service.config import Settings
 from service.errors import NotReadyError
 from service.lifecycle import ModelSlot, Served
@@ -32,6 +35,7 @@ class AppContext:
     store_limiter: anyio.CapacityLimiter | None = None  # threads for writes and admin history calls
     batcher: Batcher | None = None  # micro-batching of small /predict calls; None when switched off
     admission: Admission | None = None  # prediction requests in progress (service.limits)
+    history_reads: HistoryReads | None = None  # gathers by-id store reads; None without a store
 
 
 async def get_context(request: Request) -> AppContext:

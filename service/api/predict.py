@@ -41,7 +41,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import AppContext, get_context, require_model
-from service.api.history import StoreReadNeeded, resolve_columns
+from service.api.history import StoreReadNeeded, resolve_columns, with_stored
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.bulk import (
     ARROW_MEDIA_TYPE,
@@ -211,12 +211,25 @@ def check_timestamps(
         )
 
 
-def _parse_one(ctx: AppContext, served: Served, body: bytes, now: int) -> tuple[PredictRequest, EventColumns]:
-    """Parse and check one user; raises :class:`StoreReadNeeded` on the loop for a by-id user."""
+def _parse_user(ctx: AppContext, body: bytes) -> PredictRequest:
     user = parse_json(PredictRequest, body)
     _check_events([user], ctx.settings.max_events_per_user, lambda _: "events")
-    columns = resolve_columns(ctx, served, [user], now, lambda _: "")
+    return user
+
+
+def _check_one(columns: EventColumns) -> None:
     check_timestamps(columns, lambda _, e: f"events[{e}].timestamp", lambda _: "as_of")
+
+
+def _no_field(_: int) -> str:
+    return ""  # a single user's fields are named from the top of the body: "events", "as_of"
+
+
+def _parse_one(ctx: AppContext, served: Served, body: bytes, now: int) -> tuple[PredictRequest, EventColumns]:
+    """Parse and check one user; raises :class:`StoreReadNeeded` on the loop for a by-id user."""
+    user = _parse_user(ctx, body)
+    columns = resolve_columns(ctx, served, [user], now, _no_field)
+    _check_one(columns)
     return user, columns
 
 
@@ -437,16 +450,24 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
     history, or a user to read from the store, is parsed and scored in a worker thread, alone."""
     served, body, deadline = await _receive(scope, receive, ctx)
     if len(body) <= ctx.settings.inline_max_body_bytes:
-        try:
-            user, columns = _parse_one(ctx, served, body, int(time.time()))
-        except StoreReadNeeded:
-            pass  # by user id: the store read blocks, so parse, read and score in a worker
+        now = int(time.time())
+        user = _parse_user(ctx, body)
+        reads = ctx.history_reads
+        if user.events is None and reads is not None:  # by user id: one store read per gathered batch
+            history = await reads.read(user.user_id)
+            stored = {} if history is None else {user.user_id: history}
+            columns = with_stored(ctx, served, [user], now, stored, _no_field)
         else:
-            if ctx.batcher is None or await _alone(ctx):
-                probabilities = ctx.scorer.score(served.predictor, columns)
-            else:
-                probabilities = await _submit(ctx.batcher, served, columns)
-            return _answer_one(served, user.user_id, float(probabilities[0]))
+            try:
+                columns = resolve_columns(ctx, served, [user], now, _no_field)
+            except StoreReadNeeded:  # no gathering reader: parse, read and score in a worker, alone
+                return await _offload(ctx, _score_one, served, body, deadline)
+        _check_one(columns)
+        if ctx.batcher is None or await _alone(ctx):
+            probabilities = ctx.scorer.score(served.predictor, columns)
+        else:
+            probabilities = await _submit(ctx.batcher, served, columns)
+        return _answer_one(served, user.user_id, float(probabilities[0]))
     return await _offload(ctx, _score_one, served, body, deadline)
 
 

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from service.features import ALL_CHANNELS, FeatureSpec, FoldedHistory, encode_batch
 from service.schemas import LATEST_SECONDS, PredictRequest
-from service.scoring import EventColumns, out_of_range, to_columns
+from service.scoring import EventColumns, concat_columns, out_of_range, to_columns
 
 NOW = 1_000_000_000
 
@@ -77,3 +78,39 @@ def test_out_of_range_matches_a_brute_force_search(seed: int) -> None:
     want_events, want_as_of = _brute_force(columns)
     assert list(zip(users.tolist(), events.tolist(), strict=True)) == want_events
     assert bad_as_of.tolist() == want_as_of
+
+
+def test_joined_columns_with_folded_history_encode_as_each_alone() -> None:
+    """The micro-batcher joins by-id users (some with compacted history) with inline ones: the
+    joined batch must encode every user exactly as that user's own columns do."""
+    spec = FeatureSpec(lookback_bins=8, bin_days=7, channels=ALL_CHANNELS)
+    day = 86_400
+    as_of = 12_000 * day
+
+    def part(n_events: int, folded_days: int) -> EventColumns:
+        ts = np.array([as_of - (k + 1) * 5 * day for k in range(n_events)], dtype=np.int64)
+        folded = None
+        if folded_days:
+            folded = FoldedHistory(
+                purchase_days=np.array([folded_days]),
+                first_day=np.array([as_of // day - 900]),
+                last_day=np.array([as_of // day - 500]),
+                total_amount=np.array([123.5]),
+                total_quantity=np.array([7.0]),
+            )
+        return EventColumns(
+            ts, np.full(n_events, 9.5), np.ones(n_events), np.array([0, n_events]), np.array([as_of]), folded
+        )
+
+    parts = [part(3, 0), part(2, 4), part(0, 0), part(5, 2)]
+    joined = concat_columns(parts)
+    assert joined.folded is not None
+
+    def encode(c: EventColumns) -> np.ndarray:
+        return encode_batch(c.timestamps, c.amounts, c.quantities, c.offsets, c.as_of, spec, c.folded)
+
+    alone = np.concatenate([encode(p) for p in parts])
+    assert np.array_equal(encode(joined), alone)
+    assert not np.array_equal(
+        encode(concat_columns([part(2, 0), part(5, 0)])), alone[[1, 3]]
+    )  # folded counts

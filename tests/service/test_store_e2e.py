@@ -4,6 +4,7 @@ no event and agree on every prediction. Both serve the real tiny CDNOW model."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import signal
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TinyModel
 from tests.service.processes import running_redis, running_service, start_service, wait_until
@@ -179,3 +181,48 @@ def test_two_replicas_on_redis_lose_no_event_and_agree(tiny_model_dir: TinyModel
         f"replicas: {4 * total} events sent by 4 writers to 2 replicas, {total} stored, "
         f"{counts['reads']} batch reads"
     )
+
+
+def _store_reads(client: httpx.Client) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name.endswith("_store_operation_duration_seconds_count") and sample.labels == {
+                "operation": "read"
+            }:
+                return float(sample.value)
+    raise AssertionError("no store read latency exported")
+
+
+def test_concurrent_predictions_by_id_share_store_reads_and_equal_inline(
+    tiny_model_dir: TinyModel, tmp_path: Path
+) -> None:
+    users = cdnow_users(tiny_model_dir, 12)
+    env = {"PI_ADMIN_TOKEN": TOKEN, "PI_STORE_PATH": str(tmp_path / "events.sqlite3")}
+    with running_service(tiny_model_dir.model, tmp_path / "service.log", env=env) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for user, events in users.items():
+                r = client.post("/events", json={"events": [{"user_id": user, **e} for e in events]})
+                assert r.status_code == 200, r.text
+            want = {
+                user: client.post(
+                    "/predict", json={"user_id": user, "as_of": AS_OF, "events": inline(events)}
+                ).json()["probability"]
+                for user, events in users.items()
+            }
+            before = _store_reads(client)
+
+        async def burst() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=32)
+            async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+                return await asyncio.gather(
+                    *(client.post("/predict", json={"user_id": u, "as_of": AS_OF}) for u in list(users) * 8)
+                )
+
+        answers = asyncio.run(burst())
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            reads = _store_reads(client) - before
+    assert [r.status_code for r in answers] == [200] * len(answers)
+    for r in answers:
+        body = r.json()
+        assert abs(body["probability"] - want[body["user_id"]]) <= 1e-6, body
+    assert reads < len(answers), f"{reads:.0f} store reads for {len(answers)} requests: none were shared"
