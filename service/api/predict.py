@@ -438,7 +438,7 @@ async def _alone(ctx: AppContext) -> bool:
     """No other prediction request is in progress: nobody to batch with, so skip the batcher's
     queue and its consumer task (two task switches). One turn of the loop first: requests whose
     bytes arrived together start in that turn and count as in progress, so a burst is batched."""
-    if ctx.admission is None:
+    if ctx.admission is None or ctx.admission.active > 1:  # under load: no turn of the loop spent
         return False
     await asyncio.sleep(0)
     return ctx.admission.active <= 1
