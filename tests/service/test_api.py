@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.features import encode_batch
+from service.schemas import PredictResponse
 from tests.service.conftest import MAX_USERS, wait_ready
 from tests.service.fakes import SPEC, FakePredictor, reference_probability
 
@@ -398,3 +399,9 @@ def test_the_fastapi_declaration_of_predict_answers_as_the_direct_route(settings
             answers.append([(r.status_code, r.json()) for r in responses])
     assert [status for status, _ in answers[0]] == [200, 200, 422, 422, 400, 415]
     assert answers[0] == answers[1]
+
+
+def test_the_predict_answer_is_exactly_the_response_model_serialised(client: TestClient) -> None:
+    for body in (user(), user(user_id='quote " and \u00e9', events=[])):
+        raw = client.post("/predict", json=body).content
+        assert PredictResponse.model_validate_json(raw).model_dump_json().encode() == raw
