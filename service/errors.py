@@ -1,4 +1,5 @@
-"""Typed errors, one JSON envelope, and the handlers that turn both into responses.
+"""Typed errors: what the core raises, each with its status and code, and no HTTP in here (the
+envelope and the handlers that turn these into responses are ``service/api/errors.py``).
 
 Every non-2xx body is ``{"error": code, "message": text, "detail": [{"field", "type", "message"}]}``.
 Codes form a closed set (:data:`REJECT_REASONS`) that doubles as the rejection metric's label
@@ -9,16 +10,11 @@ values. Details carry the field path and the kind of problem, never the value th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException
-from starlette.responses import Response
 
-from service.metrics import Metrics
-from service.schemas import ErrorItem, ErrorResponse
+from service.schemas import ErrorItem
 
 #: Every ``error`` code the service answers with; the ``reason`` label of the rejection counter.
 REJECT_REASONS: tuple[str, ...] = (
@@ -155,54 +151,3 @@ def from_validation_error(exc: ValidationError) -> ServiceError:
     if any(e["type"] == "json_invalid" for e in errors):
         return InvalidJSONError("the request body is not valid JSON", items)
     return InvalidInputError("the request body does not match the schema", items)
-
-
-def error_response(
-    status_code: int,
-    code: str,
-    message: str,
-    detail: Sequence[ErrorItem] = (),
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = ErrorResponse(error=code, message=message, detail=list(detail)).model_dump_json()
-    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
-
-
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-
-
-def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    """Route every error the framework or our code raises through the one envelope.
-
-    Unexpected exceptions are not handled here: the request middleware turns them into a bare 500
-    (it sits outside the routing layer, so it also catches errors raised in other middleware).
-    """
-
-    async def _service_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServiceError)
-        metrics.rejected.labels(exc.code).inc()
-        return error_response(exc.status_code, exc.code, exc.message, exc.detail, exc.headers)
-
-    async def _http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
-        metrics.rejected.labels(code).inc()
-        message = {
-            "not_found": "no such endpoint",
-            "method_not_allowed": "method not allowed on this endpoint",
-        }.get(code, "the request cannot be processed")
-        headers: dict[str, Any] | None = getattr(exc, "headers", None)
-        return error_response(exc.status_code, code, message, headers=headers)
-
-    async def _request_validation(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        items = [
-            ErrorItem(field=field_path(e.get("loc", ())), type=str(e.get("type")), message=str(e.get("msg")))
-            for e in exc.errors()
-        ]
-        metrics.rejected.labels("invalid_input").inc()
-        return error_response(422, "invalid_input", "the request does not match the schema", items)
-
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _request_validation)

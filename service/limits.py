@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLargeError, OverloadedError, ServiceError, error_response
+from service.api.errors import error_response
+from service.errors import BodyTooLargeError, OverloadedError, ServiceError
 from service.metrics import Metrics
 
 #: The routes that do prediction work and so count against ``max_concurrent_requests``.

@@ -14,7 +14,7 @@ import uuid
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.api.errors import error_response
 from service.metrics import UNMATCHED_ROUTE, Metrics
 
 logger = logging.getLogger("service.access")

@@ -42,6 +42,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import AppContext, get_context, require_model
+from service.api.errors import error_response
 from service.api.history import StoreReadNeeded, resolve_columns, with_stored
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.bulk import (
@@ -66,7 +67,6 @@ from service.errors import (
     TooManyEventsError,
     TooManyUsersError,
     UnsupportedMediaTypeError,
-    error_response,
     from_validation_error,
 )
 from service.lifecycle import Served

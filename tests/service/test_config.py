@@ -93,6 +93,22 @@ def test_importing_the_service_reads_nothing_and_pulls_in_no_training_stack() ->
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_core_imports_no_web_framework() -> None:
+    """STYLE.md: the HTTP-free core (encoding, scoring, batching, model lifecycle, bulk parsing,
+    the store, the typed errors) can be used without FastAPI or Starlette."""
+    core = (
+        "service.features, service.scoring, service.batching, service.lifecycle, service.bulk, "
+        "service.predictor, service.errors, service.store, service.store.guard, service.store.upkeep"
+    )
+    code = (
+        f"import sys\nimport {core}\n"
+        "bad = sorted(m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_bad_settings_exit_2_with_a_clear_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "service", "--port", "70000"], capture_output=True, text=True, timeout=60

@@ -1,0 +1,67 @@
+"""The one JSON error envelope, and the handlers that route every framework and service error
+through it (the typed errors themselves are ``service/errors.py``, free of HTTP)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from service.errors import ServiceError, field_path
+from service.metrics import Metrics
+from service.schemas import ErrorItem, ErrorResponse
+
+
+def error_response(
+    status_code: int,
+    code: str,
+    message: str,
+    detail: Sequence[ErrorItem] = (),
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = ErrorResponse(error=code, message=message, detail=list(detail)).model_dump_json()
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Route every error the framework or our code raises through the one envelope.
+
+    Unexpected exceptions are not handled here: the request middleware turns them into a bare 500
+    (it sits outside the routing layer, so it also catches errors raised in other middleware).
+    """
+
+    async def _service_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        metrics.rejected.labels(exc.code).inc()
+        return error_response(exc.status_code, exc.code, exc.message, exc.detail, exc.headers)
+
+    async def _http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        metrics.rejected.labels(code).inc()
+        message = {
+            "not_found": "no such endpoint",
+            "method_not_allowed": "method not allowed on this endpoint",
+        }.get(code, "the request cannot be processed")
+        headers: dict[str, Any] | None = getattr(exc, "headers", None)
+        return error_response(exc.status_code, code, message, headers=headers)
+
+    async def _request_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        items = [
+            ErrorItem(field=field_path(e.get("loc", ())), type=str(e.get("type")), message=str(e.get("msg")))
+            for e in exc.errors()
+        ]
+        metrics.rejected.labels("invalid_input").inc()
+        return error_response(422, "invalid_input", "the request does not match the schema", items)
+
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
