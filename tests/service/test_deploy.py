@@ -32,9 +32,20 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMQL_KEYWORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "le", "without"}
 
 
+def _panels() -> list[dict[str, Any]]:
+    """Every panel that queries, wherever it sits: rows hold none themselves, and a collapsed row
+    keeps its panels inside it, where a plain walk of the top level would miss their queries."""
+    panels: list[dict[str, Any]] = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            panels.extend(panel.get("panels", []))
+        else:
+            panels.append(panel)
+    return panels
+
+
 def _exprs() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    return [t["expr"] for p in _panels() for t in p["targets"]]
 
 
 @pytest.fixture
@@ -91,10 +102,18 @@ def test_dashboard_uses_only_metrics_and_labels_the_service_exports(
     names, labels = exported
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "purchase-intent"
-    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("request rate", "latency", "errors", "batch size", "probability", "provider"):
+    titles = " ".join(p["title"].lower() for p in _panels())
+    for topic in (
+        "request rate",
+        "latency",
+        "errors",
+        "batch size",
+        "probability",
+        "provider",
+        "event store",
+    ):
         assert topic in titles
-    for panel in dashboard["panels"]:
+    for panel in _panels():
         assert panel["datasource"]["uid"] == "prometheus", panel["title"]
     used_metrics: set[str] = set()
     for expr in _exprs():

@@ -1,6 +1,7 @@
 """The event store with real processes: SIGKILL after acknowledged writes loses none of them
-(SQLite), and two replicas sharing a real redis-server under concurrent writers and readers lose
-no event and agree on every prediction. Both serve the real tiny CDNOW model."""
+(SQLite: the service is killed; Redis: redis-server is killed under a service that stays up), and
+two replicas sharing a real redis-server under concurrent writers and readers lose no event and
+agree on every prediction. All serve the real tiny CDNOW model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import csv
 import signal
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TinyModel
-from tests.service.processes import running_redis, running_service, start_service, wait_until
+from tests.service.processes import (
+    RedisProcess,
+    free_port,
+    running_redis,
+    running_service,
+    start_service,
+    wait_until,
+)
 
 TOKEN = "e2e-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -103,6 +112,122 @@ def test_sigkill_after_acknowledged_writes_loses_none_of_them(
             assert by_id == same
     print(
         f"durability: 3 SIGKILLs mid-stream, {sum(map(len, acked.values()))} acknowledged events, all stored"
+    )
+
+
+def test_redis_sigkill_mid_stream_loses_no_acknowledged_write(
+    tiny_model_dir: TinyModel, tmp_path: Path
+) -> None:
+    """redis-server (append-only, an fsync per write, as deployed) is SIGKILLed three times while one
+    writer streams ``POST /events``. The service stays up: during each outage a write is a 503
+    ``store_unavailable`` with Retry-After, never a 500 and never a 200; once redis-server is back on
+    the same data dir, readiness returns by itself and every event acknowledged before, between and
+    after the kills is stored. A killed process leaves its writes in the OS page cache: this proves
+    that an acknowledgement waits for Redis's AOF (with ``--appendonly no`` it fails), not that the
+    fsync happened, which only a power loss could show."""
+    users = cdnow_users(tiny_model_dir, 12)
+    longest = max(map(len, users.values()))
+    # round-robin over users, so each kill lands between writes of many users
+    todo = [(u, events[i]) for i in range(longest) for u, events in users.items() if i < len(events)]
+    redis = RedisProcess(free_port(), tmp_path / "redis")
+    env = {"PI_ADMIN_TOKEN": TOKEN, "PI_STORE_BACKEND": "redis", "PI_REDIS_URL": redis.url}
+    server = start_service(tiny_model_dir.model, tmp_path / "service.log", env=env)
+    acked: dict[str, set[str]] = defaultdict(set)
+    kills = 3
+    # 503 store_unavailable answers by the number of kills so far: [0] while redis-server was never down
+    unavailable = [0] * (kills + 1)
+    phase = [0]
+    unexpected: list[str] = []
+    stop = threading.Event()
+
+    def n_acked() -> int:
+        return sum(map(len, acked.values()))
+
+    def write() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for user, e in todo:
+                if stop.is_set():
+                    return
+                try:
+                    r = client.post("/events", json={"events": [{"user_id": user, **e}]})
+                except httpx.TransportError as exc:
+                    unexpected.append(f"no answer from the service: {exc!r}")
+                    return
+                json_body = r.headers.get("content-type", "").startswith("application/json")
+                if r.status_code == 200:
+                    acked[user].add(e["event_id"])
+                elif (
+                    r.status_code == 503
+                    and json_body
+                    and r.json().get("error") == "store_unavailable"
+                    and r.headers.get("Retry-After")
+                ):
+                    unavailable[phase[0]] += 1
+                else:
+                    unexpected.append(
+                        f"{r.status_code} Retry-After={r.headers.get('Retry-After')} {r.text[:300]}"
+                    )
+                    return
+
+    writer = threading.Thread(target=write)
+    started = time.monotonic()
+    try:
+        redis.start()
+        wait_until(f"{server.url}/readyz", server.process)
+        writer.start()
+        for kill in range(1, kills + 1):
+            target = n_acked() + 15
+            deadline = time.monotonic() + 10
+            while n_acked() < target and writer.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert n_acked() >= target, f"writes stalled before kill {kill}: {n_acked()} acked, {unexpected}"
+            phase[0] = kill
+            redis.stop(signal.SIGKILL)
+            # the outage lasts until the writer has been refused a few times
+            deadline = time.monotonic() + 10
+            while unavailable[kill] < 3 and writer.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert unavailable[kill] >= 3, f"outage {kill}: {unavailable[kill]} 503s in 10 s; {unexpected}"
+            ready = httpx.get(f"{server.url}/readyz", timeout=5)
+            assert (ready.status_code, ready.json()["status"]) == (503, "store_unavailable"), ready.text
+            redis.start()
+            wait_until(f"{server.url}/readyz", server.process, timeout=10)
+        target = n_acked() + 15
+        deadline = time.monotonic() + 10
+        while n_acked() < target and writer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        stop.set()
+        writer.join(timeout=30)
+        assert not unexpected, unexpected[:3]
+        assert n_acked() >= target, f"writes did not resume after the last restart: {n_acked()} acked"
+        assert server.process.poll() is None, "the service died with redis-server"
+        lost: dict[str, set[str]] = {}
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for user, ids in acked.items():
+                stored = stored_events(client, user)
+                if missing := ids - {e["event_id"] for e in stored}:
+                    lost[user] = missing
+                    continue
+                by_id = client.post("/predict", json={"user_id": user, "as_of": AS_OF}).json()
+                same = client.post(
+                    "/predict", json={"user_id": user, "as_of": AS_OF, "events": inline(stored)}
+                ).json()
+                assert by_id == same, user
+        sample = {u: sorted(ids)[:5] for u, ids in list(lost.items())[:3]}
+        assert not lost, (
+            f"{sum(map(len, lost.values()))} of {n_acked()} acknowledged events lost after SIGKILLs of "
+            f"redis-server, for {len(lost)} users: {sample}"
+        )
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join(timeout=30)
+        server.stop()
+        redis.stop()
+    print(
+        f"redis durability: {kills} SIGKILLs of redis-server mid-stream, {n_acked()} acknowledged "
+        f"events, all stored; 503 store_unavailable before and after each kill: {unavailable}; "
+        f"{time.monotonic() - started:.1f} s"
     )
 
 
