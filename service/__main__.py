@@ -21,6 +21,7 @@ from service.app import create_app
 from service.config import Settings
 from service.lifecycle import ModelSlot
 from service.logs import configure_logging
+from service.protocol import with_head_timeout
 from service.server import DrainingServer
 
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         # the drain comes out of the grace period: SIGTERM to exit takes at most the grace
         timeout_graceful_shutdown=settings.shutdown_grace_seconds - settings.shutdown_drain_seconds,
         server_header=False,
+        http=with_head_timeout(settings.header_timeout_seconds),  # uvicorn has no header deadline
     )
     server = DrainingServer(config, drain_seconds=settings.shutdown_drain_seconds, on_drain=slot.drain)
     # Everything imported and built so far lives as long as the process: move it out of the

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
     trickles in slower is a 408, a request still waiting for a worker thread a 503. A computation
     that has started is not interrupted (its size is bounded by the body and batch limits)."""
 
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Seconds a connection may take to send a request's line and headers, counted from opening
+    or from the previous response: past it, 408 and the connection is closed (a client that
+    trickles its headers, or opens connections and sends nothing, cannot hold them forever)."""
+
     admin_token: SecretStr | None = None
     """Bearer token for ``POST /admin/reload``; unset (the default) disables the endpoint (404)."""
 

@@ -6,7 +6,9 @@ chunked body cut off at the limit, a body that trickles in and times out, a 10 M
 
 from __future__ import annotations
 
+import json
 import select
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,11 @@ TIMEOUT = 1.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     tmp = tmp_path_factory.mktemp("hostile")
-    env = {"PI_MAX_BODY_BYTES": str(MAX_BODY), "PI_REQUEST_TIMEOUT_SECONDS": str(TIMEOUT)}
+    env = {
+        "PI_MAX_BODY_BYTES": str(MAX_BODY),
+        "PI_REQUEST_TIMEOUT_SECONDS": str(TIMEOUT),
+        "PI_HEADER_TIMEOUT_SECONDS": str(TIMEOUT),
+    }
     with running_service(write_model(tmp / "model.onnx"), tmp / "service.log", env=env) as proc:
         yield proc
 
@@ -147,3 +153,47 @@ def test_a_client_that_leaves_mid_batch_body_is_a_499_too(server: ServiceProcess
         sock.sendall(b'{"users": [')
     assert _access_line(server, "gone-2")["status"] == 499
     assert not [e for e in server.log_lines() if e.get("level") == "error"]  # not an unhandled error
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_headers_that_trickle_in_get_a_408_and_the_connection_closes(server: ServiceProcess) -> None:
+    started = time.monotonic()
+    with connect(server.url) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
+        try:
+            for byte in b"Content-Type: application/json\r\n":  # one byte every 0.2 s: slowloris
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+        except OSError:
+            pass  # the server closed on us mid-trickle: what the test wants
+        answer = _read_to_eof(sock)
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "request_timeout"
+    assert TIMEOUT <= elapsed < TIMEOUT + 5  # not before the deadline, and not much after it
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(server: ServiceProcess) -> None:
+    started = time.monotonic()
+    with connect(server.url) as sock:
+        answer = _read_to_eof(sock)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 5
+
+
+def test_keep_alive_requests_with_pauses_under_the_header_timeout_are_served(server: ServiceProcess) -> None:
+    body = json.dumps({"user_id": "u", "events": [], "as_of": "1997-09-30T00:00:00Z"}).encode()
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    with connect(server.url) as sock:
+        for _ in range(3):  # 3 x 0.6 s on one connection: longer than the timeout in total
+            time.sleep(0.6 * TIMEOUT)
+            sock.sendall(head("/predict", headers) + body)
+            status, _, answer = read_response(sock)
+            assert status == 200
+            assert answer["user_id"] == "u"
