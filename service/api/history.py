@@ -4,7 +4,9 @@ The one call the prediction path makes is :func:`resolve_columns`. With every us
 it is :func:`service.scoring.to_columns` and nothing else (no store is touched, no behaviour
 changes). Otherwise it reads all the missing histories in one store call, which blocks: on the
 event loop it raises :class:`StoreReadNeeded` instead, and the handler runs the request in a
-worker thread.
+worker thread. ``/predict`` by user id does better: :class:`HistoryReads` gathers the ids of
+concurrent requests into one store call, and :func:`with_stored` builds the columns from what it
+read.
 
 A stored history that was compacted holds counters for purchases older than the retention
 horizon; they are exact for any ``as_of`` whose window starts after the newest folded purchase
