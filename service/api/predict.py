@@ -449,8 +449,9 @@ async def _alone(ctx: AppContext) -> bool:
 
 async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
     """One user's answer. A small body is parsed and validated on the loop, then scored in the
-    micro-batcher's next call (or right here when it is off or the request is alone); a long
-    history, or a user to read from the store, is parsed and scored in a worker thread, alone."""
+    micro-batcher's next call (or right here when it is off or the request is alone); a user sent
+    without events first has their history read together with other requests' (HistoryReads). A
+    body over ``inline_max_body_bytes`` (a long history) is parsed and scored in a worker thread."""
     served, body, deadline = await _receive(scope, receive, ctx)
     if len(body) <= ctx.settings.inline_max_body_bytes:
         now = int(time.time())
