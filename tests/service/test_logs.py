@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -39,3 +40,14 @@ def test_a_record_is_one_json_object_with_its_extra_fields() -> None:
     assert payload["status"] == 200
     assert payload["route"] == "/predict"
     assert payload["ts"] == datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def test_values_json_cannot_encode_are_written_as_text_and_unicode_is_kept() -> None:
+    record = logging.makeLogRecord({"name": "service", "levelno": logging.WARNING, "levelname": "WARNING"})
+    record.msg = "café"
+    record.path = Path("/models/m.onnx")
+    record.cause = ValueError("bad")
+    payload = json.loads(JsonFormatter().format(record))
+    assert payload["message"] == "café"
+    assert payload["path"] == "/models/m.onnx"
+    assert payload["cause"] == "bad"
