@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 
+from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -48,6 +49,18 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Label children by (route, status class): ``labels()`` looks them up under a lock on
+        # every call (~1 us each); the key sets are closed (route templates, five classes).
+        self._counted: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def _children(self, route: str, status: int) -> tuple[Counter, Histogram]:
+        key = (route, status // 100)
+        children = self._counted.get(key)
+        if children is None:
+            m = self.metrics
+            children = (m.requests.labels(route, f"{status // 100}xx"), m.request_duration.labels(route))
+            self._counted[key] = children
+        return children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,8 +101,9 @@ class RequestMiddleware:
             m.in_flight.dec()
             duration = time.perf_counter() - started
             route = _route_label(scope)
-            m.requests.labels(route, f"{status // 100}xx").inc()
-            m.request_duration.labels(route).observe(duration)
+            requests, durations = self._children(route, status)
+            requests.inc()
+            durations.observe(duration)
             path: str = scope["path"]
             if path not in QUIET_PATHS and logger.isEnabledFor(logging.INFO):
                 state = scope.get("state") or {}
