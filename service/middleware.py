@@ -7,9 +7,9 @@ the response through a task group, which costs a few microseconds instead of ~10
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect
@@ -34,7 +34,7 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and _SAFE_ID.fullmatch(value):
             return str(value.decode("ascii"))
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits as uuid4().hex, without the UUID object (1.6 -> 0.4 us)
 
 
 def _route_label(scope: Scope) -> str:
