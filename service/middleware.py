@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import time
 
@@ -30,11 +31,16 @@ _MAX_LOGGED_PATH = 200
 CLIENT_CLOSED = 499
 
 
+#: Request ids need to be unique, not secret: 128 bits from a PRNG seeded once from the OS, not a
+#: getrandom syscall per request as uuid4() makes (which showed in py-spy under load).
+_IDS = random.Random(os.urandom(32))
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and _SAFE_ID.fullmatch(value):
             return str(value.decode("ascii"))
-    return os.urandom(16).hex()  # 128 random bits as uuid4().hex, without the UUID object (1.6 -> 0.4 us)
+    return f"{_IDS.getrandbits(128):032x}"
 
 
 def _route_label(scope: Scope) -> str:
