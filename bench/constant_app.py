@@ -1,10 +1,10 @@
 """The framework floor: FastAPI parsing the service's own request models, answering a constant.
 
 ``python -m bench.constant_app --port P`` serves it under uvicorn configured as ``python -m service``
-configures it (one worker, no access log, no server header, the same HTTP protocol class). The body
-is parsed the way the service parses it, ``model_validate_json`` on the raw bytes in one pass, so
-the difference between this and the service is everything the service does after validation:
-encoding, inference, the response, middleware, metrics and logging.
+configures it (one worker, no access log, no server header). The body is parsed the way the service
+parses it, ``model_validate_json`` on the raw bytes in one pass, so the difference between this and
+the service is everything the service does after validation: encoding, inference, the response,
+middleware, metrics and logging.
 
 A plain ``body: PredictRequest`` parameter would not do: FastAPI validates a ``json.loads``-ed
 dict in Python mode, where the schema's strict mode refuses RFC 3339 strings for datetimes.
@@ -19,8 +19,6 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from service.config import Settings
-from service.protocol import with_head_timeout
 from service.schemas import BatchPredictRequest, PredictRequest
 
 _PREDICTION = (
@@ -68,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
-        http=with_head_timeout(Settings().header_timeout_seconds),  # the service's HTTP protocol too
     )
     uvicorn.Server(config).run()
     return 0

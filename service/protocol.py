@@ -7,15 +7,23 @@ header byte every few seconds (slowloris), holds its connection and a file descr
 as it likes, and enough of them exhaust the process. Here a connection has ``head_timeout``
 seconds from opening, or from the end of its previous response, until its request head is
 complete; past that it gets a 408 in the service's JSON envelope and is closed.
+
+The deadline is a number on the connection, checked by one sweep per event loop a few times per
+timeout, not a timer per request: arming and cancelling a loop timer for every request cost the
+constant-answer app ~5 % of its requests/s and added a p99 tail under 64 connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+#: The loops that have a sweep scheduled (one per loop, whatever the number of connections).
+_SWEEPING: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def _answer(timeout: float) -> bytes:
@@ -37,39 +45,43 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     """Use :func:`with_head_timeout` to get one with its deadline set."""
 
     head_timeout: float = 10.0
-    _head_timer: asyncio.TimerHandle | None = None
+    _head_deadline: float | None = None  # loop time by which the request head must be complete
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_expired)
+    def _sweep_every(self) -> float:
+        return min(1.0, self.head_timeout / 4)
 
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _sweep(self) -> None:
+        """Close every connection of this server whose request head is overdue; run again later."""
+        now = self.loop.time()
+        for connection in list(self.connections):
+            if isinstance(connection, HeadTimeoutProtocol):
+                deadline = connection._head_deadline
+                if deadline is not None and now >= deadline:
+                    connection._head_expired()
+        self.loop.call_later(self._sweep_every(), self._sweep)
 
     def _head_expired(self) -> None:
-        self._head_timer = None
+        self._head_deadline = None
         if not self.transport.is_closing():
             self.transport.write(_answer(self.head_timeout))
             self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+        self._head_deadline = self.loop.time() + self.head_timeout
+        if self.loop not in _SWEEPING:
+            _SWEEPING.add(self.loop)
+            self.loop.call_later(self._sweep_every(), self._sweep)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._head_deadline = None
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
-            self._arm()  # the next request's head, starting now (idle time counts)
+            # the next request's head, from now (time idle between requests counts)
+            self._head_deadline = self.loop.time() + self.head_timeout
 
 
 def with_head_timeout(seconds: float) -> type[HeadTimeoutProtocol]:
