@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
+from service.api.errors import rejection
 from service.errors import BodyTooLargeError, OverloadedError, ServiceError
 from service.metrics import Metrics
 
@@ -95,6 +95,4 @@ class LimitMiddleware:
                 admission.active -= 1
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-        self.metrics.rejected.labels(error.code).inc()
-        response = error_response(error.status_code, error.code, error.message, headers=error.headers)
-        await response(scope, receive, send)
+        await rejection(error, self.metrics)(scope, receive, send)

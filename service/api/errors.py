@@ -27,6 +27,13 @@ def error_response(
     return Response(body, status_code=status_code, headers=headers, media_type="application/json")
 
 
+def rejection(error: ServiceError, metrics: Metrics) -> Response:
+    """A typed error as the envelope, counted by its code: the exception handler, the limit
+    middleware and the direct ``/predict`` route all answer through this one."""
+    metrics.rejected.labels(error.code).inc()
+    return error_response(error.status_code, error.code, error.message, error.detail, error.headers)
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -39,8 +46,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def _service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
-        metrics.rejected.labels(exc.code).inc()
-        return error_response(exc.status_code, exc.code, exc.message, exc.detail, exc.headers)
+        return rejection(exc, metrics)
 
     async def _http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -42,7 +42,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import AppContext, get_context, require_model
-from service.api.errors import error_response
+from service.api.errors import rejection
 from service.api.history import StoreReadNeeded, resolve_columns, with_stored
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.bulk import (
@@ -486,16 +486,14 @@ async def serve_predict(scope: Scope, receive: Receive, send: Send) -> None:
     FastAPI's routing, dependency and exception layers cost ~45 us a request on this path, more
     than validating the body (issue 6: a bare ASGI app parsing the same body answered 31k req/s
     where the same under FastAPI answered 13k). What they did for this route is done here: errors
-    become the one envelope and are counted as the exception handler counts them, the body
+    become the one envelope through the exception handler's own ``rejection``, the body
     size, admission and request-id/metrics/log middleware wrap this app as they wrap FastAPI's.
     """
     ctx: AppContext = scope["state"]["context"]
     try:
         answer = await _predict(scope, receive, ctx)
     except ServiceError as exc:
-        ctx.metrics.rejected.labels(exc.code).inc()
-        response = error_response(exc.status_code, exc.code, exc.message, exc.detail, exc.headers)
-        await response(scope, receive, send)
+        await rejection(exc, ctx.metrics)(scope, receive, send)
         return
     except ClientDisconnect:
         return
