@@ -205,11 +205,10 @@ class HistoryReads:
                 await self._task
             self._task = None
         while self._queue is not None and not self._queue.empty():
-            _, future = self._queue.get_nowait()
-            if not future.done():
-                future.set_exception(
-                    StoreUnavailableError("the service is shutting down", headers=RETRY_AFTER)
-                )
+            _fail(
+                [self._queue.get_nowait()],
+                StoreUnavailableError("the service is shutting down", headers=RETRY_AFTER),
+            )
 
     async def read(self, user_id: str) -> History | None:
         if self._queue is None or self._task is None or self._task.done():
@@ -232,19 +231,20 @@ class HistoryReads:
             try:
                 stored = await anyio.to_thread.run_sync(self._store.histories, ids, limiter=self._limiter)
             except asyncio.CancelledError:
-                for _, future in waiting:
-                    if not future.done():
-                        future.set_exception(StoreUnavailableError("the service is shutting down"))
+                _fail(waiting, StoreUnavailableError("the service is shutting down"))
                 raise
             except StoreDownError as exc:
-                error: Exception = _unavailable(exc)
-            except Exception as exc:  # every waiter of this read gets the failure, nobody hangs
-                error = exc
-            else:
-                for user_id, future in waiting:
-                    if not future.done():
-                        future.set_result(stored.get(user_id))
+                _fail(waiting, _unavailable(exc))
                 continue
-            for _, future in waiting:
+            except Exception as exc:  # every waiter of this read gets the failure, nobody hangs
+                _fail(waiting, exc)
+                continue
+            for user_id, future in waiting:
                 if not future.done():
-                    future.set_exception(error)
+                    future.set_result(stored.get(user_id))
+
+
+def _fail(waiting: Sequence[tuple[str, asyncio.Future[History | None]]], error: Exception) -> None:
+    for _, future in waiting:
+        if not future.done():
+            future.set_exception(error)
