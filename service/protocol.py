@@ -41,24 +41,23 @@ def _answer(timeout: float) -> bytes:
     return head.encode("latin-1") + body
 
 
+def _sweep(loop: asyncio.AbstractEventLoop, connections: set[Any], every: float) -> None:
+    """Close the server's connections whose request head is overdue; run again in ``every`` s.
+    Holds the server's connection set, never a connection."""
+    now = loop.time()
+    for connection in list(connections):
+        if isinstance(connection, HeadTimeoutProtocol):
+            deadline = connection._head_deadline
+            if deadline is not None and now >= deadline:
+                connection._head_expired()
+    loop.call_later(every, _sweep, loop, connections, every)
+
+
 class HeadTimeoutProtocol(HttpToolsProtocol):
     """Use :func:`with_head_timeout` to get one with its deadline set."""
 
     head_timeout: float = 10.0
     _head_deadline: float | None = None  # loop time by which the request head must be complete
-
-    def _sweep_every(self) -> float:
-        return min(1.0, self.head_timeout / 4)
-
-    def _sweep(self) -> None:
-        """Close every connection of this server whose request head is overdue; run again later."""
-        now = self.loop.time()
-        for connection in list(self.connections):
-            if isinstance(connection, HeadTimeoutProtocol):
-                deadline = connection._head_deadline
-                if deadline is not None and now >= deadline:
-                    connection._head_expired()
-        self.loop.call_later(self._sweep_every(), self._sweep)
 
     def _head_expired(self) -> None:
         self._head_deadline = None
@@ -71,7 +70,8 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._head_deadline = self.loop.time() + self.head_timeout
         if self.loop not in _SWEEPING:
             _SWEEPING.add(self.loop)
-            self.loop.call_later(self._sweep_every(), self._sweep)
+            every = min(1.0, self.head_timeout / 4)
+            self.loop.call_later(every, _sweep, self.loop, self.connections, every)
 
     def on_headers_complete(self) -> None:
         self._head_deadline = None
