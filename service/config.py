@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     inference_batch_users: int = Field(default=256, ge=1)
     """Most users in one onnxruntime call; a larger batch is scored in slices of this size, which
     are also the largest shape warmed up. 256 suits the CPU: past ~256 users the CDNOW graph's
-    intermediates outgrow the caches (1,000 users: 18.1 ms in one call, 14.7 ms as four) and the
-    memory arena keeps them at their largest (+60 MB RSS). On a GPU, set it to
+    intermediates outgrow the caches (1,000 users: 18.3-18.7 ms in one call, 15.0-15.3 ms as four
+    padded calls of 256) and the memory arena keeps them at their largest (peak RSS after 15
+    such batches: 216 MB in one call, 152 MB in slices). On a GPU, set it to
     ``max_batch_users``: there one large call is what is fast."""
 
     max_events_per_user: int = Field(default=10_000, ge=1)
