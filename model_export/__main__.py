@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from model_export.config import PROTOCOL_DEFAULTS, TrainConfig
+from model_export.config import DEFAULT_PROTOCOL, PROTOCOL_DEFAULTS, Protocol, TrainConfig
 from model_export.data import DataError
 from service.features import ALL_CHANNELS, DEFAULT_CHANNELS
 
@@ -33,54 +33,94 @@ def _channels(value: str) -> tuple[str, ...]:
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model_export", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train, evaluate and export DIR/model.onnx plus reports")
-    t.add_argument("--data", default="cdnow", help="'cdnow' (bundled with lifetimes) or a CSV/Parquet path")
-    t.add_argument(
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Data, features, network and optimisation options, shared by ``train`` and ``backtest``."""
+    p.add_argument("--data", default="cdnow", help="'cdnow' (bundled with lifetimes) or a CSV/Parquet path")
+    p.add_argument(
         "--columns", type=_columns, default={}, help="map our names to yours: user_id=cust,timestamp=date,..."
     )
-    t.add_argument("--protocol", choices=sorted(PROTOCOL_DEFAULTS), default="customer-split")
-    t.add_argument("--cutoff", help="evaluation cutoff YYYY-MM-DD (inclusive); default per protocol")
-    t.add_argument("--horizon-weeks", type=int, help="label window in weeks; default per protocol")
-    t.add_argument("--seeds", type=int, default=1, help="ensemble this many seeds (averaged probabilities)")
-    t.add_argument("--seed", type=int, default=0, help="first seed; also seeds the splits")
-    t.add_argument("--lookback-bins", type=int, default=TrainConfig.lookback_bins)
-    t.add_argument("--bin-days", type=int, default=TrainConfig.bin_days)
-    t.add_argument(
+    p.add_argument("--seeds", type=int, default=1, help="ensemble this many seeds (averaged probabilities)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; also seeds the splits")
+    p.add_argument("--lookback-bins", type=int, default=TrainConfig.lookback_bins)
+    p.add_argument("--bin-days", type=int, default=TrainConfig.bin_days)
+    p.add_argument(
         "--channels", type=_channels, default=DEFAULT_CHANNELS, help="comma-separated channel names"
     )
-    t.add_argument("--conv-channels", type=int, default=TrainConfig.conv_channels)
-    t.add_argument("--conv-layers", type=int, default=TrainConfig.conv_layers)
-    t.add_argument("--hidden", type=int, default=TrainConfig.hidden)
-    t.add_argument("--dropout", type=float, default=TrainConfig.dropout)
-    t.add_argument("--no-pool-last", dest="pool_last", action="store_false", help="drop last-step pooling")
-    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    t.add_argument("--patience", type=int, default=TrainConfig.patience)
-    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    t.add_argument("--lr", type=float, default=TrainConfig.lr)
-    t.add_argument(
+    p.add_argument("--conv-channels", type=int, default=TrainConfig.conv_channels)
+    p.add_argument("--conv-layers", type=int, default=TrainConfig.conv_layers)
+    p.add_argument("--hidden", type=int, default=TrainConfig.hidden)
+    p.add_argument("--dropout", type=float, default=TrainConfig.dropout)
+    p.add_argument("--no-pool-last", dest="pool_last", action="store_false", help="drop last-step pooling")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--patience", type=int, default=TrainConfig.patience)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument(
         "--origins",
         type=int,
         default=TrainConfig.origins,
         help="training cutoffs per customer (rolling origins)",
     )
-    t.add_argument("--origin-step-weeks", type=int, default=TrainConfig.origin_step_weeks)
-    t.add_argument("--max-users", type=int, help="train on a seeded sample of this many customers")
-    t.add_argument("--bootstrap", type=int, default=TrainConfig.bootstrap, help="bootstrap resamples")
-    t.add_argument("--no-progress", dest="progress", action="store_false")
-    t.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--origin-step-weeks", type=int, default=TrainConfig.origin_step_weeks)
+    p.add_argument(
+        "--crop-share",
+        type=float,
+        default=TrainConfig.crop_share,
+        help="share of training batches shown a random recent part of the window (0 = never)",
+    )
+    p.add_argument(
+        "--crop-min-bins", type=int, default=TrainConfig.crop_min_bins, help="shortest cropped window"
+    )
+    p.add_argument("--max-users", type=int, help="train on a seeded sample of this many customers")
+    p.add_argument("--bootstrap", type=int, default=TrainConfig.bootstrap, help="bootstrap resamples")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model_export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train, evaluate and export DIR/model.onnx plus reports")
+    t.add_argument("--protocol", choices=sorted(PROTOCOL_DEFAULTS), default=DEFAULT_PROTOCOL)
+    t.add_argument(
+        "--cutoff",
+        help="evaluation cutoff YYYY-MM-DD (inclusive), or 'latest': the last one the horizon allows; "
+        "default per protocol",
+    )
+    t.add_argument("--horizon-weeks", type=int, help="label window in weeks; default per protocol")
+    t.add_argument(
+        "--backtest",
+        type=Path,
+        help="a backtest.json whose figures the report quotes as the estimate of how the model will do",
+    )
+    _model_options(t)
+    b = sub.add_parser(
+        "backtest", help="the out-of-time protocol at monthly evaluation cutoffs: DIR/backtest.{json,md,png}"
+    )
+    b.add_argument(
+        "--horizon-weeks",
+        type=int,
+        default=PROTOCOL_DEFAULTS["out-of-time"][1],
+        help="label window in weeks; the latest cutoff is this long before the end of the data",
+    )
+    b.add_argument(
+        "--cutoffs",
+        help="all monthly cutoffs (default), a count N spread over them (the latest always in), "
+        "or comma-separated dates",
+    )
+    _model_options(b)
+    b.set_defaults(bootstrap=1000)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cutoff, horizon = PROTOCOL_DEFAULTS[args.protocol]
+    protocol: Protocol = getattr(args, "protocol", "out-of-time")
+    cutoff, horizon = PROTOCOL_DEFAULTS[protocol]
     return TrainConfig(
         data=args.data,
         columns=args.columns,
-        protocol=args.protocol,
-        cutoff=args.cutoff or cutoff,
+        protocol=protocol,
+        cutoff=getattr(args, "cutoff", None) or cutoff,
         horizon_weeks=args.horizon_weeks or horizon,
         lookback_bins=args.lookback_bins,
         bin_days=args.bin_days,
@@ -98,10 +138,32 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         origins=args.origins,
         origin_step_weeks=args.origin_step_weeks,
+        crop_share=args.crop_share,
+        crop_min_bins=args.crop_min_bins,
         max_users=args.max_users,
         bootstrap=args.bootstrap,
         progress=args.progress,
     )
+
+
+def _backtest(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    from model_export.backtest import MODELS, backtest
+
+    result = backtest(cfg, args.out, cutoffs=args.cutoffs, n_boot=cfg.bootstrap)
+    lines = [f"wrote {args.out / 'backtest.md'} ({len(result.cutoffs)} cutoffs, {result.seconds:.0f} s)"]
+    lines.append("  cutoff      " + "".join(f"{m:>11}" for m in MODELS))
+    for c in result.cutoffs:
+        lines.append(f"  {c.cutoff}  " + "".join(f"{c.models[m].roc_auc:>11.4f}" for m in MODELS))
+    s = result.summary
+    lines.append("  mean        " + "".join(f"{s.mean_auc[m]:>11.4f}" for m in MODELS))
+    lo, hi = s.mean_diff_vs_best["ci95"]
+    lines.append(
+        f"  cln - {s.best_baseline_by_mean_auc} (mean over cutoffs) {s.mean_diff_vs_best['auc_diff']:+.4f}"
+        f" [{lo:+.4f}, {hi:+.4f}]; worst AUC gap {s.worst_auc_gap['gap']:+.4f} at {s.worst_auc_gap['where']}"
+    )
+    lines += [f"  {name}: {'met' if ok else 'MISSED'}" for name, ok in s.targets.items()]
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model_export.train import train
 
     try:
-        report = train(cfg, args.out)
+        if args.command == "backtest":
+            return _backtest(args, cfg)
+        report = train(cfg, args.out, backtest=args.backtest)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,12 +9,23 @@ from service.features import DEFAULT_CHANNELS
 
 Protocol = Literal["customer-split", "out-of-time"]
 
+#: A cutoff spelled this way is the last one whose whole label window lies inside the data.
+LATEST = "latest"
+
 #: Per protocol: (evaluation cutoff, horizon in weeks). Customer-split is the calibration/holdout
-#: split of Fader, Hardie & Lee (2005) on CDNOW; out-of-time evaluates on the last 26 weeks.
+#: split of Fader, Hardie & Lee (2005) on CDNOW. Out-of-time is what production does: fitted on the
+#: latest labelled data and judged on the last horizon of the log; 13 weeks leaves CDNOW cutoffs at
+#: which most customers' history began before a 52-week window, the case a real shop lives in.
 PROTOCOL_DEFAULTS: dict[Protocol, tuple[str, int]] = {
     "customer-split": ("1997-09-30", 39),
-    "out-of-time": ("1997-12-31", 26),
+    "out-of-time": (LATEST, 13),
 }
+DEFAULT_PROTOCOL: Protocol = "out-of-time"
+
+
+#: Settings that say where and how a run is evaluated, not what model it fits: a backtest that
+#: differs from a model only in these estimates that model.
+RUN_SETTINGS = frozenset({"data", "columns", "progress", "cutoff", "protocol", "bootstrap"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,11 @@ class TrainConfig:
     # than 1 in both protocols on CDNOW (docs/model.md, "Ablations").
     origins: int = 4
     origin_step_weeks: int = 4
+    # window-crop augmentation: this share of training batches sees only the latest
+    # crop_min_bins..lookback_bins bins (the same suffix for the whole batch), so the network meets
+    # customers whose history began before its window, which no fit date of a young log holds
+    crop_share: float = 0.0
+    crop_min_bins: int = 8
     max_users: int | None = None  # a seeded subsample of customers, for fast tests
     bootstrap: int = 2000
     # 20: the first opset with a Gelu operator; at 18 the exporter spells GELU as Erf, Mul, Div and
@@ -63,3 +79,7 @@ class TrainConfig:
         data = asdict(self)
         data["channels"] = list(self.channels)
         return data
+
+    def model_settings(self) -> dict[str, Any]:
+        """Everything but :data:`RUN_SETTINGS`."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_SETTINGS}

@@ -148,18 +148,17 @@ def binary_metrics(y: ArrayLike, p: ArrayLike, threshold: float) -> dict[str, fl
     }
 
 
-def paired_bootstrap_auc(
+def bootstrap_auc_diffs(
     y: ArrayLike,
     p_a: ArrayLike,
     p_b: ArrayLike,
     n_boot: int = 2000,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Paired bootstrap of AUC(a) - AUC(b): resample users, score both models on the same sample.
+) -> NDArray[np.float64]:
+    """AUC(a) - AUC(b) on ``n_boot`` paired resamples of the users (NaN where a draw has one class).
 
-    Returns the full-data difference, a 95% percentile interval, the number of replicates used
-    (replicates that drew a single class are skipped) and the one-sided p-value: the fraction of
-    replicates where model a is not better (diff <= 0).
+    The same ``seed`` and user count give the same draws whatever the scores, so replicate ``k`` of
+    several comparisons (or several evaluation dates) can be combined, e.g. averaged across dates.
     """
     labels = _labels(y)
     a = _scores(p_a, labels.size)
@@ -167,8 +166,6 @@ def paired_bootstrap_auc(
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     n = labels.size
-    point = roc_auc(labels, a) - roc_auc(labels, b)
-
     group_a, n_a = _tie_groups(a)
     group_b, n_b = _tie_groups(b)
     # A replicate is a count per user; resampling users only changes the counts, so each model's
@@ -176,7 +173,7 @@ def paired_bootstrap_auc(
     pos_w = labels.astype(np.float64)
     rng = np.random.default_rng(seed)
     diffs: list[NDArray[np.float64]] = []
-    chunk = max(1, _BOOT_CHUNK_DRAWS // n)
+    chunk = max(1, _BOOT_CHUNK_DRAWS // max(n, 1))
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
         idx = rng.integers(0, n, size=(rows, n))  # [rows, n] users drawn per replicate
@@ -190,8 +187,12 @@ def paired_bootstrap_auc(
             total, pos = total.reshape(rows, n_groups), pos.reshape(rows, n_groups)
             auc_per_model.append(_auc_from_groups(pos, total - pos))
         diffs.append(auc_per_model[0] - auc_per_model[1])
-    all_diffs = np.concatenate(diffs)
-    kept = all_diffs[np.isfinite(all_diffs)]
+    return np.concatenate(diffs)
+
+
+def summarise_diffs(point: float, diffs: NDArray[np.float64]) -> dict[str, Any]:
+    """Point difference, 95% percentile interval and one-sided p-value of bootstrap replicates."""
+    kept = diffs[np.isfinite(diffs)]
     if kept.size == 0:
         raise ValueError("every bootstrap replicate drew a single class; need more users")
     lo, hi = np.percentile(kept, [2.5, 97.5])
@@ -201,6 +202,23 @@ def paired_bootstrap_auc(
         "n_boot": int(kept.size),
         "p_value_one_sided": float(np.mean(kept <= 0.0)),
     }
+
+
+def paired_bootstrap_auc(
+    y: ArrayLike,
+    p_a: ArrayLike,
+    p_b: ArrayLike,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired bootstrap of AUC(a) - AUC(b): resample users, score both models on the same sample.
+
+    Returns the full-data difference, a 95% percentile interval, the number of replicates used
+    (replicates that drew a single class are skipped) and the one-sided p-value: the fraction of
+    replicates where model a is not better (diff <= 0).
+    """
+    diffs = bootstrap_auc_diffs(y, p_a, p_b, n_boot, seed)
+    return summarise_diffs(roc_auc(y, p_a) - roc_auc(y, p_b), diffs)
 
 
 def reliability_table(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> list[dict[str, float]]:
@@ -369,6 +387,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += [f"- {k}: {_fmt(v)}" for k, v in target.items()]
         out.append("")
 
+    estimate = _as_mapping(report.get("backtest"))
+    if estimate:
+        out += _backtest_section(estimate)
+
     cleaning = _as_mapping(data.get("cleaning"))
     if cleaning:
         out += ["## Data cleaning", ""]
@@ -439,6 +461,44 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out.append("")
 
     return "\n".join(out).rstrip() + "\n"
+
+
+def _backtest_section(bt: Mapping[str, Any]) -> list[str]:
+    """How the model is expected to do: the rolling backtest's figures, and where they come from."""
+    same = bool(bt.get("same_data_and_settings"))
+    where = f"from `{bt.get('source')}` ({bt.get('created_at')}), horizon {bt.get('horizon_weeks')} weeks"
+    out = ["## Expected performance: rolling-origin backtest", "", f"Figures {where}."]
+    if same:
+        out.append("It was run on the same data with the same settings as this model.")
+    else:
+        out.append(f"It differs from this model in: {', '.join(bt.get('differences') or [])}.")
+    out.append("")
+    header = ["cutoff", "customers", "beyond window", "cln AUC", "best baseline AUC", "recency AUC"]
+    header += ["cln Brier", "best Brier"]
+    rows = [
+        [
+            str(c.get("cutoff")),
+            _fmt(c.get("customers")),
+            f"{float(c.get('beyond_window', 0.0)):.0%}",
+            _fmt(c.get("cln_auc")),
+            f"{_fmt(c.get('best_auc'))} ({c.get('best_baseline')})",
+            _fmt(c.get("recency_auc")),
+            _fmt(c.get("cln_brier")),
+            _fmt(c.get("best_brier")),
+        ]
+        for c in (_as_mapping(r) for r in bt.get("cutoffs") or [])
+    ]
+    out += [*_table(header, rows), ""]
+    diff = _as_mapping(bt.get("mean_diff_vs_best"))
+    ci = diff.get("ci95") or [None, None]
+    worst = _as_mapping(bt.get("worst_auc_gap"))
+    out.append(
+        f"- mean AUC over cutoffs, cln - {bt.get('best_baseline_by_mean_auc')}: {_fmt(diff.get('auc_diff'))} "
+        f"[{_fmt(ci[0])}, {_fmt(ci[1])}]; worst gap to the best baseline {_fmt(worst.get('gap'))} at "
+        f"{worst.get('where')}"
+    )
+    out += [f"- {k}: {'met' if v else 'missed'}" for k, v in _as_mapping(bt.get("targets")).items()]
+    return [*out, ""]
 
 
 def _json_default(value: Any) -> Any:

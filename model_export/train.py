@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from model_export import baselines, evaluate
-from model_export.config import TrainConfig
+from model_export.config import LATEST, TrainConfig
 from model_export.data import Transactions, end_of_day, load_transactions, to_columns
 from model_export.export import (
     PARITY_TOLERANCE,
@@ -140,7 +140,7 @@ def _with_earlier_origins(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec,
 
 
 def make_splits(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec) -> Splits:
-    cutoff = end_of_day(cfg.cutoff)
+    cutoff = end_of_day(resolve_cutoff(cfg, tx).cutoff)
     if cfg.protocol == "customer-split":
         ex = build_examples(tx, cutoff, cfg.horizon_weeks, spec)
         rest, test = _stratified(ex.y, cfg.test_fraction, cfg.seed)
@@ -216,8 +216,14 @@ def train_member(
         total, count = 0.0, 0
         for i in range(0, order.numel(), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
+            xb = X_tr[idx]
+            if cfg.crop_share > 0 and rng.random() < cfg.crop_share:
+                # the latest L bins are exactly the encoding with an L-bin window: every channel
+                # of a bin depends only on events up to it and the whole-history summaries
+                keep = int(rng.integers(cfg.crop_min_bins, xb.shape[1]))
+                xb = xb[:, -keep:, :]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(X_tr[idx]), y_tr[idx])
+            loss = loss_fn(model(xb), y_tr[idx])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * idx.numel()
@@ -293,24 +299,44 @@ def _target(models: dict[str, dict[str, float]], boot: dict[str, dict[str, Any]]
     }
 
 
-def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
-    """Run the whole offline pipeline and write ``model.onnx``, ``report.{json,md}``, plots, scores."""
-    torch.set_num_threads(cfg.torch_threads)
-    torch.use_deterministic_algorithms(True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Fitted:
+    """One protocol run up to the scores: what ``train`` exports and ``backtest`` evaluates."""
 
+    splits: Splits
+    net_cfg: CLNConfig
+    mean: NDArray[np.float32]
+    std: NDArray[np.float32]
+    members: list[MemberResult]
+    ensemble: Ensemble
+    scores: dict[str, dict[str, NDArray[np.float64]]]  # model -> "validation" / "test" -> probabilities
+    train_seconds: float
+
+
+def feature_spec(cfg: TrainConfig) -> FeatureSpec:
+    return FeatureSpec(lookback_bins=cfg.lookback_bins, bin_days=cfg.bin_days, channels=cfg.channels)
+
+
+def latest_cutoff(tx: Transactions, horizon_weeks: int) -> str:
+    """The last cutoff (YYYY-MM-DD) whose whole label window lies inside the data."""
+    last_day = tx.last_timestamp // 86_400
+    return datetime.fromtimestamp((last_day - 7 * horizon_weeks) * 86_400, UTC).date().isoformat()
+
+
+def resolve_cutoff(cfg: TrainConfig, tx: Transactions) -> TrainConfig:
+    """``cfg`` with a ``latest`` cutoff replaced by its date in this log."""
+    return replace(cfg, cutoff=latest_cutoff(tx, cfg.horizon_weeks)) if cfg.cutoff == LATEST else cfg
+
+
+def load(cfg: TrainConfig) -> Transactions:
+    """The cleaned log of ``cfg.data`` (a seeded sample of customers with ``max_users``)."""
     tx = load_transactions(cfg.data, cfg.columns or None)
-    if cfg.max_users is not None:
-        tx = _subsample(tx, cfg.max_users, cfg.seed)
-    spec = FeatureSpec(lookback_bins=cfg.lookback_bins, bin_days=cfg.bin_days, channels=cfg.channels)
-    cutoff = end_of_day(cfg.cutoff)
-    horizon_end = cutoff + cfg.horizon_weeks * SECONDS_PER_WEEK
-    if horizon_end > tx.last_timestamp + 86_400:
-        log.warning(
-            "the label window ends %s, after the last event in the data (%s): late labels are censored",
-            datetime.fromtimestamp(horizon_end, UTC).date(),
-            tx.report.last_timestamp,
-        )
+    return _subsample(tx, cfg.max_users, cfg.seed) if cfg.max_users is not None else tx
+
+
+def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
+    """Splits, the seed members and the baselines, scored on validation and test customers."""
+    spec = feature_spec(cfg)
     splits = make_splits(cfg, tx, spec)
     for name in ("train", "validation", "test"):
         ex: Examples = getattr(splits, name)
@@ -333,13 +359,41 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     members = [train_member(cfg, net_cfg, splits, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
     train_seconds = time.perf_counter() - started
     ensemble = Ensemble([m.model for m in members]).eval()
-
     with torch.no_grad():
         p = {
             s: ensemble(torch.from_numpy(getattr(splits, s).X)).double().numpy()
             for s in ("validation", "test")
         }
     scores = {"cln": p} | _baseline_scores(cfg, splits)
+    return Fitted(splits, net_cfg, mean, std, members, ensemble, scores, train_seconds)
+
+
+def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> dict[str, Any]:
+    """Run the whole offline pipeline and write ``model.onnx``, ``report.{json,md}``, plots, scores.
+
+    ``backtest``: a ``backtest.json`` whose figures the report quotes as the estimate of how this
+    model will do, with whether it was run on the same data and settings.
+    """
+    torch.set_num_threads(cfg.torch_threads)
+    torch.use_deterministic_algorithms(True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tx = load(cfg)
+    cfg = resolve_cutoff(cfg, tx)
+    spec = feature_spec(cfg)
+    cutoff = end_of_day(cfg.cutoff)
+    horizon_end = cutoff + cfg.horizon_weeks * SECONDS_PER_WEEK
+    if horizon_end > tx.last_timestamp + 86_400:
+        log.warning(
+            "the label window ends %s, after the last event in the data (%s): late labels are censored",
+            datetime.fromtimestamp(horizon_end, UTC).date(),
+            tx.report.last_timestamp,
+        )
+    fitted = fit(cfg, tx)
+    splits, net_cfg, mean, std = fitted.splits, fitted.net_cfg, fitted.mean, fitted.std
+    members, ensemble, scores = fitted.members, fitted.ensemble, fitted.scores
+    train_seconds = fitted.train_seconds
+    p = scores["cln"]
     y_va, y_te = splits.validation.y, splits.test.y
     models: dict[str, dict[str, float]] = {}
     for name, s in scores.items():
@@ -430,6 +484,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         "reliability": {k: evaluate.reliability_table(y_te, v["test"]) for k, v in scores.items()},
         "target": _target(models, boot),
         "hyperparameters": hyper,
+        "backtest": backtest_estimate(backtest, cfg, tx) if backtest is not None else None,
         "feature_spec": spec.to_dict(),
         "seeds": [m.seed for m in members],
         "per_seed_val_auc": [m.val_auc for m in members],
@@ -447,6 +502,49 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     }
     evaluate.write_report(json.loads(json.dumps(report)), out_dir)
     return report
+
+
+def backtest_estimate(path: Path, cfg: TrainConfig, tx: Transactions) -> dict[str, Any]:
+    """The figures of a ``backtest.json`` for the report, and whether it ran on this data and these
+    settings; a backtest of other settings is quoted all the same, with the differences named."""
+    bt = json.loads(path.read_text())
+    ours = cfg.model_settings()
+    theirs = bt.get("hyperparameters", {})
+    differences = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if bt.get("data", {}).get("fingerprint") != tx.fingerprint:
+        differences.insert(0, "data")
+    rows = []
+    for c in bt["cutoffs"]:
+        models = c["models"]
+        best = max(BASELINES, key=lambda b: models[b]["roc_auc"])
+        rows.append(
+            {
+                "cutoff": c["cutoff"],
+                "customers": c["n_test"],
+                "beyond_window": c["share_beyond_window"],
+                "cln_auc": models["cln"]["roc_auc"],
+                "best_baseline": best,
+                "best_auc": models[best]["roc_auc"],
+                "recency_auc": models["recency"]["roc_auc"],
+                "cln_brier": models["cln"]["brier"],
+                "best_brier": min(models[b]["brier"] for b in BASELINES),
+            }
+        )
+    summary = bt["summary"]
+    return {
+        "source": str(path),
+        "created_at": bt.get("created_at"),
+        "horizon_weeks": bt.get("horizon_weeks"),
+        "same_data_and_settings": not differences,
+        "differences": differences,
+        "cutoffs": rows,
+        "mean_auc": summary["mean_auc"],
+        "mean_diff_vs_best": summary["mean_diff_vs_best"],
+        "best_baseline_by_mean_auc": summary["best_baseline_by_mean_auc"],
+        "worst_auc_gap": summary["worst_auc_gap"],
+        "worst_brier_gap": summary["worst_brier_gap"],
+        "targets": summary["targets"],
+    }
 
 
 def _write_scores(path: Path, ex: Examples, probs: NDArray[np.float32]) -> None:

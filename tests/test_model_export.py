@@ -20,7 +20,7 @@ from model_export.data import end_of_day, load_transactions
 from model_export.export import read_metadata
 from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, CorrelationPooling, Ensemble
-from model_export.train import build_examples, make_splits, train
+from model_export.train import build_examples, latest_cutoff, make_splits, train
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ModelMetadata
 from service.features import FeatureSpec, encode_batch
 from tests.conftest import TinyModel, run_cli, write_cdnow_slice
@@ -45,11 +45,9 @@ def test_cli_writes_model_reports_and_plots(tiny_model_dir: TinyModel) -> None:
         "onnx_parity_max_abs_diff",
     ):
         assert key in report, key
-    assert (report["protocol"], report["cutoff"], report["horizon_weeks"]) == (
-        "customer-split",
-        "1997-09-30",
-        39,
-    )
+    # the CLI's default is the production protocol: out of time, at the latest cutoff of the slice
+    latest = latest_cutoff(load_transactions(tiny_model_dir.raw), 13)
+    assert (report["protocol"], report["cutoff"], report["horizon_weeks"]) == ("out-of-time", latest, 13)
     assert set(report["models"]) == {"cln", "bgnbd", "logreg_rfm", "lightgbm"}
     for m in report["models"].values():
         assert set(m) >= METRICS
@@ -223,8 +221,9 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 def test_out_of_time_protocol(tmp_path: Path) -> None:
     raw = write_cdnow_slice(tmp_path / "slice.csv", 1500, seed=6)
     proc = run_cli(
-        "train", "--data", str(raw), "--protocol", "out-of-time", "--epochs", "2", "--conv-channels", "4",
-        "--hidden", "8", "--bootstrap", "50", "--no-progress", "--out", str(tmp_path / "oot"),
+        "train", "--data", str(raw), "--protocol", "out-of-time", "--cutoff", "1997-12-31",
+        "--horizon-weeks", "26", "--epochs", "2", "--conv-channels", "4", "--hidden", "8",
+        "--bootstrap", "50", "--no-progress", "--out", str(tmp_path / "oot"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "oot" / "report.json").read_text())
@@ -237,6 +236,22 @@ def test_out_of_time_protocol(tmp_path: Path) -> None:
     assert report["split"]["train_as_of"].startswith("1997-07-02")
     assert report["split"]["test_as_of"].startswith("1997-12-31")
     assert read_metadata(tmp_path / "oot" / "model.onnx").protocol == "out-of-time"
+
+
+def test_customer_split_protocol_stays_available(tmp_path: Path) -> None:
+    raw = write_cdnow_slice(tmp_path / "slice.csv", 1500, seed=8)
+    proc = run_cli(
+        "train", "--data", str(raw), "--protocol", "customer-split", "--epochs", "2", "--conv-channels", "4",
+        "--hidden", "8", "--bootstrap", "50", "--no-progress", "--out", str(tmp_path / "cs"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "cs" / "report.json").read_text())
+    assert (report["protocol"], report["cutoff"], report["horizon_weeks"]) == (
+        "customer-split",
+        "1997-09-30",
+        39,
+    )
+    assert report["split"]["test_as_of"].startswith("1997-09-30")
 
 
 def test_malformed_file_fails_with_column_and_line(tmp_path: Path) -> None:
