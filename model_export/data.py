@@ -9,10 +9,15 @@ Cleaning policy (every count lands in the report):
    ``dropped_missing_timestamp``); so are rows with an empty amount or quantity.
 3. Non-finite or negative amounts are dropped (``dropped_bad_amount``); zero or negative
    quantities too (``dropped_bad_quantity``).
-4. Exact duplicate rows (same user, timestamp, amount, quantity) are dropped
+4. Exact duplicate rows (same user, timestamp second, amount, quantity) are dropped
    (``dropped_exact_duplicates``): a logging retry, not a second purchase.
 5. Rows of the same user on the same UTC day are merged into one purchase (amounts and quantities
    summed; ``merged_same_day``): the encoder counts purchase days, and so do BG/NBD and RFM.
+
+Rules 4 and 5 are :mod:`service.cleaning`'s, which the encoder applies to any events it gets, so
+the service scores a raw log as training scores this cleaned one. Rules 2-3 are training's alone:
+the service answers 422 to a request with such a row, except a zero quantity, which it accepts
+(docs/model.md, "Data and cleaning").
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
+
+from service.cleaning import exact_duplicates
 
 REQUIRED = ("user_id", "timestamp", "amount", "quantity")
 CDNOW_NAME = "cdnow"
@@ -178,9 +185,12 @@ def load_transactions(source: str | Path, columns: dict[str, str] | None = None)
 
     # pandas may hold datetimes at s/ms/us/ns resolution: convert explicitly to epoch seconds
     df = df.assign(timestamp=df["timestamp"].dt.as_unit("s").astype("int64"))
-    n_before = len(df)
-    df = df.drop_duplicates()
-    report.dropped_exact_duplicates = n_before - len(df)
+    user_code = pd.factorize(df["user_id"])[0]
+    repeated = exact_duplicates(
+        user_code, df["timestamp"].to_numpy(), df["amount"].to_numpy(), df["quantity"].to_numpy()
+    )
+    report.dropped_exact_duplicates = int(repeated.sum())
+    df = df[~repeated]
 
     day = df["timestamp"] // 86_400
     n_before = len(df)

@@ -7,8 +7,9 @@ numpy-only on purpose: the service must not pull in pandas or torch to featurise
 Time model
     Timestamps are integer seconds since the Unix epoch (UTC). Binning happens on whole UTC days:
     an event's age is ``day(as_of) - day(timestamp)`` and bin ``b = age // bin_days`` (0 is the
-    most recent). Events after ``as_of`` are ignored, even later on the same day. Several events on
-    one day count as one purchase (the training data merges same-day rows, so the service must too).
+    most recent). Events after ``as_of`` are ignored, even later on the same day. What counts as
+    one purchase is :mod:`service.cleaning`'s rule, applied here to every caller's events: exact
+    duplicates count once, and several events on one day are one purchase day (amounts summed).
 
 Layout
     ``[lookback_bins, channels]`` per user, oldest bin first, so a 1-D convolution reads time
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from service.cleaning import exact_duplicates
 
 SECONDS_PER_DAY = 86_400
 _I64_MIN = int(np.iinfo(np.int64).min)  # np.iinfo() costs a microsecond a call: once, here
@@ -196,9 +199,29 @@ def _prepare(
     user, ts, amt, qty = user[keep], ts[keep], amt[keep], qty[keep]
     age = as_of_u[user] // SECONDS_PER_DAY - ts // SECONDS_PER_DAY
 
-    # distinct (user, day) pairs, sorted by user then age: one purchase per user-day
+    # distinct (user, day) pairs, sorted by user then age: one purchase per user-day. A stable
+    # argsort rather than np.unique: events arrive grouped by user, runs a stable sort exploits,
+    # and its order shows which events share a day.
     span = int(age.max()) + 1 if age.size else 1
-    keys = np.unique(user * span + age)
+    day_key = user * span + age
+    order = np.argsort(day_key, kind="stable")
+    sorted_key = day_key[order]
+    first_of_day = np.empty(sorted_key.size, dtype=np.bool_)
+    first_of_day[:1] = True
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=first_of_day[1:])
+    keys = sorted_key[first_of_day]
+    if keys.size < age.size:
+        # Exact duplicates share a day, so only events on a day with others can be one: the rule
+        # runs on those alone, and a history of one event a day skips it. Dropping a duplicate
+        # leaves the set of purchase days as it is.
+        shared = ~first_of_day
+        shared[:-1] |= ~first_of_day[1:]
+        rows = order[shared]
+        repeated = rows[exact_duplicates(user[rows], ts[rows], amt[rows], qty[rows])]
+        if repeated.size:
+            once = np.ones(age.size, dtype=np.bool_)
+            once[repeated] = False
+            user, age, amt, qty = user[once], age[once], amt[once], qty[once]
     day_user = keys // span
     day_age = keys % span
 

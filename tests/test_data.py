@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from model_export.data import DataError, end_of_day, load_transactions, to_columns
+from service.features import ALL_CHANNELS, FeatureSpec, encode_batch
 
 
 def write(tmp_path: Path, text: str, name: str = "log.csv") -> Path:
@@ -27,6 +28,7 @@ def test_cdnow_loads_with_the_published_shape() -> None:
     day = tx.frame["timestamp"] // 86_400
     assert not pd.DataFrame({"u": tx.frame["user_id"], "d": day}).duplicated().any()
     assert tx.report.rows_kept + tx.report.merged_same_day + tx.report.dropped_exact_duplicates == 69_659
+    assert (tx.report.dropped_exact_duplicates, tx.report.merged_same_day) == (255, 1_813)
 
 
 def test_cleaning_policy_counts(tmp_path: Path) -> None:
@@ -51,6 +53,37 @@ def test_cleaning_policy_counts(tmp_path: Path) -> None:
     a = tx.frame[tx.frame["user_id"] == "a"].iloc[0]
     assert (a["amount"], a["quantity"]) == (15.0, 3.0)
     assert a["timestamp"] == pd.Timestamp("2024-01-01T10:00:00Z").timestamp()
+
+
+def test_a_raw_log_encodes_like_its_cleaned_rows(tmp_path: Path) -> None:
+    """What the service gets is the raw log; what training encodes is this module's cleaned log.
+    The encoder applies the same rule, so both give the same features."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    raw = pd.DataFrame(
+        {
+            "user_id": rng.choice([f"u{i}" for i in range(100)], n),
+            # whole hours of 60 days: several rows a day, and exact duplicates
+            "timestamp": 1_700_000_000 // 86_400 * 86_400 + rng.integers(0, 60 * 24, n) * 3600,
+            "amount": rng.integers(0, 80, n) / 8,  # exact in binary: sums in any order agree
+            "quantity": rng.integers(1, 3, n),
+        }
+    )
+    raw = pd.concat([raw, raw.sample(300, random_state=1)]).sample(frac=1.0, random_state=2)
+    path = tmp_path / "raw.csv"
+    raw.assign(timestamp=pd.to_datetime(raw["timestamp"], unit="s", utc=True)).to_csv(path, index=False)
+    tx = load_transactions(path)
+    assert tx.report.dropped_exact_duplicates >= 300  # the copies, and any chance repeats
+    assert tx.report.merged_same_day > 0
+    spec = FeatureSpec(lookback_bins=9, bin_days=3, channels=ALL_CHANNELS)
+    as_of = end_of_day("2023-12-31")
+    cleaned = to_columns(tx.frame)
+    want = encode_batch(cleaned.timestamps, cleaned.amounts, cleaned.quantities, cleaned.offsets, as_of, spec)
+    raw_cols = to_columns(raw.astype({"amount": np.float64}), cleaned.user_ids)
+    got = encode_batch(
+        raw_cols.timestamps, raw_cols.amounts, raw_cols.quantities, raw_cols.offsets, as_of, spec
+    )
+    np.testing.assert_array_equal(got, want)
 
 
 def test_missing_column_is_named(tmp_path: Path) -> None:

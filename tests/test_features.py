@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.features import ALL_CHANNELS, FeatureSpec, encode, encode_batch, summarise
+from service.features import ALL_CHANNELS, FeatureSpec, FoldedHistory, encode, encode_batch, summarise
 
 DAY = 86_400
 AS_OF = 1_000 * DAY + 12 * 3600  # noon on day 1000
@@ -81,6 +81,59 @@ def test_same_day_events_count_as_one_purchase() -> None:
     assert ch(x, "log_frequency_total")[0] == pytest.approx(np.log1p(1.0))
 
 
+def test_a_row_logged_twice_is_one_purchase() -> None:
+    ts = days_ago(2, 2, 9)
+    amt, qty = np.array([5.0, 3.0, 4.0]), np.array([1, 2, 1])
+    once = encode(ts, amt, qty, AS_OF, SPEC)
+    again = [0, 2, 2]  # the first row once more, the last one twice more
+    raw = np.append(ts, ts[again]), np.append(amt, amt[again]), np.append(qty, qty[again])
+    np.testing.assert_array_equal(encode(*raw, AS_OF, SPEC), once)
+    assert summarise(*raw, [0, 6], AS_OF).total_amount.tolist() == [12.0]
+    # the two rows of day 2 share their second but differ: two rows of one purchase day, summed
+    assert ch(once, "purchases")[-1] == 1
+    assert ch(once, "log_spend")[-1] == pytest.approx(np.log1p(8.0))
+    assert ch(once, "log_quantity")[-1] == pytest.approx(np.log1p(3.0))
+    # the same row for two users is a purchase of each
+    two_users = encode_batch(
+        np.append(ts, ts), np.append(amt, amt), np.append(qty, qty), [0, 3, 6], AS_OF, SPEC
+    )
+    np.testing.assert_array_equal(two_users, np.stack([once, once]))
+
+
+def test_repeated_rows_leave_every_user_of_a_batch_unchanged() -> None:
+    """Random users, several rows a day, per-user ``as_of``, some with folded history: repeating
+    rows (shuffled among the others) changes no user's features."""
+    rng = np.random.default_rng(11)
+    n_users = 300
+    counts = rng.integers(0, 15, size=n_users)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    n = int(offsets[-1])
+    # hours of a few days: many rows share a day, some a second
+    ts = AS_OF - rng.integers(-2, 90, size=n) * DAY - rng.choice([0, 60, 3600], size=n)
+    amt = rng.integers(0, 400, size=n) / 8  # exact in binary: sums in any order agree
+    qty = rng.integers(0, 4, size=n)
+    as_of = AS_OF - rng.integers(0, 3, size=n_users) * DAY
+    has_folded = rng.random(n_users) < 0.3
+    folded = FoldedHistory(
+        np.where(has_folded, rng.integers(1, 9, n_users), 0),
+        np.full(n_users, AS_OF // DAY - 400),
+        np.full(n_users, AS_OF // DAY - 200),
+        np.where(has_folded, 12.5, 0.0),
+        np.where(has_folded, 3.0, 0.0),
+    )
+    want = encode_batch(ts, amt, qty, offsets, as_of, SPEC, folded)
+
+    user = np.repeat(np.arange(n_users), counts)
+    again = rng.random(n) < 0.4
+    repeats = np.flatnonzero(again)[rng.integers(0, 3, again.sum()) > 0]  # some rows twice, some thrice
+    rows = np.concatenate([np.arange(n), np.flatnonzero(again), repeats])
+    rows = rows[np.lexsort((rng.random(rows.size), user[rows]))]  # grouped by user, shuffled within
+    raw_offsets = np.concatenate([[0], np.cumsum(np.bincount(user[rows], minlength=n_users))])
+    got = encode_batch(ts[rows], amt[rows], qty[rows], raw_offsets, as_of, SPEC, folded)
+    assert rows.size > n
+    np.testing.assert_array_equal(got, want)
+
+
 def test_event_order_does_not_matter() -> None:
     ts = days_ago(1, 40, 13, 13, 66)
     amt = np.array([5.0, 7.0, 1.0, 2.0, 9.0])
@@ -119,11 +172,11 @@ def test_channel_subset_and_order_follow_the_spec() -> None:
 
 
 def test_summary_matches_rfm_definitions() -> None:
-    s = summarise(days_ago(30, 30, 10, 2), [1.0, 1.0, 2.0, 3.0], [1, 1, 1, 1], [0, 4], AS_OF)
+    s = summarise(days_ago(30, 30, 10, 2), [1.0, 4.0, 2.0, 3.0], [1, 1, 1, 1], [0, 4], AS_OF)
     assert s.purchase_days.tolist() == [3]
     assert s.first_age_days.tolist() == [30]
     assert s.last_age_days.tolist() == [2]
-    assert s.total_amount.tolist() == [7.0]
+    assert s.total_amount.tolist() == [10.0]
 
 
 def test_spec_round_trip_and_validation() -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import redis
 
+from service.cleaning import exact_duplicates
 from service.store.base import Appended, Compacted, Folded, History, NewEvent, Page, StoredEvent
 
 _SECONDS_PER_DAY = 86_400
@@ -42,6 +44,35 @@ def _folded(raw: dict[bytes, bytes]) -> Folded | None:
         int(v["last_day"]),
         float(v["amount"]),
         float(v["quantity"]),
+    )
+
+
+def _due(
+    rows: dict[bytes, tuple[int, float, int, float]], before_day: int, ingested_before: float
+) -> dict[bytes, tuple[int, float, int, float]]:
+    """The events to fold: whole days before ``before_day`` whose every event is old enough (the
+    SQLite backend's rule, so no day is left half folded and half raw)."""
+    recent = {r[0] // _SECONDS_PER_DAY for r in rows.values() if r[3] >= ingested_before}
+    return {
+        k: r
+        for k, r in rows.items()
+        if r[0] // _SECONDS_PER_DAY < before_day and r[0] // _SECONDS_PER_DAY not in recent
+    }
+
+
+def _fold(rows: list[tuple[int, float, int, float]]) -> Folded:
+    """One user's events as counters, by :mod:`service.cleaning`'s rule (identical events once)."""
+    ts = np.array([r[0] for r in rows], dtype=np.int64)
+    amounts = np.array([r[1] for r in rows], dtype=np.float64)
+    quantities = np.array([r[2] for r in rows], dtype=np.float64)
+    once = ~exact_duplicates(np.zeros(ts.size, dtype=np.int64), ts, amounts, quantities)
+    days = ts[once] // _SECONDS_PER_DAY
+    return Folded(
+        int(np.unique(days).size),
+        int(days.min()),
+        int(days.max()),
+        float(amounts[once].sum()),
+        float(quantities[once].sum()),
     )
 
 
@@ -129,22 +160,11 @@ class RedisStore:
                 try:
                     pipe.watch(ev_key, fold_key)  # type: ignore[no-untyped-call]  # a concurrent write or erase makes EXEC fail: retry
                     raw: dict[bytes, bytes] = pipe.hgetall(ev_key)  # type: ignore[assignment]
-                    old = {k: _unpack(v) for k, v in raw.items()}
-                    old = {
-                        k: r
-                        for k, r in old.items()
-                        if r[0] // _SECONDS_PER_DAY < before_day and r[3] < ingested_before
-                    }
+                    rows = {k: _unpack(v) for k, v in raw.items()}
+                    old = _due(rows, before_day, ingested_before)
                     if not old:
                         return 0
-                    days = [r[0] // _SECONDS_PER_DAY for r in old.values()]
-                    fold = Folded(
-                        len(set(days)),
-                        min(days),
-                        max(days),
-                        sum(r[1] for r in old.values()),
-                        float(sum(r[2] for r in old.values())),
-                    )
+                    fold = _fold(list(old.values()))
                     previous = _folded(pipe.hgetall(fold_key))  # type: ignore[arg-type]
                     if previous is not None:
                         fold = previous.merge(fold)

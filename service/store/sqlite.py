@@ -40,10 +40,19 @@ CREATE TABLE IF NOT EXISTS folded (
     quantity REAL NOT NULL
 ) WITHOUT ROWID;
 """
-_FOLD = """
+# Compaction folds whole user-days (a day is due once every event of it is old enough), so a day
+# never ends up half folded and half raw, and it folds by service.cleaning's rule: identical events
+# (same second, amount, quantity; say, one purchase sent under two event ids) count once.
+_DUE = (
+    "day < :before_day AND (user_id, day) NOT IN (SELECT user_id, day FROM events "
+    "WHERE day < :before_day AND ingested_at >= :ingested_before)"
+)
+# "WHERE true": without a WHERE, SQLite would read ON CONFLICT as a join constraint
+_FOLD = f"""
 INSERT INTO folded (user_id, purchase_days, first_day, last_day, amount, quantity)
 SELECT user_id, COUNT(DISTINCT day), MIN(day), MAX(day), SUM(amount), SUM(quantity)
-FROM events WHERE day < :before_day AND ingested_at < :ingested_before GROUP BY user_id
+FROM (SELECT DISTINCT user_id, ts, day, amount, quantity FROM events WHERE {_DUE})
+WHERE true GROUP BY user_id
 ON CONFLICT (user_id) DO UPDATE SET
     purchase_days = purchase_days + excluded.purchase_days,
     first_day = MIN(first_day, excluded.first_day),
@@ -205,9 +214,7 @@ class SQLiteStore:
         params = {"before_day": before_day, "ingested_before": ingested_before}
         with self._write() as conn:
             users = conn.execute(_FOLD, params).rowcount
-            events = conn.execute(
-                "DELETE FROM events WHERE day < :before_day AND ingested_at < :ingested_before", params
-            ).rowcount
+            events = conn.execute(f"DELETE FROM events WHERE {_DUE}", params).rowcount
         return Compacted(users=int(users), events=int(events))
 
     def ping(self) -> None:

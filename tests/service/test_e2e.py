@@ -91,6 +91,89 @@ def test_online_scores_equal_offline_scores(server: ServiceProcess, offline: lis
     assert exact > 0.99, f"only {exact:.1%} float32-identical"
 
 
+@pytest.fixture(scope="module")
+def raw_offline(tiny_model_dir: TinyModel) -> list[dict[str, Any]]:
+    """Each scored test customer with their rows of the raw CSV slice, as the CLI read them (exact
+    duplicates and several rows a day included), and the offline probability."""
+    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in _read_csv(tiny_model_dir.raw):  # timestamps are dates: midnight UTC
+        events[row["user_id"]].append(
+            {
+                "timestamp": f"{row['timestamp']}T00:00:00Z",
+                "amount": float(row["amount"]),
+                "quantity": int(row["quantity"]),
+            }
+        )
+    return [
+        {
+            "body": {"user_id": row["user_id"], "as_of": row["as_of"], "events": events[row["user_id"]]},
+            "probability": float(row["probability"]),
+        }
+        for row in _read_csv(tiny_model_dir.scores)
+    ]
+
+
+def _repeats(body: dict[str, Any]) -> tuple[int, int]:
+    """(exact duplicates, further rows of a day) among a user's events up to ``as_of``."""
+    seen = [e for e in body["events"] if e["timestamp"] <= body["as_of"]]
+    rows = {(e["timestamp"], e["amount"], e["quantity"]) for e in seen}
+    days = {e["timestamp"][:10] for e in seen}
+    return len(seen) - len(rows), len(rows) - len(days)
+
+
+def _probabilities(client: httpx.Client, bodies: list[dict[str, Any]]) -> np.ndarray:
+    got: list[float] = []
+    for start in range(0, len(bodies), 500):
+        chunk = bodies[start : start + 500]
+        r = client.post("/predict/batch", json={"users": chunk})
+        assert r.status_code == 200, r.text[:500]
+        predictions = r.json()["predictions"]
+        assert [p["user_id"] for p in predictions] == [u["user_id"] for u in chunk]
+        got.extend(p["probability"] for p in predictions)
+    return np.array(got, dtype=np.float64)
+
+
+def test_raw_rows_score_like_training(server: ServiceProcess, raw_offline: list[dict[str, Any]]) -> None:
+    """Every test user's raw rows sent inline as they are: the service counts them by training's
+    cleaning rule (a repeated row once, a day's rows as one purchase day) and gives scores.csv."""
+    repeats = np.array([_repeats(u["body"]) for u in raw_offline])
+    assert repeats[:, 0].sum() > 0, "the test users' raw rows should hold exact duplicates"
+    assert repeats[:, 1].sum() > 0, "the test users' raw rows should hold several rows a day"
+    want = np.array([u["probability"] for u in raw_offline])
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        got = _probabilities(client, [u["body"] for u in raw_offline])
+        twice = [u for u, (dup, _) in zip(raw_offline, repeats, strict=True) if dup][:10]
+        singles = [client.post("/predict", json=u["body"]).json()["probability"] for u in twice]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(singles, [u["probability"] for u in twice], rtol=0, atol=1e-6)
+
+
+def test_stored_raw_rows_under_distinct_ids_score_like_inline(
+    server: ServiceProcess, raw_offline: list[dict[str, Any]]
+) -> None:
+    """The same raw rows through ``POST /events``, each under its own event id (so the store keeps
+    every copy), then scored by user id: the probability is the inline one, and training's."""
+    users = [u for u in raw_offline if _repeats(u["body"])[0]][:20]
+    assert users, "the test users' raw rows should hold exact duplicates"
+    ingest = [
+        {"event_id": f"{u['body']['user_id']}-{k}", "user_id": u["body"]["user_id"], **event}
+        for u in users
+        for k, event in enumerate(u["body"]["events"])
+    ]
+    want = np.array([u["probability"] for u in users])
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        r = client.post("/events", json={"events": ingest})
+        assert r.status_code == 200, r.text[:500]
+        assert r.json() == {"stored": len(ingest), "duplicates": 0}
+        by_id = [{"user_id": u["body"]["user_id"], "as_of": u["body"]["as_of"]} for u in users]
+        got = _probabilities(client, by_id)
+        inline = _probabilities(client, [u["body"] for u in users])
+        single = client.post("/predict", json=by_id[0]).json()["probability"]
+    np.testing.assert_allclose(got, inline, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert single == pytest.approx(want[0], abs=1e-6)
+
+
 def test_request_log_is_json_with_the_request_id(
     server: ServiceProcess, offline: list[dict[str, Any]]
 ) -> None:

@@ -126,6 +126,28 @@ def test_compaction_keeps_recent_and_just_stored_events_raw(store: EventStore) -
     assert folded == Folded(2, old_day - 10, old_day, 8.0, 4.0)
 
 
+def test_compaction_folds_one_purchase_once_and_days_whole(store: EventStore) -> None:
+    """One purchase stored under two event ids is one purchase when folded, as in training; a day
+    with an event too recent to fold stays raw whole, so twins are never split between the two."""
+    day_a, day_b = NOW // DAY - 500, NOW // DAY - 450
+    twin_a, twin_b = (day_a * DAY + 10, 3.0, 2), (day_b * DAY + 7, 4.0, 1)
+    store.append(
+        [ev("u", *twin_a, "a-1"), ev("u", *twin_a, "a-2"), ev("u", day_a * DAY + 50, 1.5, 1, "a-3")],
+        NOW - 30 * DAY,
+    )
+    store.append([ev("u", *twin_b, "b-1")], NOW - 30 * DAY)
+    store.append([ev("u", *twin_b, "b-2")], NOW)  # the same purchase again, under a new id, just now
+    horizon = NOW // DAY - 400
+    assert store.compact(before_day=horizon, ingested_before=NOW - 7 * DAY).events == 3
+    history = store.histories(["u"])["u"]
+    assert history.folded == Folded(1, day_a, day_a, 4.5, 3.0)
+    assert history.timestamps == [twin_b[0]] * 2
+    assert store.compact(before_day=horizon, ingested_before=NOW + 1).events == 2
+    history = store.histories(["u"])["u"]
+    assert history.folded == Folded(2, day_a, day_b, 8.5, 4.0)
+    assert history.timestamps == []
+
+
 def _columns(
     histories: list[tuple[list[int], list[float], list[int]]],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
