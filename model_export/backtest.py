@@ -59,6 +59,7 @@ class Bucket:
     n: int
     positives: int
     models: dict[str, Scores]  # empty when a class has fewer than MIN_CLASS customers
+    vs_best: dict[str, Any] | None  # bootstrap of cln - the bucket's best baseline by AUC; None if empty
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Summary:
     mean_diff_vs: dict[str, dict[str, Any]]
     worst_auc_gap: dict[str, Any]  # min over cutoffs and buckets of cln - best baseline
     worst_brier_gap: dict[str, Any]  # max over cutoffs and buckets of cln - best baseline
+    missed_level: list[dict[str, Any]]  # the cells that miss the "level" rule, with the AUC gap's CI
     targets: dict[str, bool]
 
 
@@ -195,6 +197,19 @@ def _validation_signals(fitted: Fitted) -> dict[str, float]:
     return out
 
 
+def _bucket(
+    name: str, y: NDArray[np.int64], scores: dict[str, NDArray[np.float64]], n_boot: int, seed: int
+) -> Bucket:
+    positives = int(y.sum())
+    if positives < MIN_CLASS or y.size - positives < MIN_CLASS:
+        return Bucket(name, int(y.size), positives, {}, None)
+    models = {m: _scores(y, p, m != RECENCY) for m, p in scores.items()}
+    best = max(BASELINES, key=lambda b: models[b].roc_auc)
+    diffs = evaluate.bootstrap_auc_diffs(y, scores["cln"], scores[best], n_boot, seed)
+    vs_best = evaluate.summarise_diffs(models["cln"].roc_auc - models[best].roc_auc, diffs)
+    return Bucket(name, int(y.size), positives, models, vs_best | {"baseline": best})
+
+
 def run_cutoff(
     cfg: TrainConfig, tx: Transactions, cutoff: str, n_boot: int
 ) -> tuple[CutoffResult, dict[str, NDArray[np.float64]]]:
@@ -213,13 +228,10 @@ def run_cutoff(
         replicates[name] = diffs
         boot[f"cln_vs_{name}"] = evaluate.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, diffs)
     window_days = cfg.lookback_bins * cfg.bin_days
-    buckets: list[Bucket] = []
-    for bname, mask in _buckets(test.summary.first_age_days, window_days).items():
-        yb = y[mask]
-        pos = int(yb.sum())
-        enough = pos >= MIN_CLASS and yb.size - pos >= MIN_CLASS
-        bm = {name: _scores(yb, p[mask], name != RECENCY) for name, p in scores.items()} if enough else {}
-        buckets.append(Bucket(bname, int(yb.size), pos, bm))
+    buckets = [
+        _bucket(name, y[mask], {m: p[mask] for m, p in scores.items()}, n_boot, cfg.seed)
+        for name, mask in _buckets(test.summary.first_age_days, window_days).items()
+    ]
     result = CutoffResult(
         cutoff=cutoff,
         fit_as_of=_day(end_of_day(cutoff) - cfg.horizon_weeks * SECONDS_PER_WEEK),
@@ -236,10 +248,12 @@ def run_cutoff(
     return result, replicates
 
 
-def _cells(result: CutoffResult) -> list[tuple[str, dict[str, Scores]]]:
-    """Every (label, models) cell the per-cell targets are checked on: the cutoff and its buckets."""
-    cells = [(result.cutoff, result.models)]
-    cells += [(f"{result.cutoff} {b.name}", b.models) for b in result.tenure if b.models]
+def _cells(result: CutoffResult) -> list[tuple[str, dict[str, Scores], dict[str, Any]]]:
+    """Every cell the per-cell targets are checked on: the cutoff and its buckets, each with its
+    models' scores and the bootstrap of cln against its best baseline."""
+    best = max(BASELINES, key=lambda b: result.models[b].roc_auc)
+    cells = [(result.cutoff, result.models, result.bootstrap[f"cln_vs_{best}"] | {"baseline": best})]
+    cells += [(f"{result.cutoff} {b.name}", b.models, b.vs_best) for b in result.tenure if b.vs_best]
     return cells
 
 
@@ -257,18 +271,30 @@ def summarise(results: list[CutoffResult], replicates: list[dict[str, NDArray[np
 
     worst_auc: dict[str, Any] = {"gap": math.inf, "where": ""}
     worst_brier: dict[str, Any] = {"gap": -math.inf, "where": ""}
+    missed: list[dict[str, Any]] = []
     level = below_recency = True
     for r in results:
-        for where, ms in _cells(r):
+        for where, ms, vs_best in _cells(r):
             best_auc = max(ms[b].roc_auc for b in BASELINES)
             best_brier = min(ms[b].brier or math.inf for b in BASELINES)
             gap = ms["cln"].roc_auc - best_auc
             bgap = (ms["cln"].brier or math.inf) - best_brier
             if gap < worst_auc["gap"]:
-                worst_auc = {"gap": gap, "where": where}
+                worst_auc = {"gap": gap, "where": where, "ci95": vs_best["ci95"]}
             if bgap > worst_brier["gap"]:
                 worst_brier = {"gap": bgap, "where": where}
-            level &= gap >= -0.002 and bgap <= 0.002
+            if gap < -0.002 or bgap > 0.002:
+                level = False
+                n = next((b.n for b in r.tenure if where.endswith(b.name)), r.n_test)
+                missed.append(
+                    {
+                        "where": where,
+                        "customers": n,
+                        "auc_gap": gap,
+                        "ci95": vs_best["ci95"],
+                        "brier_gap": bgap,
+                    }
+                )
             if ms["cln"].roc_auc < ms[RECENCY].roc_auc:
                 below_recency = False
     targets = {
@@ -286,6 +312,7 @@ def summarise(results: list[CutoffResult], replicates: list[dict[str, NDArray[np
         mean_diff_vs=mean_diff_vs,
         worst_auc_gap=worst_auc,
         worst_brier_gap=worst_brier,
+        missed_level=missed,
         targets=targets,
     )
 
@@ -393,7 +420,7 @@ def render_markdown(r: Backtest) -> str:
         "| cutoff | "
         + " | ".join(f"{m} Brier" for m in MODELS[:-1])
         + " | cln PR-AUC | best baseline PR-AUC |",
-        "|" + " --- |" * (3 + len(MODELS)),
+        "|" + " --- |" * (2 + len(MODELS)),
     ]
     for c in r.cutoffs:
         cells = " | ".join(_f(c.models[m].brier) for m in MODELS[:-1])
@@ -447,7 +474,8 @@ def render_markdown(r: Backtest) -> str:
         f"- best baseline by mean AUC: {s.best_baseline_by_mean_auc}; cln - it, averaged over cutoffs: "
         f"{_ci(s.mean_diff_vs_best)}",
         f"- worst AUC gap (cln - best baseline): {_signed(s.worst_auc_gap['gap'])} at "
-        f"{s.worst_auc_gap['where']}",
+        f"{s.worst_auc_gap['where']} (95% CI [{_signed(s.worst_auc_gap['ci95'][0])}, "
+        f"{_signed(s.worst_auc_gap['ci95'][1])}])",
         f"- worst Brier gap (cln - best baseline): {_signed(s.worst_brier_gap['gap'])} at "
         f"{s.worst_brier_gap['where']}",
         "",
@@ -455,6 +483,12 @@ def render_markdown(r: Backtest) -> str:
         "",
     ]
     lines += [f"- {name}: {'met' if ok else 'MISSED'}" for name, ok in s.targets.items()]
+    for m in s.missed_level:
+        lo, hi = m["ci95"]
+        lines.append(
+            f"  - level missed at {m['where']} ({m['customers']} customers): AUC gap {_signed(m['auc_gap'])} "
+            f"[{_signed(lo)}, {_signed(hi)}], Brier gap {_signed(m['brier_gap'])}"
+        )
     lines += [f"- rule {k}: {v}" for k, v in r.rules.items()]
     lines += [
         "",
