@@ -68,7 +68,7 @@ train-customer-split: $(VENV)/.stamp-train
 
 # The out-of-time protocol at every monthly cutoff the horizon allows (docs/model.md, "Backtest").
 # A quick look: make backtest BACKTEST_ARGS='--cutoffs 3 --seeds 1'.
-BACKTEST_SEEDS ?= 3
+BACKTEST_SEEDS ?= $(SEEDS)
 BACKTEST_ARGS ?=
 backtest: $(VENV)/.stamp-train
 	$(BIN)/python -m model_export backtest --data cdnow --seeds $(BACKTEST_SEEDS) --out models/backtest $(BACKTEST_ARGS)
