@@ -87,8 +87,8 @@ def test_metadata_round_trip(tiny_model_dir: TinyModel) -> None:
     report = json.loads((tiny_model_dir.dir / "report.json").read_text())
     assert meta.model_version == report["model_version"]
     assert meta.threshold == report["models"]["cln"]["threshold"]
-    assert meta.horizon_weeks == 39
-    assert meta.horizon_days == 273
+    assert meta.horizon_weeks == 13
+    assert meta.horizon_days == 91
     assert meta.feature_spec == FeatureSpec(lookback_bins=39)
     assert meta.data_fingerprint == report["data"]["fingerprint"]
     assert meta.n_seeds == 2
@@ -296,4 +296,4 @@ def test_scores_file_has_one_row_per_test_user(tiny_model_dir: TinyModel) -> Non
     report = json.loads((tiny_model_dir.dir / "report.json").read_text())
     assert len(rows) == report["split"]["test"]
     assert len({r["user_id"] for r in rows}) == len(rows)
-    assert {r["as_of"] for r in rows} == {"1997-09-30T23:59:59Z"}
+    assert {r["as_of"] for r in rows} == {f"{report['cutoff']}T23:59:59Z"}
