@@ -39,6 +39,7 @@ from service.schemas import (
     LATEST_SECONDS,
     MAX_AMOUNT,
     MAX_QUANTITY,
+    MIN_QUANTITY,
     RANGE_MESSAGE,
     ColumnarPredictRequest,
     ErrorItem,
@@ -214,10 +215,10 @@ def check_columns(
         (~((ts >= 0) & (ts < LATEST_SECONDS)), "timestamp", "value_error", RANGE_MESSAGE),
         (~((amt >= 0) & (amt <= MAX_AMOUNT)), "amount", "range", f"a finite number in [0, {MAX_AMOUNT:g}]"),
         (
-            ~((qty >= 0) & (qty <= MAX_QUANTITY) & (qty == np.floor(qty))),
+            ~((qty >= MIN_QUANTITY) & (qty <= MAX_QUANTITY) & (qty == np.floor(qty))),
             "quantity",
             "range",
-            f"a whole number in [0, {MAX_QUANTITY}]",
+            f"a whole number in [{MIN_QUANTITY}, {MAX_QUANTITY}]",
         ),
     ):
         problems += [ErrorItem(field=f, type=kind, message=message) for f in _events(mask, name)]

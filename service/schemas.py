@@ -27,6 +27,9 @@ RANGE_MESSAGE = "Value error, must be between 1970-01-01T00:00:00Z and 2100-01-0
 #: stay finite in float64 and the model never sees inf.
 MAX_AMOUNT = 1e9
 MAX_QUANTITY = 1_000_000
+#: A purchase has at least one item: training drops zero-quantity rows, so the service refuses them
+#: rather than score a purchase day training never saw (docs/model.md, "Data and cleaning").
+MIN_QUANTITY = 1
 
 
 def _check_range(value: datetime) -> datetime:
@@ -74,7 +77,7 @@ class Event(BaseModel):
         description="RFC 3339 with a UTC offset (`Z` or `+hh:mm`), 1970 to 2100. Binned by UTC day."
     )
     amount: float = Field(ge=0, le=MAX_AMOUNT, description="Money spent, >= 0.")
-    quantity: int = Field(ge=0, le=MAX_QUANTITY, description="Items bought, a whole number >= 0.")
+    quantity: int = Field(ge=MIN_QUANTITY, le=MAX_QUANTITY, description="Items bought, a whole number >= 1.")
 
 
 class PredictRequest(BaseModel):
@@ -151,8 +154,8 @@ class ColumnarEvents(BaseModel):
         "1970 to 2100."
     )
     amount: list[Annotated[float, Field(ge=0, le=MAX_AMOUNT)]] = Field(description="Money spent, >= 0.")
-    quantity: list[Annotated[int, Field(ge=0, le=MAX_QUANTITY)]] = Field(
-        description="Items bought, whole numbers >= 0."
+    quantity: list[Annotated[int, Field(ge=MIN_QUANTITY, le=MAX_QUANTITY)]] = Field(
+        description="Items bought, whole numbers >= 1."
     )
 
 

@@ -86,6 +86,8 @@ CASES: list[tuple[str, str, Any, str | None, int, str, str | None]] = [
     ),
     ("quantity fractional", "/predict", event(quantity=1.5), J, 422, "invalid_input", "events[0].quantity"),
     ("quantity negative", "/predict", event(quantity=-1), J, 422, "invalid_input", "events[0].quantity"),
+    # training drops zero-quantity rows, so the service refuses them: one rule on every path
+    ("quantity zero", "/predict", event(quantity=0), J, 422, "invalid_input", "events[0].quantity"),
     ("quantity bool", "/predict", event(quantity=True), J, 422, "invalid_input", "events[0].quantity"),
     ("timestamp garbage", "/predict", event(timestamp=MARK), J, 422, "invalid_input", "events[0].timestamp"),
     (

@@ -143,6 +143,7 @@ def _error(r: Any, status: int, code: str) -> list[str]:
         ({"amount": [10.0, -1.0, 100.0]}, 422, "invalid_input", "columns.amount[1]"),
         ({"quantity": [1, 1.5, 7]}, 422, "invalid_input", "columns.quantity[1]"),
         ({"quantity": [1, True, 7]}, 422, "invalid_input", "columns.quantity[1]"),
+        ({"quantity": [1, 0, 7]}, 422, "invalid_input", "columns.quantity[1]"),
         (
             {"timestamp": [873072000, "1997-06-01T12:00:00", 875577599]},
             422,
@@ -205,6 +206,12 @@ GOOD = {"timestamp": datetime(1997, 9, 1, tzinfo=UTC), "amount": 1.0, "quantity"
             422,
             "invalid_input",
             "events[2][1].amount",
+        ),
+        (
+            {"events": _events([GOOD], [], [GOOD, GOOD | {"quantity": 0}])},
+            422,
+            "invalid_input",
+            "events[2][1].quantity",
         ),
         (
             {"events": _events([GOOD], [], [GOOD | {"amount": None}])},

@@ -229,7 +229,7 @@ def test_a_compacted_history_predicts_exactly_like_the_full_history_inline(tmp_p
     stamps = sorted(now - int(s) for s in rng.integers(0, 3 * 365 * 86_400, 45))
     events = [
         event(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)), float(rng.integers(1, 400)) / 4, int(q))
-        for t, q in zip(stamps, rng.integers(0, 5, 45), strict=True)
+        for t, q in zip(stamps, rng.integers(1, 5, 45), strict=True)
     ]
     as_of = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
     with make_client(settings, store=backend) as c:
