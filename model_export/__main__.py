@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(b)
     b.set_defaults(bootstrap=1000)
+    e = sub.add_parser(
+        "export", help="rebuild model.onnx from a training run's checkpoint.pt (same graph and metadata)"
+    )
+    e.add_argument("--checkpoint", type=Path, required=True, help="DIR/checkpoint.pt written by train")
+    e.add_argument("--out", type=Path, required=True, help="the ONNX file to write")
     return parser
 
 
@@ -146,6 +151,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _export(checkpoint: Path, out: Path) -> int:
+    from model_export.export import ExportError, export_checkpoint, read_metadata
+
+    if not checkpoint.is_file():
+        print(f"error: checkpoint not found: {checkpoint}", file=sys.stderr)
+        return 2
+    try:
+        diff = export_checkpoint(checkpoint, out)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({read_metadata(out).model_version}); parity against the checkpoint {diff:.2g}")
+    return 0
+
+
 def _backtest(args: argparse.Namespace, cfg: TrainConfig) -> int:
     from model_export.backtest import MODELS, backtest
 
@@ -172,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the ONNX exporter's optimisation passes log every rewrite at INFO
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "export":
+        return _export(args.checkpoint, args.out)
     cfg = config_from_args(args)
     # imported late: torch takes seconds to import, and --help should not wait for it
     from model_export.train import train

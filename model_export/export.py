@@ -16,6 +16,8 @@ import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 
+from model_export.files import write_atomic
+from model_export.model import CLN, CLNConfig, Ensemble, FusedEnsemble
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,40 @@ def with_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> onnx.Model
     )
     onnx.checker.check_model(out, full_check=True)
     return out
+
+
+def export_ensemble(
+    ensemble: Ensemble, inputs: NDArray[np.float32], opset: int
+) -> tuple[onnx.ModelProto, float]:
+    """Trace the fused serving form of ``ensemble`` and check it against the trained ensemble (not
+    against itself) on ``inputs``; returns the graph without metadata and the parity."""
+    served = FusedEnsemble(ensemble).eval()
+    proto = to_onnx(served, inputs[: min(8, inputs.shape[0])], opset)
+    diff = parity(ensemble, proto, inputs)
+    if not diff <= PARITY_TOLERANCE:
+        raise ExportError(f"onnxruntime disagrees with PyTorch by {diff:.3g} > {PARITY_TOLERANCE}")
+    return proto, diff
+
+
+def load_checkpoint(path: Path) -> tuple[Ensemble, ModelMetadata, NDArray[np.float32]]:
+    """The trained ensemble, its metadata and the held-out inputs kept for the parity check."""
+    ckpt = torch.load(path, weights_only=True)
+    meta = ModelMetadata.from_dict(ckpt["metadata"])
+    cfg = CLNConfig(**ckpt["cln_config"])
+    ensemble = Ensemble([CLN(cfg) for _ in range(meta.n_seeds)])
+    ensemble.load_state_dict(ckpt["state_dict"])
+    inputs = ckpt.get("parity_inputs")
+    if inputs is None:
+        raise ExportError(f"{path} has no parity inputs: retrain to write a checkpoint that can be exported")
+    return ensemble.eval(), meta, inputs.numpy()
+
+
+def export_checkpoint(path: Path, out: Path) -> float:
+    """Rebuild the ONNX file from ``checkpoint.pt`` (same graph, same metadata); returns the parity."""
+    ensemble, meta, inputs = load_checkpoint(path)
+    proto, diff = export_ensemble(ensemble, inputs, meta.opset)
+    write_atomic(with_metadata(proto, meta).SerializeToString(), out)
+    return diff
 
 
 def read_metadata(path: Path) -> ModelMetadata:

@@ -297,3 +297,18 @@ def test_scores_file_has_one_row_per_test_user(tiny_model_dir: TinyModel) -> Non
     assert len(rows) == report["split"]["test"]
     assert len({r["user_id"] for r in rows}) == len(rows)
     assert {r["as_of"] for r in rows} == {f"{report['cutoff']}T23:59:59Z"}
+
+
+def test_export_rebuilds_the_model_file_from_the_checkpoint(
+    tiny_model_dir: TinyModel, tmp_path: Path
+) -> None:
+    out = tmp_path / "rebuilt.onnx"
+    proc = run_cli("export", "--checkpoint", str(tiny_model_dir.dir / "checkpoint.pt"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metadata(out) == read_metadata(tiny_model_dir.model)
+    # the export is deterministic: the same weights and metadata give the same bytes
+    assert out.read_bytes() == tiny_model_dir.model.read_bytes()
+    missing = run_cli("export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.onnx"))
+    assert missing.returncode == 2
+    assert "checkpoint not found" in missing.stderr
+    assert not (tmp_path / "x.onnx").exists()
