@@ -51,6 +51,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     p.add_argument("--dropout", type=float, default=TrainConfig.dropout)
     p.add_argument("--no-pool-last", dest="pool_last", action="store_false", help="drop last-step pooling")
+    p.add_argument("--wide", action="store_true", help="add a linear term on the last step's channels")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--patience", type=int, default=TrainConfig.patience)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -135,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         hidden=args.hidden,
         dropout=args.dropout,
         pool_last=args.pool_last,
+        wide=args.wide,
         seeds=args.seeds,
         seed=args.seed,
         epochs=args.epochs,

@@ -45,6 +45,7 @@ class TrainConfig:
     hidden: int = 64
     dropout: float = 0.3
     pool_last: bool = True
+    wide: bool = False  # a linear term on the last step's channels next to the deep part
     # optimisation
     seeds: int = 1
     seed: int = 0  # the first seed; members use seed, seed + 1, ...

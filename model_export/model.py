@@ -36,6 +36,9 @@ class CLNConfig:
     dropout: float = 0.3
     corr_eps: float = 1e-4
     pool_last: bool = True
+    # a linear term on the last time step's normalised channels (the RFM summaries live there),
+    # added to the MLP's logit: a logistic regression inside the graph, next to the deep part
+    wide: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +94,7 @@ class CLN(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, 1),
         )
+        self.wide = nn.Linear(cfg.n_channels, 1) if cfg.wide else None
 
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mean.copy_(mean)
@@ -103,6 +107,8 @@ class CLN(nn.Module):
         if self.cfg.pool_last:
             pooled.append(f[:, :, -1])
         logit: torch.Tensor = self.head(torch.cat(pooled, dim=1))  # [B, 1]
+        if self.wide is not None:
+            logit = logit + self.wide(z[:, :, -1])  # [B, 1]
         return logit.squeeze(-1)  # [B]
 
 
@@ -149,6 +155,8 @@ class FusedEnsemble(nn.Module):
     b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
+    w_wide: torch.Tensor
+    b_wide: torch.Tensor
 
     def __init__(self, ensemble: Ensemble) -> None:
         super().__init__()
@@ -204,6 +212,11 @@ class FusedEnsemble(nn.Module):
         self.register_buffer("b1", torch.stack([_bias(a) for a, _ in linears]).unsqueeze(1))  # [N, 1, hidden]
         self.register_buffer("w2", torch.stack([b.weight.detach().t() for _, b in linears]))  # [N, hidden, 1]
         self.register_buffer("b2", torch.stack([_bias(b) for _, b in linears]).unsqueeze(1))  # [N, 1, 1]
+        self.wide = cfg.wide
+        if cfg.wide:
+            wides = [m.wide for m in members if m.wide is not None]
+            self.register_buffer("w_wide", torch.stack([w.weight.detach()[0] for w in wides]))  # [N, C]
+            self.register_buffer("b_wide", torch.stack([_bias(w) for w in wides]))  # [N, 1]
         # the variances are the diagonal of the [K * K] covariance: a Gather, as in CorrelationPooling
         self.register_buffer("diagonal", torch.arange(k) * (k + 1), persistent=False)
 
@@ -212,7 +225,8 @@ class FusedEnsemble(nn.Module):
         if self.n_copies > 1:
             z = z.repeat(1, self.n_copies, 1)  # [B, N*C, T]
         # normalised after the transpose: the mean and std broadcast over time, a cheap inner loop
-        f = self.conv((z - self.mean) / self.std)  # [B, N*K, T]
+        z = (z - self.mean) / self.std  # [B, copies*C, T]
+        f = self.conv(z)  # [B, N*K, T]
         batch, t = f.shape[0], f.shape[-1]
         f = f.reshape(batch, self.n_members, self.k, t)  # [B, N, K, T]
         mu = f.mean(dim=-1, keepdim=True)  # [B, N, K, 1]
@@ -225,6 +239,9 @@ class FusedEnsemble(nn.Module):
         h = torch.cat(pooled, dim=3).reshape(batch, self.n_members, -1).transpose(0, 1)  # [N, B, K * width]
         h = nn.functional.gelu(h @ self.w1 + self.b1)  # [N, B, hidden]
         logit = (h @ self.w2 + self.b2).squeeze(-1)  # [N, B]
+        if self.wide:
+            last = z[:, :, -1].reshape(batch, self.n_copies, -1)  # [B, copies, C]
+            logit = logit + ((last * self.w_wide).sum(dim=-1).transpose(0, 1) + self.b_wide)  # [N, B]
         return torch.sigmoid(logit).mean(dim=0)  # [B]
 
 

@@ -349,6 +349,7 @@ def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
         hidden=cfg.hidden,
         dropout=cfg.dropout,
         pool_last=cfg.pool_last,
+        wide=cfg.wide,
     )
     started = time.perf_counter()
     members = [train_member(cfg, net_cfg, splits, mean, std, cfg.seed + k) for k in range(cfg.seeds)]

@@ -17,12 +17,23 @@ T, C = 12, 3
 
 
 def _ensemble(
-    n_members: int, *, conv_layers: int = 2, pool_last: bool = True, shared_norm: bool = True
+    n_members: int,
+    *,
+    conv_layers: int = 2,
+    pool_last: bool = True,
+    shared_norm: bool = True,
+    wide: bool = False,
 ) -> Ensemble:
     """Randomly initialised members, normalised as training does (or each its own way)."""
     torch.manual_seed(n_members * 10 + conv_layers)
     cfg = CLNConfig(
-        n_channels=C, lookback_bins=T, conv_channels=4, conv_layers=conv_layers, hidden=8, pool_last=pool_last
+        n_channels=C,
+        lookback_bins=T,
+        conv_channels=4,
+        conv_layers=conv_layers,
+        hidden=8,
+        pool_last=pool_last,
+        wide=wide,
     )
     members = [CLN(cfg) for _ in range(n_members)]
     mean, std = torch.randn(C), torch.rand(C) + 0.5
@@ -53,6 +64,16 @@ def _torch_diff(ensemble: Ensemble, x: NDArray[np.float32]) -> float:
 def test_fused_equals_the_ensemble_in_torch(n_members: int, conv_layers: int, pool_last: bool) -> None:
     ensemble = _ensemble(n_members, conv_layers=conv_layers, pool_last=pool_last)
     assert _torch_diff(ensemble, _inputs()) <= 1e-6
+
+
+@pytest.mark.parametrize("shared_norm", [True, False])
+def test_the_wide_term_fuses(shared_norm: bool) -> None:
+    ensemble = _ensemble(3, shared_norm=shared_norm, wide=True)
+    assert _torch_diff(ensemble, _inputs()) <= 1e-6
+    x = _inputs()
+    proto = to_onnx(FusedEnsemble(ensemble), x[:4], TrainConfig.opset)
+    for batch in (1, 64):
+        assert parity(ensemble, proto, x[:batch]) <= PARITY_TOLERANCE
 
 
 def test_members_with_their_own_normalisation_still_fuse() -> None:
