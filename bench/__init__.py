@@ -1,4 +1,4 @@
-"""``python -m bench``: the serving benchmark of issue 6, the service measured against its floors.
+"""``python -m bench``: the serving benchmark, the service measured against its floors.
 
 One run starts the real service under uvicorn on loopback, loads it with wrk, and in the same run
 measures the floors it is compared with: raw onnxruntime on the same model file with the same

@@ -1,13 +1,10 @@
 """The framework floor: FastAPI parsing the service's own request models, answering a constant.
 
 ``python -m bench.constant_app --port P`` serves it under uvicorn configured as ``python -m service``
-configures it (one worker, no access log, no server header). The body is parsed the way the service
-parses it, ``model_validate_json`` on the raw bytes in one pass, so the difference between this and
-the service is everything the service does after validation: encoding, inference, the response,
-middleware, metrics and logging.
-
-A plain ``body: PredictRequest`` parameter would not do: FastAPI validates a ``json.loads``-ed
-dict in Python mode, where the schema's strict mode refuses RFC 3339 strings for datetimes.
+configures it. The body is parsed as the service parses it (``model_validate_json`` on the raw
+bytes, one pass), so the gap to the service is everything it does after validation. Not a plain
+``body: PredictRequest`` parameter: FastAPI validates a ``json.loads``-ed dict in Python mode,
+where the schema's strict mode refuses RFC 3339 strings for datetimes.
 """
 
 from __future__ import annotations

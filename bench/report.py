@@ -1,7 +1,7 @@
 """A run's results: the tables (Markdown, so they paste into bench/README.md) and the same as JSON.
 
-Every service row carries its ratio to its floor and, where issue 6 sets one, the target and
-whether this run met it. A second, small table sets the service's ``/predict`` with micro-batching
+Every service row carries its ratio to its floor and, where the serving targets set one, the
+target and whether this run met it. A second, small table sets the service's ``/predict`` with micro-batching
 against the same service without it, connection count by connection count: the default should be
 the one that wins where it matters.
 """
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from bench.floors import OrtFloor
 from bench.machine import Machine
 
-#: Issue 6's targets, as ratios and limits on one run.
+#: The serving targets (bench/README.md, "Targets"), as ratios and limits on one run.
 TARGET_PREDICT_RATIO_64 = 0.9
 TARGET_PREDICT_P99_MS_64 = 15.0
 TARGET_PREDICT_P50_MS_1 = 0.4
@@ -179,7 +179,7 @@ def microbatching_verdict(ratio: float) -> str:
 
 
 def targets(report: Report) -> dict[str, bool]:
-    """Issue 6's targets that this run can judge, each met or not."""
+    """The serving targets that this run can judge, each met or not."""
     out: dict[str, bool] = {}
     r = ratios(report)
     one = _find(report.http, "service", "/predict", 1)

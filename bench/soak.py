@@ -2,12 +2,11 @@
 
     python -m bench.soak [--seconds 180] [--clients 4] [--model PATH]     (or: make soak)
 
-Traffic: single and batch predictions (rows, columnar JSON, Arrow), every kind of bad request,
-probes, scrapes, and a model hot swap every few seconds. An error is any answer whose status is
-not the one expected for its kind, or a transport failure; there must be none. RSS is read from
-/proc every second; growth is measured from the end of the first tenth of the run (after warm-up)
-to the end. Not part of
-``make test``. Exits 1 on any error.
+Single and batch predictions (rows, columnar JSON, Arrow), every kind of bad request, probes,
+scrapes and a model hot swap every few seconds. Any status other than the one expected for its
+kind, or a transport failure, is an error, and there must be none (exit 1). RSS is read from /proc
+every second, its growth counted from the end of the first tenth of the run (after warm-up).
+Not part of ``make test``.
 """
 
 from __future__ import annotations

@@ -3,11 +3,10 @@
 * :class:`BGNBD` - the classic buy-till-you-die model (Fader, Hardie & Lee 2005) on (x, t_x, T),
   scored in closed form as P(at least one purchase in the horizon).
 * :class:`LogRegRFM` and :class:`LightGBMRFM` - discriminative models on the RFM matrix, trained
-  on the same label as the network. They tell us whether the network learns anything beyond RFM.
+  on the same label as the network: does the network learn anything beyond RFM?
 
-Time is in weeks throughout, following lifetimes' convention: ``recency`` is the time between the
-first and the latest purchase (not the time since the latest purchase) and ``T`` is the customer's
-age at ``as_of``.
+Time is in weeks, as in lifetimes: ``recency`` is the time from the first to the latest purchase
+(not the time since the latest one) and ``T`` the customer's age at ``as_of``.
 """
 
 from __future__ import annotations
@@ -212,8 +211,8 @@ class LightGBMRFM:
     than AUC, so the kept model is also the better-calibrated one.
 
     One thread by default: a few thousand rows by six columns gain nothing from more, and when the
-    cores are busy (torch training next door) LightGBM's OpenMP threads spin at every barrier; on a
-    shared 2-core machine ``num_threads=2`` measured 60x slower (16 s against 0.27 s per fit).
+    cores are busy (torch training next door) LightGBM's OpenMP threads spin at every barrier and
+    a fit becomes many times slower (docs/model.md, "Protocols").
     """
 
     def __init__(

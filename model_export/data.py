@@ -1,23 +1,11 @@
 """Reading and cleaning a transaction log, and turning it into the encoder's columnar arrays.
 
-Cleaning policy (every count lands in the report):
-
-1. A file that is malformed fails loudly: a required column missing, a timestamp that does not
-   parse, an amount or quantity that is not a number. The error names the column and the first bad
-   line; we never train on garbage silently.
-2. Rows with an empty user id or timestamp are dropped (``dropped_missing_user``,
-   ``dropped_missing_timestamp``); so are rows with an empty amount or quantity.
-3. Non-finite or negative amounts are dropped (``dropped_bad_amount``); zero or negative
-   quantities too (``dropped_bad_quantity``).
-4. Exact duplicate rows (same user, timestamp second, amount, quantity) are dropped
-   (``dropped_exact_duplicates``): a logging retry, not a second purchase.
-5. Rows of the same user on the same UTC day are merged into one purchase (amounts and quantities
-   summed; ``merged_same_day``): the encoder counts purchase days, and so do BG/NBD and RFM.
-
-Rules 4 and 5 are :mod:`service.cleaning`'s, which the encoder applies to any events it gets, so
-the service scores a raw log as training scores this cleaned one. Rules 2-3 are training's alone:
-the service answers 422 to a request with such a row, except a zero quantity, which it accepts
-(docs/model.md, "Data and cleaning").
+A malformed file fails loudly, naming the column and the first bad line: we never train on garbage
+silently. Rows training cannot use (an empty field, a non-finite or negative amount, a zero or
+negative quantity) are dropped and counted in the report. Exact duplicates and same-day rows are
+:mod:`service.cleaning`'s rule, which the encoder applies to any events, so the service scores a
+raw log as training scores this cleaned one; every row training drops, the service refuses with a
+422 (docs/model.md, "Data and cleaning", has the rules and the CDNOW counts).
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """The correlation-learning network (CLN).
 
-Shape walk-through for one batch: ``x [B, T, C]`` (encoder output, raw) -> normalise with the
-training set's per-channel mean/std (baked into the graph) -> ``[B, C, T]`` -> 1-D convolutions
-over time (kernel 3, same padding) -> feature maps ``F [B, K, T]`` -> three poolings side by side:
-
-- correlation pooling: centre each map over time, covariance ``F Fᵀ / (T - 1)``, normalise to a
-  correlation matrix (``+ eps`` on the variances so flat maps stay finite), keep the strict upper
-  triangle: ``K (K - 1) / 2`` numbers that say which temporal patterns move together;
-- mean pooling: ``K`` numbers, the average level of each pattern;
-- the last time step: ``K`` numbers, the state "now" (recency lives here);
-
-then an MLP to one logit. Correlation pooling is scale-free by construction, so it cannot carry
-levels; that is why mean and last-step pooling sit next to it.
+``x [B, T, C]`` (raw encoder output) -> normalise (the training set's per-channel mean/std, baked
+into the graph) -> ``[B, C, T]`` -> 1-D convolutions over time -> feature maps ``F [B, K, T]`` ->
+three poolings side by side: the strict upper triangle of the maps' correlation matrix over time
+(``K (K - 1) / 2`` numbers: which patterns move together), the mean of each map (``K``) and its
+last time step (``K``, the state "now") -> MLP -> one logit. Correlation pooling is scale-free by
+construction, so it cannot carry levels: that is why mean and last-step pooling sit next to it.
 """
 
 from __future__ import annotations

@@ -4,11 +4,9 @@
                                        [variant ...]
 
 Prints one JSON line per (variant, protocol) and appends it to OUT.jsonl. Validation AUC is the
-mean over seeds at the training cutoff; test AUC/Brier are the ensemble on the test users. On CDNOW
-the validation AUCs of all variants lie within ~0.002 of each other, and in the out-of-time
-protocol validation cannot see the shift that matters (it sits at the training cutoff), so read
-the test columns as what they are: measurements, with a bootstrap CI of about ±0.003 on AUC
-differences between close models. See docs/model.md for the table of the kept runs.
+mean over seeds at the training cutoff; test AUC/Brier are the ensemble on the test users. Close
+variants are hard to tell apart: validation barely separates them and cannot see the out-of-time
+shift, so read the test columns with their noise in mind (docs/model.md, "Ablations").
 """
 
 from __future__ import annotations

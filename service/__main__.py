@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = DrainingServer(config, drain_seconds=settings.shutdown_drain_seconds, on_drain=slot.drain)
     # Everything imported and built so far lives as long as the process: move it out of the
-    # collector's sight. Full collections scanning those ~10^5 objects were the /predict tail
-    # (p99 at 16 connections 37-47 ms -> 6 ms, and +10-20% requests/s; bench/README.md).
+    # collector's sight. Full collections scanning all of it were the /predict latency tail
+    # (README, "Memory and pauses").
     gc.collect()
     gc.freeze()
     # A request allocates a few hundred tracked objects and frees nearly all of them by reference
-    # counting; with the default 700-allocation trigger the young generation was collected every
-    # couple of requests for nothing. 50,000: +10-15% /predict requests/s at 16 and 64 connections.
+    # counting; with the default trigger the young generation would be collected every couple of
+    # requests for nothing.
     gc.set_threshold(50_000, 20, 100)
     server.run()
     return 1 if failures else 0

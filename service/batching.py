@@ -1,28 +1,12 @@
 """Adaptive micro-batching: concurrent ``/predict`` calls share one encode + inference call.
 
-Each request is parsed and validated on its own (a bad request fails alone), then its event
-columns join a bounded queue. One consumer task takes what is queued and scores it in one call:
-
-- **an idle queue never waits**: a request that finds no company is scored at once, so one
-  connection sees no added wait (the wait bound is a cap, not a fixed delay; triton#4667). A
-  request that is the only prediction in progress does not come here at all (the router scores it
-  in its handler); "the queue looks empty" would not do as that test, since the handlers that
-  become ready in one turn of the loop each find the queue empty in turn;
-- **while requests keep arriving**, the consumer yields to the event loop and takes what the
-  yield brought, until the batch holds ``max_users`` users, ``max_wait_s`` has passed, or
-  a few turns of the loop bring nobody new (in a closed loop every client may already be waiting
-  in this batch, and waiting longer for nobody is pure loss);
-- the batch is split by model (a hot swap mid-queue leaves each request on the model it took when
-  it started, so every answer names the version that really computed it), encoded and scored, and
-  the results **and exceptions** go to every waiter of that call (MLServer's adaptive batcher);
-- the queue is bounded: when it is full a request is refused at once (:class:`QueueFullError`, the
-  router's 503 ``overloaded`` with ``Retry-After``) rather than joining a queue whose wait grows
-  with the load.
-
-The scoring runs on the event loop, like the unbatched small-request path: a gathered batch of
-64 users is ~0.3 ms of numpy and onnxruntime, less than a hop to a worker thread costs on 2 cores.
-The queue and the consumer task are created by :meth:`Batcher.start` inside the running loop
-(the app's lifespan), never at import or construction.
+Each request is parsed and validated on its own (a bad request fails alone), then its columns
+join a bounded queue; a full queue refuses at once (:class:`QueueFullError`) rather than grow a
+wait with the load. One consumer task scores what is queued: an item that finds no company goes at
+once (the wait bound is a cap, not a delay; triton#4667), and while requests keep arriving it
+gathers them up to ``max_users``, ``max_wait_s`` or a few idle turns of the loop. It scores on the
+loop, where a gathered batch costs less than a thread hop; one call per model, so an answer names
+the version that computed it, and results *and* exceptions reach every waiter (MLServer's batcher).
 """
 
 from __future__ import annotations
@@ -47,7 +31,8 @@ logger = logging.getLogger(__name__)
 Score = Callable[[Served, EventColumns], NDArray[np.float32]]
 
 #: Turns of the event loop without a new arrival after which a busy batch stops gathering: a
-#: request whose bytes have arrived needs about two turns (read, then parse) to reach the queue.
+#: request whose bytes have arrived needs about two turns (read, then parse) to reach the queue,
+#: and in a closed loop every client may already be waiting in this batch.
 _IDLE_TURNS = 2
 
 

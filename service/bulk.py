@@ -1,16 +1,11 @@
 """Bulk bodies for ``/predict/batch``: columnar JSON and Apache Arrow IPC, straight into columns.
 
-The row format (``{"users": [{..., "events": [{...}, ...]}, ...]}``) makes pydantic build a
-Python object per event and ``to_columns`` read them back one by one. A columnar body is already
-the shape the encoder wants: one list per field, parsed by pydantic-core into Python lists (one
-float per value, no model objects) and converted to numpy in one call each; an Arrow stream is
-read by pyarrow with no Python per value at all. Both end in the same :class:`ColumnarBatch` and
-go through :func:`check_columns`, which applies the row format's rules vectorised (finite,
-non-negative amounts; whole quantities in range; timestamps in 1970..2100; the per-request
-limits), naming the offending field in the format the client used.
-
-pyarrow is optional (the ``arrow`` extra) and imported on the first Arrow request, so a service
-that never sees one does not pay its memory; without it an Arrow body is a 415 that says so.
+The row format makes pydantic build a Python object per event and ``to_columns`` read them back
+one by one. A columnar body is already the encoder's shape: pydantic-core parses one list per field
+and numpy converts each in one call; an Arrow stream needs no Python per value at all. Both become
+a :class:`ColumnarBatch` checked by :func:`check_columns`: the row format's rules, vectorised, with
+errors naming fields the way the client sent them. pyarrow is optional (the ``arrow`` extra) and
+imported on the first Arrow request, so a service that never sees one does not pay its memory.
 """
 
 from __future__ import annotations
@@ -331,7 +326,7 @@ def parse_arrow(body: bytes, *, max_users: int) -> ColumnarBatch:
             if message.type != "record batch":
                 raise _invalid("body", "arrow_dictionary", "dictionary-encoded columns are not supported")
             if _compressed(message.metadata.to_pybytes()):
-                # ~8 MiB of zstd can decode to gigabytes: the body limit bounds only plain buffers
+                # a body-sized zstd buffer can decode to gigabytes: the body limit bounds only plain ones
                 raise _invalid("body", "arrow_compressed", "compressed Arrow buffers are not accepted")
             record_batch = pa.ipc.read_record_batch(message, schema)
             record_batch.validate(full=True)  # bounds-checks offsets before numpy reads them

@@ -13,9 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-#: Request latency buckets in seconds: a single request through the whole stack is a few hundred
-#: microseconds on CPU, so the buckets start at 50 us (fixed 5 ms-first buckets make p50 useless,
-#: see LESSONS.md) and reach 10 s for large batch requests on a busy machine.
+#: Request latency buckets in seconds: a single request through the whole stack takes well under a
+#: millisecond on CPU, so the buckets start far below one (buckets that begin at milliseconds put
+#: every request in the first and leave the median unreadable) and reach 10 s for large batch
+#: requests on a busy machine.
 DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
     0.00005,
     0.0001,
@@ -96,8 +97,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=1, ge=0)
     """onnxruntime threads inside one operator; 0 = onnxruntime's default (one per core).
 
-    1 by default: the model is ~14k parameters, so a batch-1 call is ~25 us and extra threads cost
-    more to wake than they save; the event loop and the request thread pool need the cores.
+    1 by default: the model is small enough that extra threads cost more to wake than they save on
+    one call; the event loop and the request thread pool need the cores.
     """
 
     inter_op_threads: int = Field(default=1, ge=0)
@@ -108,10 +109,9 @@ class Settings(BaseSettings):
 
     inference_batch_users: int = Field(default=256, ge=1)
     """Most users in one onnxruntime call; a larger batch is scored in slices of this size, which
-    are also the largest shape warmed up. 256 suits the CPU: past ~256 users the CDNOW graph's
-    intermediates outgrow the caches (1,000 users: 18.3-18.7 ms in one call, 15.0-15.3 ms as four
-    padded calls of 256) and the memory arena keeps them at their largest (peak RSS after 15
-    such batches: 216 MB in one call, 152 MB in slices). On a GPU, set it to
+    are also the largest shape warmed up. 256 suits the CPU: past it the graph's intermediates
+    outgrow the caches and the memory arena keeps them at their largest, so slices are faster and
+    leaner than one call (docs/model.md, "The served graph"). On a GPU, set it to
     ``max_batch_users``: there one large call is what is fast."""
 
     max_events_per_user: int = Field(default=10_000, ge=1)
@@ -119,8 +119,8 @@ class Settings(BaseSettings):
 
     inline_max_body_bytes: int = Field(default=8192, ge=0)
     """Request bodies up to this size are parsed, encoded and scored on the event loop; larger ones
-    in the thread pool. Small requests take ~0.1-0.3 ms, less than a thread hop costs under load;
-    large ones would stall ``/healthz`` and every other request while they run."""
+    in the thread pool. A small request costs less than a thread hop under load; a large one
+    would stall ``/healthz`` and every other request while it runs."""
 
     batch_threads: int = Field(default=2, ge=1)
     """Worker threads for large requests; more than the cores only adds contention."""

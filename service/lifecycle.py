@@ -1,17 +1,12 @@
 """Where requests get the model from, and how it gets there: load, validate, warm up, then publish.
 
-The model is loaded in a background task after the server starts listening, so ``/healthz``
-answers while a large model loads (a liveness probe that waits on the model restarts pods in a
-loop, triton#7014) and ``/readyz`` says 503 with a reason until the model has answered warm-up
-inferences. A model is published to the :class:`ModelSlot` whole, in one assignment: a request
-sees the old model or the new one, never a half-loaded one.
-
-A hot swap (:func:`reload_model`) follows the same path beside the served model: load, validate
-the metadata and signature, warm up every batch shape, all in a thread; only then one assignment
-replaces the served model. A request holds the :class:`Served` it started with, so requests in
-flight finish on the old model and the old session is freed when the last of them lets go. A file
-that fails any step is refused and the old model keeps serving: the slot never passes through
-"no model" (triton#2076).
+The first load runs in a background task once the server listens, so ``/healthz`` answers while a
+large model loads (a liveness probe that waits on the model restarts pods in a loop, triton#7014)
+and ``/readyz`` is 503 with a reason until warm-up has run. A hot swap (:func:`reload_model`)
+takes the same path beside the served model. Either way the model reaches the :class:`ModelSlot`
+whole, in one assignment; a request keeps the :class:`Served` it started with, and a file that
+fails any step is refused while the old model keeps serving: the slot never passes through "no
+model" (triton#2076).
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Limits enforced before a request reaches a router: body size, and how many predictions at once.
 
-A plain ASGI middleware, because both decisions must be made before the body is read: a body whose
-``Content-Length`` is over the limit is refused from its headers alone, and a streamed (chunked)
-body is counted chunk by chunk as the router reads it and refused as soon as it passes the limit,
-so no more than ``max_body_bytes`` of one request is ever held in memory. uvicorn discards the
-unread rest of the body after the answer, which keeps the connection usable for the client.
-
-Prediction requests beyond ``max_concurrent_requests`` are shed at once with 503 ``overloaded``
-and ``Retry-After`` rather than queued: a queue without a bound turns a traffic spike into
-unbounded memory and latency for everyone (BentoML#3200 shows the opaque version of this). The
-count covers a request from its first byte to its last, so slow senders count too. Probes,
+A plain ASGI middleware, because both decisions come before the body is read: a ``Content-Length``
+over the limit is refused from the headers, a chunked body is counted as the router reads it and
+refused as soon as it passes, so no request holds more than ``max_body_bytes`` in memory.
+Predictions beyond ``max_concurrent_requests`` are shed at once with 503 ``overloaded``: an
+unbounded queue turns a spike into unbounded memory and latency for everyone (BentoML#3200). The
+count runs from a request's first byte to its last, so slow senders count too; probes,
 ``/metrics`` and the admin endpoint are never shed.
 """
 
@@ -95,4 +91,6 @@ class LimitMiddleware:
                 admission.active -= 1
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+        # the body is left unread: uvicorn discards the rest after the answer, so the connection
+        # stays usable for the client
         await rejection(error, self.metrics)(scope, receive, send)

@@ -31,8 +31,8 @@ PROBABILITY_BUCKETS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range
 
 
 class ArrayHistogram(Collector):
-    """A histogram fed whole numpy arrays: 1,000 users' probabilities cost one ``searchsorted``,
-    not 1,000 ``observe()`` calls taking a lock each. Exposed exactly like a prometheus_client
+    """A histogram fed whole numpy arrays: a batch's probabilities cost one ``searchsorted``, not
+    one ``observe()`` call taking a lock per user. Exposed exactly like a prometheus_client
     histogram (cumulative ``_bucket``, ``_count``, ``_sum``)."""
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:

@@ -1,13 +1,11 @@
 """The model behind a protocol: float32 features in, float32 probabilities out, no HTTP.
 
 :class:`OnnxPredictor` is the only implementation the service ships; tests inject fakes that follow
-the same :class:`Predictor` protocol through the app factory.
-
-Batches are padded up to a small fixed set of sizes (powers of two up to the largest batch the
-server accepts, plus that largest size). onnxruntime's memory arena grows with every new input
-shape it sees (onnxruntime#11118) and GPU providers tune per shape, so a bounded set of shapes
-keeps memory flat and lets warm-up cover every shape the server can ever run before it reports
-ready. The cost is at most 2x compute on a padded batch, which is small next to request parsing.
+the same :class:`Predictor` protocol through the app factory. Batches are padded up to a few fixed
+sizes (powers of two up to the largest batch the server runs, plus that size): onnxruntime's arena
+grows with every new input shape (onnxruntime#11118) and GPU providers tune per shape, so a bounded
+set keeps memory flat and lets warm-up cover every shape before the server reports ready, for at
+most twice the compute on a padded batch.
 """
 
 from __future__ import annotations
@@ -165,7 +163,7 @@ class OnnxPredictor:
         )
         if runtime.fallback:
             # onnxruntime only prints this to its own log when CUDA libraries fail to load
-            # (onnxruntime#23372): say it loudly, it is a 10-100x latency difference.
+            # (onnxruntime#23372): say it loudly, or a service meant for the GPU runs on the CPU unnoticed.
             logger.warning(
                 "onnxruntime fell back from the requested execution provider",
                 extra={"requested_providers": list(requested), "active_providers": list(runtime.active)},

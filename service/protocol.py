@@ -1,16 +1,12 @@
 """uvicorn's httptools protocol with a deadline for the request head.
 
-uvicorn bounds an idle keep-alive connection (``timeout_keep_alive``, armed after a response and
-disarmed by the next byte) and the body (our ``PI_REQUEST_TIMEOUT_SECONDS``), but nothing bounds
-the request line and headers: a client that opens a connection and sends nothing, or trickles a
-header byte every few seconds (slowloris), holds its connection and a file descriptor for as long
-as it likes, and enough of them exhaust the process. Here a connection has ``head_timeout``
-seconds from opening, or from the end of its previous response, until its request head is
-complete; past that it gets a 408 in the service's JSON envelope and is closed.
-
-The deadline is a number on the connection, checked by one sweep per event loop a few times per
-timeout, not a timer per request: arming and cancelling a loop timer for every request cost the
-constant-answer app ~5 % of its requests/s and added a p99 tail under 64 connections.
+uvicorn bounds idle keep-alive connections and the service bounds the body, but nothing bounds the
+request line and headers: a client that sends nothing, or trickles a header byte every few seconds
+(slowloris), holds a connection and a file descriptor for as long as it likes. Here the head must
+be complete ``head_timeout`` seconds after the connection opens or its previous response ends, or
+the client gets a 408 in the service's JSON envelope and is closed. The deadline is a number on the
+connection, checked by one sweep per event loop: a loop timer armed and cancelled per request costs
+throughput and adds a latency tail (bench/README.md).
 """
 
 from __future__ import annotations

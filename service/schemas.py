@@ -43,8 +43,8 @@ def _check_range(value: datetime) -> datetime:
 Timestamp = Annotated[AwareDatetime, AfterValidator(_check_range)]
 #: Event timestamps and ``as_of`` in prediction requests: parsed by pydantic, range-checked
 #: vectorised by the prediction routes once the events are flat columns
-#: (``service.scoring.out_of_range``), with the same 422 and field path. A per-value Python
-#: validator here cost half of a 1,000-user batch's validation (issue 6). Code that validates these
+#: (``service.scoring.out_of_range``), with the same 422 and field path: a per-value Python
+#: validator here would be a large share of a big batch's validation. Code that validates these
 #: models without going through ``to_columns`` must check the range itself.
 EventTimestamp = AwareDatetime
 

@@ -51,8 +51,9 @@ def to_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(u.events or ()) for u in users], out=offsets[1:])
     events = [e for u in users for e in u.events or ()]
-    # one list per column, then one conversion each: ~20% faster than np.fromiter over generators
-    # aware datetimes -> float epoch seconds -> floor: exact to the second up to 2100 (< 2**53 us)
+    # one list per column, then one conversion each: cheaper than np.fromiter over generators
+    # aware datetimes -> float epoch seconds -> floor: exact to the second up to 2100, where the
+    # microseconds since the epoch are still fewer than 2**53
     seconds = np.array([e.timestamp.timestamp() for e in events], dtype=np.float64)
     as_of = np.array([now if u.as_of is None else u.as_of.timestamp() for u in users], dtype=np.float64)
     return EventColumns(
@@ -73,7 +74,7 @@ def _within(seconds: NDArray[np.int64]) -> bool:
 
 
 def _one_user(user: PredictRequest, now: int) -> EventColumns:
-    """:func:`to_columns` for the single-user ``/predict``, without the flattening (~4 us less)."""
+    """:func:`to_columns` for the single-user ``/predict``, without the flattening it does not need."""
     events = user.events or ()
     seconds = np.array([e.timestamp.timestamp() for e in events], dtype=np.float64)
     as_of = now if user.as_of is None else math.floor(user.as_of.timestamp())

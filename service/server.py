@@ -1,17 +1,11 @@
 """uvicorn with a drain step, so a shutdown loses no request.
 
-The sequence on the first SIGTERM (or SIGINT):
-
-1. at once: ``/readyz`` answers 503 ``draining`` (the signal handler only flips a flag);
-2. for ``shutdown_drain_seconds``: everything is still served, new connections included, while
-   load balancers see the 503 and stop routing here (closing the socket first loses the requests
-   already on their way, uvicorn#1824);
-3. uvicorn's own graceful shutdown: the listening socket closes, idle keep-alive connections
-   close, requests in flight run to their answer for up to the rest of the grace period;
-4. whatever still runs then is cancelled, the lifespan ends, the process exits, so the whole
-   shutdown takes at most ``shutdown_grace_seconds``.
-
-A second signal skips the rest of the drain.
+On the first SIGTERM (or SIGINT) ``/readyz`` turns 503 ``draining`` at once (the handler only
+flips a flag), and for ``shutdown_drain_seconds`` everything is still served, new connections
+included: load balancers see the 503 and stop routing here, where closing the socket first would
+lose the requests already on their way (uvicorn#1824). Then uvicorn's graceful shutdown lets
+requests in flight finish, and what still runs when ``shutdown_grace_seconds`` are up is
+cancelled. A second signal skips the rest of the drain.
 """
 
 from __future__ import annotations

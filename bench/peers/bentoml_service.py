@@ -1,14 +1,11 @@
 """The same model and body served by BentoML 1.4: the peer ``make bench-peers`` measures us against.
 
-Written the way BentoML's documentation writes a service: a ``@bentoml.service`` class that opens
-the model in ``__init__`` and one sync ``@bentoml.api`` whose input is a pydantic model (here the
-whole JSON body, a root input, so the body is exactly our ``/predict`` body). For an apples-to-apples
-comparison it opens the same ONNX file with onnxruntime configured as ours (CPU, 1 intra-op and 1
-inter-op thread, sequential, all graph optimisations) and featurises with our shared encoder
-(``service.features.encode_batch`` with the feature spec from the file's own metadata). One worker.
+Written the way BentoML's documentation writes a service (a ``@bentoml.service`` class, one sync
+``@bentoml.api`` whose input is the whole ``/predict`` body as a pydantic root input), with what
+must match ours matched: the same ONNX file, onnxruntime configured as ours, our shared encoder
+(bench/README.md, "Peers"). Runs only in ``bench/.venv-peers``:
 
-Runs only in ``bench/.venv-peers``: ``PI_PEER_MODEL=models/cdnow/model.onnx bentoml serve
-bench.peers.bentoml_service:PurchaseIntent``.
+    PI_PEER_MODEL=models/cdnow/model.onnx bentoml serve bench.peers.bentoml_service:PurchaseIntent
 """
 
 from __future__ import annotations

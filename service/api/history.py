@@ -1,17 +1,12 @@
 """Users sent without ``events``: their history comes from the event store.
 
-The one call the prediction path makes is :func:`resolve_columns`. With every user's events inline
-it is :func:`service.scoring.to_columns` and nothing else (no store is touched, no behaviour
-changes). Otherwise it reads all the missing histories in one store call, which blocks: on the
-event loop it raises :class:`StoreReadNeeded` instead, and the handler runs the request in a
-worker thread. ``/predict`` by user id does better: :class:`HistoryReads` gathers the ids of
-concurrent requests into one store call, and :func:`with_stored` builds the columns from what it
-read.
-
-A stored history that was compacted holds counters for purchases older than the retention
-horizon; they are exact for any ``as_of`` whose window starts after the newest folded purchase
-(always the case for ``as_of`` = now). An ``as_of`` earlier than that is a 422
-``history_compacted``, never a silently different score.
+:func:`resolve_columns` is the prediction path's one call. With every user's events inline it is
+:func:`service.scoring.to_columns` and nothing else. Otherwise it reads the missing histories in
+one store call, which blocks: on the event loop it raises :class:`StoreReadNeeded` instead and the
+handler moves the request to a worker thread; ``/predict`` by id shares reads (:class:`HistoryReads`).
+Compacted counters are exact only for an ``as_of`` whose window starts after the newest folded
+purchase (always so for ``as_of`` = now); an earlier one is a 422 ``history_compacted``, never a
+silently different score.
 """
 
 from __future__ import annotations
@@ -179,11 +174,11 @@ def _merge(
 class HistoryReads:
     """Concurrent ``/predict`` requests by user id share one store read.
 
-    A store read blocks, so it runs in a worker thread; one thread hop and one SQL statement (or
-    Redis pipeline) per request was the by-id path's cost (issue 5: 0.25-0.33x inline). Here the
-    ids queue up on the event loop and one consumer reads all of those queued in one call; while
-    that read runs, the next requests queue, so the batch grows with the load and an idle queue
-    never waits. Each waiter gets its own user's history (``None``: not stored) or the failure.
+    A store read blocks, so it runs in a worker thread, and a thread hop plus one SQL statement (or
+    Redis pipeline) for every request would dominate the by-id path. Here the ids queue up on the
+    event loop and one consumer reads all of those queued in one call; while that read runs, the
+    next requests queue, so the batch grows with the load and an idle queue never waits. Each
+    waiter gets its own user's history (``None``: not stored) or the failure.
     """
 
     def __init__(self, store: GuardedStore, limiter: anyio.CapacityLimiter, *, max_users: int) -> None:

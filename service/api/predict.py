@@ -1,27 +1,12 @@
 """``POST /predict`` and ``POST /predict/batch``.
 
-The body is read as bytes and parsed and validated in one pass by pydantic's JSON parser (not
-``json.loads`` and then validation), which is also what lets the service tell invalid JSON (400)
-from a valid document with wrong fields (422). The OpenAPI request bodies are declared by hand
-for the same reason: FastAPI would otherwise parse the body itself.
-
-Where the work runs: a request with a small body (the common single-user case) is parsed, encoded
-and scored right on the event loop: that is ~0.1-0.3 ms of CPU, less than a hop to a worker
-thread costs under load (measured in issue 6: inline 5.5k req/s vs thread pool 3.2k). A body
-above ``inline_max_body_bytes`` goes to a bounded thread pool; onnxruntime and most numpy
-kernels release the GIL there. Measured with three clients each sending 1,000 users x 20 events
-in a loop: ``/healthz`` p50 16 ms in the pool vs 95 ms inline (max 160 vs 270 ms). What remains is
-pydantic-core holding the GIL for one whole ``validate_json`` (~15 ms for such a body since the
-per-timestamp validator went, ~80 ms before); the bulk formats are the fix for that, not more
-threads.
-
-With micro-batching on (``service/batching.py``), a small ``/predict`` is parsed and validated on
-the loop as before, then scored together with whatever else is queued (or at once when it is the
-only prediction in progress). The app serves ``/predict`` with :func:`serve_predict`, a plain
-ASGI function, rather than through FastAPI's router; the FastAPI declaration below is what the
-OpenAPI document shows and runs the same code. ``/predict/batch`` takes
-three body formats, told apart by content type and, for JSON, by the first key (``users`` rows or
-``columns``); ``service/bulk.py`` parses the columnar ones, and the answer has the format sent.
+A body is read as bytes and parsed and validated in one pass by pydantic's JSON parser: that is
+what tells invalid JSON (400) from wrong fields (422), and why the OpenAPI bodies are declared by
+hand. A body up to ``inline_max_body_bytes`` is handled on the event loop, where a thread hop
+would cost more than the work; a larger one goes to the bounded thread pool so that it cannot
+stall the loop. A small ``/predict`` is scored through the micro-batcher (``service/batching.py``).
+The app serves ``/predict`` with :func:`serve_predict`, a plain ASGI function; the FastAPI route
+below is what the OpenAPI document shows, and runs the same code.
 """
 
 from __future__ import annotations
@@ -235,9 +220,9 @@ def _parse_one(ctx: AppContext, served: Served, body: bytes, now: int) -> tuple[
 
 
 def _answer_one(served: Served, user_id: str, probability: float) -> bytes:
-    """A :class:`PredictResponse` as JSON. pydantic-core's serializer on a plain dict writes the
-    same bytes as ``model_construct(...).model_dump_json()`` in a sixth of the time (0.5 vs
-    2.9 us; tests/service/test_api.py checks the answer against the model)."""
+    """A :class:`PredictResponse` as JSON: pydantic-core's serializer on a plain dict writes the
+    same bytes as the response model, for a fraction of the cost on the hottest path
+    (tests/service/test_api.py checks the answer against the model)."""
     meta = served.predictor.metadata
     answer: bytes = pydantic_core.to_json(
         {
@@ -379,11 +364,11 @@ async def _receive(
     # the version goes into the access log line, whatever happens next
     scope.setdefault("state", {})["model_version"] = served.predictor.metadata.model_version
     timeout = ctx.settings.request_timeout_seconds
-    # the event loop's clock (anyio.current_time() is the same clock, but finding the running
-    # async library cost ~3 us a request: 2.6 % of the loop under load, py-spy)
+    # the event loop's clock: anyio.current_time() reads the same clock but first looks up the
+    # running async library, on every request
     deadline = asyncio.get_running_loop().time() + timeout
-    # asyncio's timeout, not anyio.move_on_after: anyio's cancel scope cost ~10-50 us a request
-    # with 64 requests in flight (cProfile, issue 6); uvicorn always runs us on asyncio
+    # asyncio's timeout, not anyio.move_on_after: anyio's cancel scope is dearer, and grows with
+    # the requests in flight; uvicorn always runs us on asyncio
     try:
         async with asyncio.timeout_at(deadline):
             body = await _read_body(receive)
@@ -442,7 +427,9 @@ async def _submit(batcher: Batcher, served: Served, columns: EventColumns) -> ND
 async def _alone(ctx: AppContext) -> bool:
     """No other prediction request is in progress: nobody to batch with, so skip the batcher's
     queue and its consumer task (two task switches). One turn of the loop first: requests whose
-    bytes arrived together start in that turn and count as in progress, so a burst is batched."""
+    bytes arrived together start in that turn and count as in progress, so a burst is batched.
+    An empty batch queue would be no such test: handlers that become ready in one turn of the
+    loop each find it empty in turn."""
     if ctx.admission is None or ctx.admission.active > 1:  # under load: no turn of the loop spent
         return False
     await asyncio.sleep(0)
@@ -483,11 +470,10 @@ _JSON = (b"content-type", b"application/json")
 async def serve_predict(scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /predict`` as a plain ASGI app, the route the app calls directly (``service.app``).
 
-    FastAPI's routing, dependency and exception layers cost ~45 us a request on this path, more
-    than validating the body (issue 6: a bare ASGI app parsing the same body answered 31k req/s
-    where the same under FastAPI answered 13k). What they did for this route is done here: errors
-    become the one envelope through the exception handler's own ``rejection``, the body
-    size, admission and request-id/metrics/log middleware wrap this app as they wrap FastAPI's.
+    FastAPI's routing, dependency and exception layers cost more on this path than validating
+    the body (bench/README.md). What they did for this route is done here: errors become the one
+    envelope through the exception handler's own ``rejection``, and the body size, admission and
+    request-id/metrics/log middleware wrap this app as they wrap FastAPI's.
     """
     ctx: AppContext = scope["state"]["context"]
     try:
@@ -527,7 +513,7 @@ async def serve_predict(scope: Scope, receive: Receive, send: Send) -> None:
 )
 async def predict(request: Request) -> Response:
     # What the OpenAPI document shows; the app serves this route with serve_predict (same code).
-    ctx = await get_context(request)  # not Depends(): FastAPI's dependency solver costs ~30 us a call
+    ctx = await get_context(request)  # not Depends(): FastAPI's dependency solver is dear per call
     return Response(await _predict(request.scope, request.receive, ctx), media_type="application/json")
 
 

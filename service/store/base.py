@@ -1,13 +1,11 @@
 """What every event store backend implements, and the values that cross it.
 
-Events are keyed per user: ``(user_id, key)`` is unique, where ``key`` is ``"id:" + event_id`` for
-an event sent with an id and ``"sha:" + digest`` of its content otherwise, so a retried request
-stores nothing twice either way. Identical events under distinct ids are all stored; the encoder
-and compaction count them once (:mod:`service.cleaning`, training's rule).
-
-Compaction folds whole days of raw events older than a cut-off day into per-user counters
-(:class:`Folded`), exactly what :func:`service.features.encode_batch` needs from events outside
-the window.
+Events are keyed per user: ``(user_id, key)`` is unique, ``key`` being ``"id:" + event_id`` or,
+for an event sent without an id, ``"sha:" + digest`` of its content, so a retried request stores
+nothing twice either way. Identical events under distinct ids are all stored; the encoder and
+compaction count them once (:mod:`service.cleaning`). Compaction folds whole days of raw events
+older than a cut-off day into per-user counters (:class:`Folded`): exactly what
+:func:`service.features.encode_batch` needs from events outside the window.
 """
 
 from __future__ import annotations
