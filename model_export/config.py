@@ -59,8 +59,8 @@ class TrainConfig:
     validation_fraction: float = 0.2
     test_fraction: float = 0.2
     # rolling origins: also train on the training customers at this many cutoffs in all, every
-    # origin_step_weeks before the training cutoff (1 = the training cutoff only). 4 measured better
-    # than 1 in both protocols on CDNOW (docs/model.md, "Ablations").
+    # origin_step_weeks before the training cutoff (1 = the training cutoff only): more and more
+    # varied examples of the same customers, each label window ending before the next origin's
     origins: int = 4
     origin_step_weeks: int = 4
     # window-crop augmentation: this share of training batches sees only the latest

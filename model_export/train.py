@@ -1,15 +1,9 @@
 """``train(cfg, out_dir)``: data -> examples -> seed members -> baselines -> report -> ONNX file.
 
-Protocols (see :mod:`model_export.config` for the defaults):
-
-customer-split
-    Features at the cutoff, label = a purchase in ``(cutoff, cutoff + horizon]``; customers are
-    split train / validation / test by a seeded stratified split. Test customers are never used for
-    fitting, early stopping or choosing the threshold.
-out-of-time
-    What production does: fit at ``t0 = cutoff - horizon`` with labels in ``(t0, cutoff]``
-    (train / validation split of those customers), then score everybody known at the cutoff and
-    evaluate on the next ``horizon`` weeks. Baselines follow the same protocol.
+``fit`` is the part ``backtest`` shares: splits, seed members, baselines, scores. Out of time (the
+default, what production does) the model is fitted at ``cutoff - horizon`` with labels up to the
+cutoff and judged on everybody known at the cutoff; the customer split holds test customers out at
+one date. Test customers never reach fitting, early stopping or thresholds (docs/model.md).
 """
 
 from __future__ import annotations
