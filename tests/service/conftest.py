@@ -7,19 +7,13 @@ End-to-end fixtures (a real ``python -m service`` process on the real tiny model
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-
-with warnings.catch_warnings():
-    # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; both work. Filtered here,
-    # where the module is first imported, so the suite's output stays about our code.
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
