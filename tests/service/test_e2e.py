@@ -30,6 +30,8 @@ from tests.service.processes import (
     running_service,
 )
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:

@@ -280,6 +280,7 @@ def test_an_unusable_sqlite_file_is_a_503_for_store_calls_and_readiness(tmp_path
         assert "purchase_intent_ready 0.0" in metrics
 
 
+@pytest.mark.slow
 def test_redis_down_is_a_503_and_the_service_recovers_when_it_is_back(tmp_path: Path) -> None:
     redis = RedisProcess(free_port(), tmp_path / "redis")
     settings = store_settings(tmp_path, store_backend="redis", redis_url=redis.url, store_timeout_seconds=0.5)

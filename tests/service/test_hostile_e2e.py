@@ -20,6 +20,8 @@ from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, running_service
 from tests.service.wire import connect, head, read_response
 
+pytestmark = pytest.mark.slow
+
 MAX_BODY = 1 << 20  # 1 MiB in this server, to keep the uploads quick
 TIMEOUT = 1.0
 

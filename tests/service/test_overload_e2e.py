@@ -14,9 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.service.onnx_models import write_model
 from tests.service.processes import running_service
+
+pytestmark = pytest.mark.slow
 
 USER = {
     "user_id": "u-1",

@@ -19,6 +19,8 @@ from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, start_service, wait_until
 from tests.service.wire import connect, head, read_response
 
+pytestmark = pytest.mark.slow
+
 USER = {
     "user_id": "u-1",
     "as_of": "1997-09-30T00:00:00Z",

@@ -13,11 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from service.artifact import ModelMetadata
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import start_service, wait_until
+
+pytestmark = pytest.mark.slow
 
 
 def _future_format() -> ModelMetadata:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TinyModel
@@ -26,6 +27,8 @@ from tests.service.processes import (
     start_service,
     wait_until,
 )
+
+pytestmark = pytest.mark.slow
 
 TOKEN = "e2e-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
