@@ -25,7 +25,7 @@ ARG SEEDS=5
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
-COPY pyproject.toml README.md requirements.lock ./
+COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY service ./service
 COPY model_export ./model_export
 RUN pip install -r requirements.lock && pip install -c requirements.lock '.[train]'

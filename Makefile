@@ -11,7 +11,7 @@ PORT   ?= 8000
 SEEDS  ?= 5
 SOAK_SECONDS ?= 180
 
-.PHONY: env gpu-env system-deps train train-customer-split backtest serve bench bench-peers test soak lint format clean lock
+.PHONY: env gpu-env system-deps train train-customer-split backtest serve bench bench-peers test test-fast soak lint format clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,8 +89,13 @@ BENCH_ARGS ?=
 bench: $(VENV)/.stamp-train system-deps $(filter $(MODEL),$(BENCH_MODEL))
 	$(BIN)/python -m bench --model $(BENCH_MODEL) $(BENCH_ARGS)
 
+# Everything, end-to-end tests included: what CI runs.
 test: $(VENV)/.stamp-dev system-deps
 	$(BIN)/python -m pytest
+
+# The quick loop while editing: no real server, Redis, Prometheus or CLI training (the `slow` marker).
+test-fast: $(VENV)/.stamp-dev system-deps
+	$(BIN)/python -m pytest -m "not slow"
 
 # Minutes of mixed traffic + hot swaps against a real server; prints requests, errors, RSS growth.
 # Not part of `make test`.

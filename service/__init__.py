@@ -5,5 +5,3 @@ Importing the package does nothing: no settings are read and no app is built unt
 """
 
 from __future__ import annotations
-
-__version__ = "0.1.0"

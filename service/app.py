@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from importlib import metadata
 from typing import Any
 
 import anyio
@@ -19,7 +20,6 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import __version__
 from service.api import admin, events, health, model, predict, users
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
@@ -192,7 +192,7 @@ def create_app(
 
     app = ServiceApp(
         title="purchase-intent",
-        version=__version__,
+        version=metadata.version("purchase-intent"),  # written once, in pyproject.toml
         description=_DESCRIPTION,
         lifespan=lifespan,
         redoc_url=None,

@@ -66,6 +66,17 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``make test-fast`` must not train: a test that needs the tiny model has to be marked slow."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "tiny_model_dir" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"these tests train the tiny model, mark them @pytest.mark.slow: {unmarked}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     root = tmp_path_factory.mktemp("tiny_model")

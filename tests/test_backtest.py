@@ -86,6 +86,7 @@ def test_monthly_cutoffs_end_where_the_horizon_allows() -> None:
         pick_cutoffs(cutoffs, "1998-02-30")
 
 
+@pytest.mark.slow
 def test_backtest_writes_every_model_bucket_and_summary(backtest_dir: Path, slice_csv: Path) -> None:
     for name in ("backtest.json", "backtest.md", "backtest_auc.png"):
         assert (backtest_dir / name).is_file(), name
@@ -156,6 +157,7 @@ def test_a_cutoff_sees_nothing_after_it(slice_csv: Path) -> None:
     np.testing.assert_array_equal(a.splits.test.y, b.splits.test.y)
 
 
+@pytest.mark.slow
 def test_train_report_quotes_the_backtest(backtest_dir: Path, slice_csv: Path, tmp_path: Path) -> None:
     args = ("train", "--data", str(slice_csv), *TINY_NET, "--backtest", str(backtest_dir / "backtest.json"))
     same = run_cli(*args, "--out", str(tmp_path / "same"))

@@ -28,6 +28,7 @@ from tests.conftest import TinyModel, run_cli, write_cdnow_slice
 METRICS = {"roc_auc", "pr_auc", "log_loss", "brier", "accuracy", "precision", "recall", "f1", "threshold"}
 
 
+@pytest.mark.slow
 def test_cli_writes_model_reports_and_plots(tiny_model_dir: TinyModel) -> None:
     d = tiny_model_dir.dir
     for name in ("model.onnx", "report.json", "report.md", "roc.png", "calibration.png", "scores.csv"):
@@ -63,6 +64,7 @@ def test_cli_writes_model_reports_and_plots(tiny_model_dir: TinyModel) -> None:
     assert "lightgbm" in md
 
 
+@pytest.mark.slow
 def test_onnx_file_is_a_contract(tiny_model_dir: TinyModel) -> None:
     proto = onnx.load(str(tiny_model_dir.model))
     onnx.checker.check_model(proto, full_check=True)
@@ -82,6 +84,7 @@ def test_onnx_file_is_a_contract(tiny_model_dir: TinyModel) -> None:
     assert stat.S_IMODE(tiny_model_dir.model.stat().st_mode) & 0o044 == 0o044, "readable by the serving user"
 
 
+@pytest.mark.slow
 def test_metadata_round_trip(tiny_model_dir: TinyModel) -> None:
     meta = read_metadata(tiny_model_dir.model)
     report = json.loads((tiny_model_dir.dir / "report.json").read_text())
@@ -109,6 +112,7 @@ def test_metadata_errors_are_clear() -> None:
         ModelMetadata.from_props({"purchase_intent": json.dumps({"format_version": 99})})
 
 
+@pytest.mark.slow
 def test_pytorch_and_onnxruntime_agree_on_held_out_users(tiny_model_dir: TinyModel) -> None:
     ckpt = torch.load(tiny_model_dir.dir / "checkpoint.pt", weights_only=False)
     n_seeds = ckpt["metadata"]["n_seeds"]
@@ -139,6 +143,7 @@ def _test_user_features(tiny: TinyModel) -> np.ndarray:
     return encode_batch(ts.to_numpy(), events["amount"], events["quantity"], offsets, as_of, spec)
 
 
+@pytest.mark.slow
 def test_offline_scores_are_reproduced_from_raw_events(tiny_model_dir: TinyModel) -> None:
     """What the service will do online: events + as_of -> shared encoder -> onnxruntime."""
     scores = pd.read_csv(tiny_model_dir.scores, dtype={"user_id": str})
@@ -218,6 +223,7 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     assert a["models"] == b["models"]
 
 
+@pytest.mark.slow
 def test_out_of_time_protocol(tmp_path: Path) -> None:
     raw = write_cdnow_slice(tmp_path / "slice.csv", 1500, seed=6)
     proc = run_cli(
@@ -238,6 +244,7 @@ def test_out_of_time_protocol(tmp_path: Path) -> None:
     assert read_metadata(tmp_path / "oot" / "model.onnx").protocol == "out-of-time"
 
 
+@pytest.mark.slow
 def test_customer_split_protocol_stays_available(tmp_path: Path) -> None:
     raw = write_cdnow_slice(tmp_path / "slice.csv", 1500, seed=8)
     proc = run_cli(
@@ -254,6 +261,7 @@ def test_customer_split_protocol_stays_available(tmp_path: Path) -> None:
     assert report["split"]["test_as_of"].startswith("1997-09-30")
 
 
+@pytest.mark.slow
 def test_malformed_file_fails_with_column_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("user_id,timestamp,amount,quantity\n1,1997-01-01,3.5,1\n2,1997-13-45,3.5,1\n")
@@ -264,6 +272,7 @@ def test_malformed_file_fails_with_column_and_line(tmp_path: Path) -> None:
     assert not (tmp_path / "never" / "model.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_channel(tmp_path: Path) -> None:
     proc = run_cli("train", "--channels", "purchases,nope", "--out", str(tmp_path))
     assert proc.returncode == 2
@@ -290,6 +299,7 @@ def test_write_atomic_leaves_no_temp_files(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["m.onnx"]
 
 
+@pytest.mark.slow
 def test_scores_file_has_one_row_per_test_user(tiny_model_dir: TinyModel) -> None:
     with tiny_model_dir.scores.open() as fh:
         rows = list(csv.DictReader(fh))

@@ -109,6 +109,7 @@ def test_fused_graph_does_not_grow_with_the_members() -> None:
     assert _node_count(three) == _node_count(one)
 
 
+@pytest.mark.slow
 def test_the_exported_file_is_the_fused_graph(tiny_model_dir: TinyModel) -> None:
     """The CLI ships the fused form: fewer nodes than the same checkpoint exported member by member."""
     ckpt = torch.load(tiny_model_dir.dir / "checkpoint.pt", weights_only=False)

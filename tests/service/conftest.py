@@ -6,23 +6,17 @@ End-to-end fixtures (a real ``python -m service`` process on the real tiny model
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-
-with warnings.catch_warnings():
-    # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; both work. Filtered here,
-    # where the module is first imported, so the suite's output stays about our code.
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from tests import waiting
 from tests.service.fakes import FakePredictor
 
 MAX_USERS = 8
@@ -30,11 +24,12 @@ MAX_EVENTS = 50
 
 
 def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').json()}")
-        time.sleep(0.005)
+    waiting.wait_until(
+        lambda: client.get("/readyz").status_code == 200,
+        timeout=timeout,
+        interval=0.005,
+        message=lambda: f"not ready: {client.get('/readyz').json()}",
+    )
 
 
 @pytest.fixture(autouse=True)

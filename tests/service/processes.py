@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests import waiting
 
 HOST = "127.0.0.1"
 
@@ -87,20 +88,26 @@ def start_service(model: Path, log: Path, *, env: dict[str, str] | None = None) 
 def wait_until(
     url: str, process: subprocess.Popen[bytes], *, timeout: float = 30.0, status: int = 200
 ) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    last: str = "no answer"
-    while time.monotonic() < deadline:
+    """The first answer with ``status`` from ``url``; fails at once if ``process`` exits meanwhile."""
+    last = "no answer"
+
+    def answered() -> httpx.Response | None:
+        nonlocal last
         if process.poll() is not None:
             raise AssertionError(f"process exited with {process.returncode} while waiting for {url}")
         try:
             r = httpx.get(url, timeout=2.0)
-            if r.status_code == status:
-                return r
-            last = f"{r.status_code} {r.text[:200]}"
         except httpx.TransportError as exc:
             last = repr(exc)
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not {status} after {timeout}s: {last}")
+            return None
+        if r.status_code == status:
+            return r
+        last = f"{r.status_code} {r.text[:200]}"
+        return None
+
+    return waiting.wait_until(
+        answered, timeout=timeout, interval=0.05, message=lambda: f"{url} not {status}: {last}"
+    )
 
 
 @contextmanager
@@ -184,20 +191,19 @@ class RedisProcess:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
+        process = self.process
         client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"redis-server exited with {process.returncode}")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
         try:
-            while True:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"redis-server exited with {self.process.returncode}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"redis-server not answering after {timeout}s")
-                time.sleep(0.05)
+            waiting.wait_until(answers, timeout=timeout, interval=0.05, message="redis-server not answering")
         finally:
             client.close()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import tomllib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -351,6 +353,13 @@ def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> N
     docs = client.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()
+
+
+def test_the_openapi_version_is_the_one_in_pyproject(client: TestClient) -> None:
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    written = tomllib.loads(pyproject.read_text())["project"]["version"]
+    served = client.get("/openapi.json").json()["info"]["version"]
+    assert served == written, "the installed package is older than pyproject.toml: run make env"
 
 
 def test_the_example_requests_in_the_docs_are_accepted(client: TestClient) -> None:

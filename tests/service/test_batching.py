@@ -225,7 +225,8 @@ def test_concurrent_predicts_each_get_their_own_answer(
         others = [threading.Thread(target=post, args=(i,)) for i in range(1, 5)]
         for t in others:
             t.start()
-        time.sleep(1.0)  # the four are waiting at the loop's door (generous: CI machines are shared)
+        # the four are waiting at the loop's door: no public signal says so, hence a (generous) second
+        time.sleep(1.0)
         gate.set()
         for t in [first, *others]:
             t.join(timeout=10)

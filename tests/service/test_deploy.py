@@ -237,6 +237,7 @@ def test_dockerfile_stages() -> None:
     assert text.rstrip().splitlines()[-1].startswith("FROM runtime AS"), "plain build must give the CPU image"
 
 
+@pytest.mark.slow
 def test_healthcheck_command_follows_readiness(tmp_path: Path) -> None:
     """The image's HEALTHCHECK, run for real: 0 against a ready server, non-zero otherwise."""
     command = _healthcheck_command(_stage(DOCKERFILE.read_text(), "runtime"))

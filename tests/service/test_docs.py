@@ -49,6 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
         yield proc
 
 
+@pytest.mark.slow
 def test_curl_examples_work_as_written(server: ServiceProcess) -> None:
     commands = _curl_commands(README.read_text())
     assert len(commands) >= 6, commands

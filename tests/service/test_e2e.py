@@ -11,7 +11,6 @@ import asyncio
 import csv
 import signal
 import subprocess
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import waiting
 from tests.conftest import TinyModel
 from tests.service.processes import (
     ServiceProcess,
@@ -29,6 +29,8 @@ from tests.service.processes import (
     running_prometheus,
     running_service,
 )
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +183,13 @@ def test_request_log_is_json_with_the_request_id(
     r = httpx.post(f"{server.url}/predict", json=offline[0]["body"], headers={"X-Request-ID": "e2e-log-1"})
     assert r.headers["x-request-id"] == "e2e-log-1"
     version = r.json()["model_version"]
-    deadline = time.monotonic() + 5
-    while True:
-        lines = server.log_lines()  # every line must parse as JSON
-        mine = [x for x in lines if x.get("request_id") == "e2e-log-1"]
-        if mine or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    mine = waiting.wait_until(
+        lambda: [x for x in server.log_lines() if x.get("request_id") == "e2e-log-1"],
+        timeout=5,
+        interval=0.05,
+        message="no access log line for request e2e-log-1",
+    )
+    lines = server.log_lines()  # every line must parse as JSON
     assert len(mine) == 1
     assert mine[0] | {"duration_seconds": 0, "ts": ""} == {
         "ts": "",
@@ -235,18 +237,21 @@ def test_prometheus_scrapes_the_service(
     assert total >= n
     target = server.url.removeprefix("http://")
     with running_prometheus(target, tmp_path) as prometheus:
-        deadline = time.monotonic() + 30
-        result: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
+
+        def scraped() -> list[dict[str, Any]]:
             answer = httpx.get(
                 f"{prometheus}/api/v1/query", params={"query": "purchase_intent_users_scored_total"}
             ).json()
             assert answer["status"] == "success"
-            result = answer["data"]["result"]
-            if result:
-                break
-            time.sleep(0.25)
-        assert result, "Prometheus never scraped purchase_intent_users_scored_total"
+            found: list[dict[str, Any]] = answer["data"]["result"]
+            return found
+
+        result = waiting.wait_until(
+            scraped,
+            timeout=30,
+            interval=0.25,
+            message="Prometheus never scraped purchase_intent_users_scored_total",
+        )
         assert float(result[0]["value"][1]) >= total
         assert result[0]["metric"]["job"] == "purchase-intent"
         up = httpx.get(f"{prometheus}/api/v1/query", params={"query": "up"}).json()["data"]["result"]

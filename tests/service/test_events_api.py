@@ -21,6 +21,7 @@ from service.store import GuardedStore
 from service.store.metrics import StoreMetrics
 from service.store.sqlite import SQLiteStore
 from service.store.upkeep import compact_once
+from tests import waiting
 from tests.service.conftest import MAX_EVENTS, MAX_USERS, wait_ready
 from tests.service.fakes import FakePredictor, make_metadata
 from tests.service.processes import RedisProcess, free_port
@@ -255,14 +256,19 @@ def test_a_compacted_history_predicts_exactly_like_the_full_history_inline(tmp_p
         assert early.json()["detail"][0]["field"] == "as_of"
 
 
+def _wait_store_unavailable(c: TestClient) -> None:
+    waiting.wait_until(
+        lambda: c.get("/readyz").json().get("status") == "store_unavailable",
+        timeout=10,
+        message=lambda: f"readiness never reported the store down: {c.get('/readyz').json()}",
+    )
+
+
 def test_an_unusable_sqlite_file_is_a_503_for_store_calls_and_readiness(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     with make_client(store_settings(tmp_path, store_path=blocker / "events.sqlite3")) as c:
-        deadline = time.monotonic() + 10
-        while c.get("/readyz").json().get("status") != "store_unavailable":
-            assert time.monotonic() < deadline, c.get("/readyz").json()
-            time.sleep(0.02)
+        _wait_store_unavailable(c)
         ready = c.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["store"] == "unavailable"
@@ -280,12 +286,13 @@ def test_an_unusable_sqlite_file_is_a_503_for_store_calls_and_readiness(tmp_path
         assert "purchase_intent_ready 0.0" in metrics
 
 
+@pytest.mark.slow
 def test_redis_down_is_a_503_and_the_service_recovers_when_it_is_back(tmp_path: Path) -> None:
     redis = RedisProcess(free_port(), tmp_path / "redis")
     settings = store_settings(tmp_path, store_backend="redis", redis_url=redis.url, store_timeout_seconds=0.5)
     app: FastAPI = create_app(settings, predictor=all_channel_predictor(), registry=CollectorRegistry())
     with TestClient(app, raise_server_exceptions=False) as c:
-        time.sleep(0.2)
+        _wait_store_unavailable(c)
         assert c.get("/readyz").status_code == 503
         assert c.post("/events", json={"events": [{"user_id": "u", **HISTORY[0]}]}).status_code == 503
         assert c.post("/predict", json={"user_id": "u"}).status_code == 503

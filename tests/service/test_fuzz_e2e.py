@@ -21,6 +21,8 @@ from schemathesis.core.result import Ok
 from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, running_service
 
+pytestmark = pytest.mark.slow
+
 TOKEN = "fuzz-token"
 EXAMPLES = 120  # per POST operation and generation mode: ~750 requests, ~25 s on 2 busy cores
 SENT: Counter[str] = Counter()

@@ -75,7 +75,7 @@ def test_reads_that_arrive_during_a_read_share_the_next_call_capped_at_max_users
             while not backend.calls:  # the first read is in its worker thread, held by the gate
                 await asyncio.sleep(0.01)
             rest = [asyncio.ensure_future(reads.read(f"u{i}")) for i in (1, 2, 3, 4, 5, 1)]
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)  # one turn of the loop: each read queues its id in its first step
             backend.gate.set()
             return await asyncio.gather(first, *rest)
         finally:

@@ -16,9 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import waiting
 from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, running_service
 from tests.service.wire import connect, head, read_response
+
+pytestmark = pytest.mark.slow
 
 MAX_BODY = 1 << 20  # 1 MiB in this server, to keep the uploads quick
 TIMEOUT = 1.0
@@ -123,13 +126,12 @@ def test_error_bodies_carry_no_traceback_or_path(server: ServiceProcess, tmp_pat
 
 
 def _access_line(server: ServiceProcess, request_id: str) -> dict[str, object]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        line = next((e for e in server.log_lines() if e.get("request_id") == request_id), None)
-        if line is not None:
-            return line
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id}")
+    return waiting.wait_until(
+        lambda: next((e for e in server.log_lines() if e.get("request_id") == request_id), None),
+        timeout=10,
+        interval=0.05,
+        message=f"no access line for {request_id}",
+    )
 
 
 def test_a_client_that_leaves_mid_body_is_logged_as_499_and_the_server_carries_on(
@@ -167,9 +169,9 @@ def test_headers_that_trickle_in_get_a_408_and_the_connection_closes(server: Ser
     with connect(server.url) as sock:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
         try:
-            for byte in b"Content-Type: application/json\r\n":  # one byte every 0.2 s: slowloris
+            for byte in b"Content-Type: application/json\r\n":
                 sock.sendall(bytes([byte]))
-                time.sleep(0.2)
+                time.sleep(0.2)  # one byte every 0.2 s: the slowloris client is what is under test
         except OSError:
             pass  # the server closed on us mid-trickle: what the test wants
         answer = _read_to_eof(sock)
@@ -191,8 +193,8 @@ def test_keep_alive_requests_with_pauses_under_the_header_timeout_are_served(ser
     body = json.dumps({"user_id": "u", "events": [], "as_of": "1997-09-30T00:00:00Z"}).encode()
     headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
     with connect(server.url) as sock:
-        for _ in range(3):  # 3 x 0.6 s on one connection: longer than the timeout in total
-            time.sleep(0.6 * TIMEOUT)
+        for _ in range(3):
+            time.sleep(0.6 * TIMEOUT)  # the pauses are the test: each under the timeout, all three over it
             sock.sendall(head("/predict", headers) + body)
             status, _, answer = read_response(sock)
             assert status == 200

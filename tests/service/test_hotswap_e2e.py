@@ -13,11 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import running_service
+
+pytestmark = pytest.mark.slow
 
 TOKEN = "swap-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -14,9 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.service.onnx_models import write_model
 from tests.service.processes import running_service
+
+pytestmark = pytest.mark.slow
 
 USER = {
     "user_id": "u-1",
@@ -69,13 +72,13 @@ def test_overload_is_shed_probes_stay_up_and_it_recovers(tmp_path: Path) -> None
                     started = time.monotonic()
                     assert c.get("/healthz").status_code == 200
                     probe_seconds.append(time.monotonic() - started)
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # the pace of the probing, like an orchestrator's (only faster)
 
         threads = [threading.Thread(target=flood) for _ in range(CLIENTS)]
         threads.append(threading.Thread(target=probe))
         for t in threads:
             t.start()
-        time.sleep(4)
+        time.sleep(4)  # how long the flood lasts: a sustained overload is what is under test
         rss_during = _rss_bytes(pid)
         stop.set()
         for t in threads:

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests import waiting
 from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, start_service, wait_until
 from tests.service.wire import connect, head, read_response
+
+pytestmark = pytest.mark.slow
 
 USER = {
     "user_id": "u-1",
@@ -38,6 +42,31 @@ def _exit_within(proc: ServiceProcess, seconds: float) -> int:
         return proc.process.wait(timeout=seconds)
     finally:
         proc.stop()
+
+
+def _listening(proc: ServiceProcess) -> bool:
+    try:
+        httpx.get(f"{proc.url}/healthz", timeout=1)
+    except httpx.ConnectError:
+        return False
+    return True
+
+
+def _requests_in_flight(proc: ServiceProcess) -> float:
+    """The requests the server is handling now, not counting the scrape that asks."""
+    text = httpx.get(f"{proc.url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "purchase_intent_requests_in_flight":
+            return family.samples[0].value - 1
+    raise AssertionError("purchase_intent_requests_in_flight is not exported")
+
+
+def _wait_in_flight(proc: ServiceProcess) -> None:
+    waiting.wait_until(
+        lambda: _requests_in_flight(proc) >= 1,
+        timeout=10,
+        message="the server never started on the request whose body is still arriving",
+    )
 
 
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path) -> None:
@@ -61,31 +90,40 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path) -> No
                 with lock:
                     outcomes[outcome] += 1
 
+    def tally() -> Counter[str]:
+        with lock:
+            return Counter(outcomes)
+
+    probes: list[int] = []
+
+    def not_ready() -> bool:
+        probes.append(httpx.get(f"{proc.url}/readyz", timeout=5).status_code)
+        return probes[-1] == 503
+
     workers = [threading.Thread(target=load, args=(i,)) for i in range(6)]
     for w in workers:
         w.start()
-    time.sleep(0.5)
-    probes: list[int] = []
-    sent_at = time.monotonic()
-    proc.process.send_signal(signal.SIGTERM)
-    # The orchestrator's view: poll readiness on fresh connections, stop routing on the first 503.
-    deadline = sent_at + drain
-    while time.monotonic() < deadline:
-        probes.append(httpx.get(f"{proc.url}/readyz", timeout=5).status_code)
-        if probes[-1] == 503:
-            break
-        time.sleep(0.02)
-    saw_503_after = time.monotonic() - sent_at
-    stop.set()  # no new requests; the ones in flight must still be answered
-    for w in workers:
-        w.join(timeout=30)
+    try:
+        waiting.wait_until(
+            lambda: tally().total() > 20, timeout=30, message=lambda: f"the load never got going: {tally()}"
+        )
+        sent_at = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        # The orchestrator's view: poll readiness on fresh connections, stop routing on the first 503.
+        # It fails while the socket still accepts connections: within the drain.
+        waiting.wait_until(
+            not_ready, timeout=drain, message=lambda: f"readiness never failed during the drain: {probes}"
+        )
+        saw_503_after = time.monotonic() - sent_at
+    finally:
+        stop.set()  # no new requests; the ones in flight must still be answered
+        for w in workers:
+            w.join(timeout=30)
     code = _exit_within(proc, grace + 5)
     exited_after = time.monotonic() - sent_at
 
-    assert probes[-1] == 503, probes  # readiness failed while the socket still accepted connections
     assert saw_503_after < drain
     total = sum(outcomes.values())
-    assert total > 20, outcomes
     assert outcomes == Counter({"200": total}), outcomes  # every accepted request got its answer
     print(f"shutdown under load: {total} requests, {total - outcomes['200']} failed")
     assert code in (0, -signal.SIGTERM)
@@ -101,17 +139,14 @@ def test_a_request_in_flight_at_sigterm_gets_its_answer(tmp_path: Path) -> None:
     with connect(proc.url) as sock:
         sock.sendall(head("/predict", {"Content-Type": "application/json", "Content-Length": str(len(body))}))
         sock.sendall(body[:10])
-        time.sleep(0.2)
+        _wait_in_flight(proc)
         proc.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # wait until the listening socket is closed
-            try:
-                httpx.get(f"{proc.url}/healthz", timeout=1)
-            except httpx.ConnectError:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the listening socket never closed after SIGTERM")
+        waiting.wait_until(
+            lambda: not _listening(proc),
+            timeout=10,
+            interval=0.05,
+            message="the listening socket never closed after SIGTERM",
+        )
         assert proc.process.poll() is None  # still running: it waits for our request
         sock.sendall(body[10:])
         status, _, answer = read_response(sock)
@@ -132,7 +167,7 @@ def test_the_grace_period_bounds_the_shutdown(tmp_path: Path) -> None:
     with connect(proc.url) as sock:
         sock.sendall(head("/predict", {"Content-Type": "application/json", "Content-Length": "500"}))
         sock.sendall(b'{"user_id": ')
-        time.sleep(0.2)
+        _wait_in_flight(proc)
         sent_at = time.monotonic()
         proc.process.send_signal(signal.SIGTERM)
         code = _exit_within(proc, grace + 10)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from service.artifact import ModelMetadata
+from tests import waiting
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import start_service, wait_until
+
+pytestmark = pytest.mark.slow
 
 
 def _future_format() -> ModelMetadata:
@@ -83,11 +86,13 @@ def test_stays_alive_not_ready_then_an_admin_reload_makes_it_ready(tmp_path: Pat
     proc = start_service(broken, tmp_path / "service.log", env=env)
     try:
         wait_until(f"{proc.url}/healthz", proc.process)
-        r = wait_until(f"{proc.url}/readyz", proc.process, status=503)
-        deadline = time.monotonic() + 30
-        while r.json()["status"] == "loading" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(f"{proc.url}/readyz", proc.process, status=503)
+
+        def settled() -> httpx.Response | None:
             r = httpx.get(f"{proc.url}/readyz")
+            return None if r.json()["status"] == "loading" else r
+
+        r = waiting.wait_until(settled, timeout=30, interval=0.05, message="readiness still says loading")
         assert r.json()["status"] == "failed"
         assert str(tmp_path) not in r.text
         assert httpx.post(f"{proc.url}/predict", json={"user_id": "u", "events": []}).status_code == 503

@@ -11,12 +11,15 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import waiting
 from tests.conftest import TinyModel
 from tests.service.processes import (
     RedisProcess,
@@ -26,6 +29,8 @@ from tests.service.processes import (
     start_service,
     wait_until,
 )
+
+pytestmark = pytest.mark.slow
 
 TOKEN = "e2e-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -143,6 +148,18 @@ def test_redis_sigkill_mid_stream_loses_no_acknowledged_write(
     def n_acked() -> int:
         return sum(map(len, acked.values()))
 
+    def refused_now() -> int:
+        return unavailable[phase[0]]
+
+    def wait_for_writer(count: Callable[[], int], at_least: int, what: str) -> None:
+        """Until ``count()`` reaches ``at_least`` or the writer stops (the asserts after it say why)."""
+        waiting.wait_until(
+            lambda: count() >= at_least or not writer.is_alive(),
+            timeout=10,
+            interval=0.005,
+            message=lambda: f"{what}: {n_acked()} acked, 503s {unavailable}, {unexpected[:3]}",
+        )
+
     def write() -> None:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for user, e in todo:
@@ -177,25 +194,19 @@ def test_redis_sigkill_mid_stream_loses_no_acknowledged_write(
         writer.start()
         for kill in range(1, kills + 1):
             target = n_acked() + 15
-            deadline = time.monotonic() + 10
-            while n_acked() < target and writer.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_for_writer(n_acked, target, f"writes stalled before kill {kill}")
             assert n_acked() >= target, f"writes stalled before kill {kill}: {n_acked()} acked, {unexpected}"
             phase[0] = kill
             redis.stop(signal.SIGKILL)
             # the outage lasts until the writer has been refused a few times
-            deadline = time.monotonic() + 10
-            while unavailable[kill] < 3 and writer.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_for_writer(refused_now, 3, f"outage {kill}: too few writes refused")
             assert unavailable[kill] >= 3, f"outage {kill}: {unavailable[kill]} 503s in 10 s; {unexpected}"
             ready = httpx.get(f"{server.url}/readyz", timeout=5)
             assert (ready.status_code, ready.json()["status"]) == (503, "store_unavailable"), ready.text
             redis.start()
             wait_until(f"{server.url}/readyz", server.process, timeout=10)
         target = n_acked() + 15
-        deadline = time.monotonic() + 10
-        while n_acked() < target and writer.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for_writer(n_acked, target, "writes did not resume after the last restart")
         stop.set()
         writer.join(timeout=30)
         assert not unexpected, unexpected[:3]
