@@ -309,6 +309,7 @@ def test_scores_file_has_one_row_per_test_user(tiny_model_dir: TinyModel) -> Non
     assert {r["as_of"] for r in rows} == {f"{report['cutoff']}T23:59:59Z"}
 
 
+@pytest.mark.slow
 def test_export_rebuilds_the_model_file_from_the_checkpoint(
     tiny_model_dir: TinyModel, tmp_path: Path
 ) -> None:
