@@ -31,15 +31,14 @@ from service.errors import (
     from_validation_error,
 )
 from service.schemas import (
-    LATEST_SECONDS,
     MAX_AMOUNT,
     MAX_QUANTITY,
     MIN_QUANTITY,
-    RANGE_MESSAGE,
     ColumnarPredictRequest,
     ErrorItem,
 )
 from service.scoring import EventColumns
+from service.timestamps import RANGE_MESSAGE, in_range
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -207,7 +206,7 @@ def check_columns(
     ts, amt, qty, as_of = batch.timestamps, batch.amounts, batch.quantities, batch.as_of
     problems: list[ErrorItem] = []
     for mask, name, kind, message in (
-        (~((ts >= 0) & (ts < LATEST_SECONDS)), "timestamp", "value_error", RANGE_MESSAGE),
+        (~in_range(ts), "timestamp", "value_error", RANGE_MESSAGE),
         (~((amt >= 0) & (amt <= MAX_AMOUNT)), "amount", "range", f"a finite number in [0, {MAX_AMOUNT:g}]"),
         (
             ~((qty >= MIN_QUANTITY) & (qty <= MAX_QUANTITY) & (qty == np.floor(qty))),
@@ -217,7 +216,7 @@ def check_columns(
         ),
     ):
         problems += [ErrorItem(field=f, type=kind, message=message) for f in _events(mask, name)]
-    bad_as_of = np.flatnonzero(~np.isnan(as_of) & ~((as_of >= 0) & (as_of < LATEST_SECONDS)))
+    bad_as_of = np.flatnonzero(~np.isnan(as_of) & ~in_range(as_of))
     problems += [
         ErrorItem(field=paths.as_of(int(i)), type="value_error", message=RANGE_MESSAGE) for i in bad_as_of
     ]

@@ -23,7 +23,7 @@ from service.api.deps import AppContext, Context
 from service.api.predict import check_content_type, json_body, parse_json
 from service.errors import RequestTimeoutError, StoreUnavailableError, TooManyEventsError
 from service.limits import RETRY_AFTER
-from service.schemas import ErrorItem, ErrorResponse, Event, Timestamp
+from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, ErrorItem, ErrorResponse, Event, Timestamp
 from service.store import GuardedStore, NewEvent, StoreDownError
 from service.store.base import event_key
 
@@ -58,9 +58,7 @@ class IngestEvent(Event):
     user_id: str = Field(min_length=1, max_length=256)
     # Range-checked here, per value: /predict checks its timestamps vectorised after flattening, but
     # what is stored must be valid on its own (an ingest is not latency-critical).
-    timestamp: Timestamp = Field(
-        description="RFC 3339 with a UTC offset (`Z` or `+hh:mm`), 1970 to 2100. Binned by UTC day."
-    )
+    timestamp: Timestamp = Field(description=EVENT_TIMESTAMP_DESCRIPTION)
 
 
 class EventsRequest(BaseModel):

@@ -59,7 +59,6 @@ from service.limits import RETRY_AFTER
 from service.schemas import (
     EXAMPLE_COLUMNS,
     EXAMPLE_USER,
-    RANGE_MESSAGE,
     BatchPredictRequest,
     BatchPredictResponse,
     ColumnarPredictions,
@@ -72,6 +71,7 @@ from service.schemas import (
     PredictResponse,
 )
 from service.scoring import EventColumns, out_of_range
+from service.timestamps import EARLIEST, LATEST, RANGE_MESSAGE
 
 router = APIRouter(tags=["predict"])
 
@@ -92,7 +92,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {
         "model": ErrorResponse,
         "description": "Wrong or missing fields, non-finite or negative numbers, timestamps that "
-        "do not parse, lack a UTC offset or lie outside 1970..2100, too many events for a user; "
+        f"do not parse, lack a UTC offset or lie outside {EARLIEST.year}..{LATEST.year}, too many "
+        "events for a user; "
         "`history_compacted`: `as_of` before the stored history's retention horizon.",
     },
     404: {
@@ -185,8 +186,9 @@ def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[
 def check_timestamps(
     columns: EventColumns, event_field: Callable[[int, int], str], as_of_field: Callable[[int], str]
 ) -> None:
-    """The 1970..2100 rule for timestamps and ``as_of``, on the flat columns: the same 422 and field
-    path (``events[3].timestamp``) a per-value pydantic validator gave, without a Python call each."""
+    """The range rule (``service.timestamps``) for timestamps and ``as_of``, on the flat columns:
+    the same 422 and field path (``events[3].timestamp``) a per-value pydantic validator gave,
+    without a Python call each."""
     users, events, as_of = out_of_range(columns)
     if users.size or as_of.size:
         fields = [event_field(int(u), int(e)) for u, e in zip(users, events, strict=True)]
