@@ -10,7 +10,7 @@ values. Details carry the field path and the kind of problem, never the value th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from pydantic import ValidationError
 
@@ -57,6 +57,24 @@ class ServiceError(Exception):
         self.headers = headers
 
 
+#: How long a client told to retry (every 503) should wait first, in seconds.
+RETRY_AFTER_SECONDS = 1
+
+
+class RetryableError(ServiceError):
+    """A 503: the request was fine but cannot be served now, so the answer carries ``Retry-After``."""
+
+    status_code = 503
+
+    def __init__(self, message: str, detail: Sequence[ErrorItem] = ()) -> None:
+        super().__init__(message, detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @classmethod
+    def retry_later(cls, cause: str) -> Self:
+        """``cause``, plus the hint a client acts on."""
+        return cls(f"{cause}; retry after Retry-After seconds")
+
+
 class InvalidJSONError(ServiceError):
     status_code = 400
     code = "invalid_json"
@@ -87,8 +105,7 @@ class TooManyUsersError(ServiceError):
     code = "too_many_users"
 
 
-class NotReadyError(ServiceError):
-    status_code = 503
+class NotReadyError(RetryableError):
     code = "not_ready"
 
 
@@ -102,8 +119,7 @@ class RequestTimeoutError(ServiceError):
     code = "request_timeout"
 
 
-class OverloadedError(ServiceError):
-    status_code = 503
+class OverloadedError(RetryableError):
     code = "overloaded"
 
 
@@ -127,8 +143,7 @@ class HistoryCompactedError(ServiceError):
     code = "history_compacted"
 
 
-class StoreUnavailableError(ServiceError):
-    status_code = 503
+class StoreUnavailableError(RetryableError):
     code = "store_unavailable"
 
 

@@ -22,7 +22,6 @@ from starlette.responses import Response
 from service.api.deps import AppContext, Context
 from service.api.predict import check_content_type, json_body, parse_json
 from service.errors import RequestTimeoutError, StoreUnavailableError, TooManyEventsError
-from service.limits import RETRY_AFTER
 from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, ErrorItem, ErrorResponse, Event, Timestamp
 from service.store import GuardedStore, NewEvent, StoreDownError
 from service.store.base import event_key
@@ -92,7 +91,7 @@ async def in_store_thread(ctx: AppContext, fn: Callable[[], T]) -> T:
     try:
         return await anyio.to_thread.run_sync(fn, limiter=limiter)
     except StoreDownError as exc:
-        raise StoreUnavailableError(f"{exc}; retry after Retry-After seconds", headers=RETRY_AFTER) from None
+        raise StoreUnavailableError.retry_later(str(exc)) from None
 
 
 def _ingest(ctx: AppContext, body: bytes) -> bytes:

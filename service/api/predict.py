@@ -55,7 +55,6 @@ from service.errors import (
     from_validation_error,
 )
 from service.lifecycle import Served
-from service.limits import RETRY_AFTER
 from service.schemas import (
     EXAMPLE_COLUMNS,
     EXAMPLE_USER,
@@ -390,10 +389,7 @@ async def _offload(ctx: AppContext, work: Work, served: Served, body: bytes, dea
             await ctx.limiter.acquire()
         if queue.cancelled_caught:
             timeout = ctx.settings.request_timeout_seconds
-            raise OverloadedError(
-                f"no worker became free within {timeout:g} s; retry after Retry-After seconds",
-                headers=RETRY_AFTER,
-            ) from None
+            raise OverloadedError.retry_later(f"no worker became free within {timeout:g} s") from None
     try:
         return await anyio.to_thread.run_sync(work, ctx, served, body, int(time.time()))
     finally:
@@ -421,9 +417,9 @@ async def _submit(batcher: Batcher, served: Served, columns: EventColumns) -> ND
     try:
         return await batcher.submit(served, columns)
     except QueueFullError as exc:
-        raise OverloadedError(f"{exc}; retry after Retry-After seconds", headers=RETRY_AFTER) from None
+        raise OverloadedError.retry_later(str(exc)) from None
     except BatcherStoppedError as exc:
-        raise NotReadyError(str(exc), headers=RETRY_AFTER) from None
+        raise NotReadyError(str(exc)) from None
 
 
 async def _alone(ctx: AppContext) -> bool:
