@@ -147,6 +147,27 @@ class StoreUnavailableError(RetryableError):
     code = "store_unavailable"
 
 
+def too_many_users(limit: int, field: str) -> TooManyUsersError:
+    """A batch of more than ``limit`` users; ``field`` is where the client put them."""
+    return TooManyUsersError(
+        f"at most {limit} users per batch request; split it",
+        [ErrorItem(field=field, type="too_long", message=f"more than {limit} users")],
+    )
+
+
+def too_many_events(limit: int, fields: Sequence[str], users: int | None = None) -> TooManyEventsError:
+    """``users`` users sent more than ``limit`` events each, named by ``fields`` (the caller caps
+    how many it lists); without ``users``, one request carried more than ``limit`` events."""
+    message = (
+        f"at most {limit} events per request; split it"
+        if users is None
+        else f"at most {limit} events per user; {users} user(s) sent more"
+    )
+    return TooManyEventsError(
+        message, [ErrorItem(field=f, type="too_long", message=f"more than {limit} events") for f in fields]
+    )
+
+
 def field_path(loc: Sequence[int | str]) -> str:
     """``("users", 0, "events", 3, "amount")`` -> ``"users[0].events[3].amount"``; ``()`` -> ``"body"``."""
     out = ""

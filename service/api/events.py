@@ -21,8 +21,8 @@ from starlette.responses import Response
 
 from service.api.deps import AppContext, Context
 from service.api.predict import check_content_type, json_body, parse_json
-from service.errors import RequestTimeoutError, StoreUnavailableError, TooManyEventsError
-from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, ErrorItem, ErrorResponse, Event, Timestamp
+from service.errors import RequestTimeoutError, StoreUnavailableError, too_many_events
+from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, ErrorResponse, Event, Timestamp
 from service.store import GuardedStore, NewEvent, StoreDownError
 from service.store.base import event_key
 
@@ -99,10 +99,7 @@ def _ingest(ctx: AppContext, body: bytes) -> bytes:
     events = parse_json(EventsRequest, body).events
     limit = ctx.settings.max_events_per_user
     if len(events) > limit:
-        raise TooManyEventsError(
-            f"at most {limit} events per request; split it",
-            [ErrorItem(field="events", type="too_long", message=f"more than {limit} events")],
-        )
+        raise too_many_events(limit, ["events"])
     rows = []
     for e in events:
         ts = math.floor(e.timestamp.timestamp())  # what /predict does with an inline event

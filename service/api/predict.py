@@ -49,10 +49,10 @@ from service.errors import (
     OverloadedError,
     RequestTimeoutError,
     ServiceError,
-    TooManyEventsError,
-    TooManyUsersError,
     UnsupportedMediaTypeError,
     from_validation_error,
+    too_many_events,
+    too_many_users,
 )
 from service.lifecycle import Served
 from service.schemas import (
@@ -174,12 +174,7 @@ def parse_json(model: type[ModelT], body: bytes) -> ModelT:
 def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[int], str]) -> None:
     over = [i for i, user in enumerate(users) if len(user.events or ()) > limit]
     if over:
-        raise TooManyEventsError(
-            f"at most {limit} events per user; {len(over)} user(s) sent more",
-            [ErrorItem(field=field(i), type="too_long", message=f"more than {limit} events") for i in over][
-                :_MAX_LISTED
-            ],
-        )
+        raise too_many_events(limit, [field(i) for i in over[:_MAX_LISTED]], len(over))
 
 
 def check_timestamps(
@@ -247,10 +242,7 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
     users = parse_json(BatchPredictRequest, body).users
     limit = ctx.settings.max_batch_users
     if len(users) > limit:
-        raise TooManyUsersError(
-            f"at most {limit} users per batch request; split it",
-            [ErrorItem(field="users", type="too_long", message=f"more than {limit} users")],
-        )
+        raise too_many_users(limit, "users")
     _check_events(users, ctx.settings.max_events_per_user, lambda i: f"users[{i}].events")
     columns = resolve_columns(ctx, served, users, now, lambda i: f"users[{i}].")
     check_timestamps(columns, lambda u, e: f"users[{u}].events[{e}].timestamp", lambda u: f"users[{u}].as_of")
