@@ -23,12 +23,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from model_export.evaluate import PROBA_EPS
 from service.features import UserSummary
 
 DAYS_PER_WEEK = 7.0
-
-#: Keeps log losses finite and matches the resolution of the network's float32 outputs.
-PROBA_EPS = 1e-7
 
 #: Columns of :func:`rfm_matrix`, in order.
 RFM_COLUMNS: tuple[str, ...] = (

@@ -23,7 +23,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from model_export.files import write_atomic
 
-#: Keeps log loss finite; matches the baselines' clipping and float32 resolution near 1.
+#: Keeps log loss finite (the baselines clip their probabilities to it too); the resolution of the
+#: network's float32 outputs near 1.
 PROBA_EPS = 1e-7
 
 #: Keys of :func:`binary_metrics`, in the order reports show them.

@@ -25,21 +25,20 @@ from service.errors import (
     InvalidArrowError,
     InvalidInputError,
     ServiceError,
-    TooManyEventsError,
-    TooManyUsersError,
     UnsupportedMediaTypeError,
     from_validation_error,
+    too_many_events,
+    too_many_users,
 )
 from service.schemas import (
-    LATEST_SECONDS,
     MAX_AMOUNT,
     MAX_QUANTITY,
     MIN_QUANTITY,
-    RANGE_MESSAGE,
     ColumnarPredictRequest,
     ErrorItem,
 )
 from service.scoring import EventColumns
+from service.timestamps import RANGE_MESSAGE, in_range
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -153,10 +152,7 @@ def check_columns(
     """The row format's rules, vectorised; the columns the encoder takes. Raises the 4xx errors."""
     n = len(batch.user_ids)
     if n > max_users:
-        raise TooManyUsersError(
-            f"at most {max_users} users per batch request; split it",
-            [ErrorItem(field=paths.users, type="too_long", message=f"more than {max_users} users")],
-        )
+        raise too_many_users(max_users, paths.users)
     if n == 0:
         raise _invalid(paths.users, "too_short", "at least one user is needed")
     bad_ids = [i for i, u in enumerate(batch.user_ids) if not 1 <= len(u) <= 256]
@@ -189,13 +185,7 @@ def check_columns(
         )
     over = np.flatnonzero(np.diff(offsets) > max_events)
     if over.size:
-        raise _named(
-            TooManyEventsError,
-            f"at most {max_events} events per user; {over.size} user(s) sent more",
-            [paths.offsets(int(i)) for i in over],
-            "too_long",
-            f"more than {max_events} events",
-        )
+        raise too_many_events(max_events, [paths.offsets(int(i)) for i in over[:_MAX_FIELDS]], int(over.size))
     user = np.searchsorted(offsets, np.arange(n_events), side="right") - 1
 
     def _events(mask: NDArray[np.bool_], name: str) -> list[str]:
@@ -207,7 +197,7 @@ def check_columns(
     ts, amt, qty, as_of = batch.timestamps, batch.amounts, batch.quantities, batch.as_of
     problems: list[ErrorItem] = []
     for mask, name, kind, message in (
-        (~((ts >= 0) & (ts < LATEST_SECONDS)), "timestamp", "value_error", RANGE_MESSAGE),
+        (~in_range(ts), "timestamp", "value_error", RANGE_MESSAGE),
         (~((amt >= 0) & (amt <= MAX_AMOUNT)), "amount", "range", f"a finite number in [0, {MAX_AMOUNT:g}]"),
         (
             ~((qty >= MIN_QUANTITY) & (qty <= MAX_QUANTITY) & (qty == np.floor(qty))),
@@ -217,7 +207,7 @@ def check_columns(
         ),
     ):
         problems += [ErrorItem(field=f, type=kind, message=message) for f in _events(mask, name)]
-    bad_as_of = np.flatnonzero(~np.isnan(as_of) & ~((as_of >= 0) & (as_of < LATEST_SECONDS)))
+    bad_as_of = np.flatnonzero(~np.isnan(as_of) & ~in_range(as_of))
     problems += [
         ErrorItem(field=paths.as_of(int(i)), type="value_error", message=RANGE_MESSAGE) for i in bad_as_of
     ]
@@ -332,10 +322,7 @@ def parse_arrow(body: bytes, *, max_users: int) -> ColumnarBatch:
             record_batch.validate(full=True)  # bounds-checks offsets before numpy reads them
             rows += record_batch.num_rows
             if rows > max_users:
-                raise TooManyUsersError(
-                    f"at most {max_users} users per batch request; split it",
-                    [ErrorItem(field="user_id", type="too_long", message=f"more than {max_users} users")],
-                )
+                raise too_many_users(max_users, "user_id")
             batches.append(record_batch)
         table = pa.Table.from_batches(batches, schema=schema)
         return _columns_of(pa, table)

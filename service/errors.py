@@ -10,7 +10,7 @@ values. Details carry the field path and the kind of problem, never the value th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from pydantic import ValidationError
 
@@ -57,6 +57,24 @@ class ServiceError(Exception):
         self.headers = headers
 
 
+#: How long a client told to retry (every 503) should wait first, in seconds.
+RETRY_AFTER_SECONDS = 1
+
+
+class RetryableError(ServiceError):
+    """A 503: the request was fine but cannot be served now, so the answer carries ``Retry-After``."""
+
+    status_code = 503
+
+    def __init__(self, message: str, detail: Sequence[ErrorItem] = ()) -> None:
+        super().__init__(message, detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @classmethod
+    def retry_later(cls, cause: str) -> Self:
+        """``cause``, plus the hint a client acts on."""
+        return cls(f"{cause}; retry after Retry-After seconds")
+
+
 class InvalidJSONError(ServiceError):
     status_code = 400
     code = "invalid_json"
@@ -87,8 +105,7 @@ class TooManyUsersError(ServiceError):
     code = "too_many_users"
 
 
-class NotReadyError(ServiceError):
-    status_code = 503
+class NotReadyError(RetryableError):
     code = "not_ready"
 
 
@@ -102,8 +119,7 @@ class RequestTimeoutError(ServiceError):
     code = "request_timeout"
 
 
-class OverloadedError(ServiceError):
-    status_code = 503
+class OverloadedError(RetryableError):
     code = "overloaded"
 
 
@@ -127,9 +143,29 @@ class HistoryCompactedError(ServiceError):
     code = "history_compacted"
 
 
-class StoreUnavailableError(ServiceError):
-    status_code = 503
+class StoreUnavailableError(RetryableError):
     code = "store_unavailable"
+
+
+def too_many_users(limit: int, field: str) -> TooManyUsersError:
+    """A batch of more than ``limit`` users; ``field`` is where the client put them."""
+    return TooManyUsersError(
+        f"at most {limit} users per batch request; split it",
+        [ErrorItem(field=field, type="too_long", message=f"more than {limit} users")],
+    )
+
+
+def too_many_events(limit: int, fields: Sequence[str], users: int | None = None) -> TooManyEventsError:
+    """``users`` users sent more than ``limit`` events each, named by ``fields`` (the caller caps
+    how many it lists); without ``users``, one request carried more than ``limit`` events."""
+    message = (
+        f"at most {limit} events per request; split it"
+        if users is None
+        else f"at most {limit} events per user; {users} user(s) sent more"
+    )
+    return TooManyEventsError(
+        message, [ErrorItem(field=f, type="too_long", message=f"more than {limit} events") for f in fields]
+    )
 
 
 def field_path(loc: Sequence[int | str]) -> str:

@@ -19,8 +19,6 @@ from service.metrics import Metrics
 
 #: The routes that do prediction work and so count against ``max_concurrent_requests``.
 ADMITTED_PATHS = frozenset({"/predict", "/predict/batch", "/events"})
-#: How long a shed client should wait before trying again, seconds.
-RETRY_AFTER = {"Retry-After": "1"}
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -66,10 +64,7 @@ class LimitMiddleware:
         admitted = scope["path"] in ADMITTED_PATHS
         if admitted:
             if admission.active >= admission.max_concurrent:
-                error = OverloadedError(
-                    "the service is at its concurrency limit; retry after Retry-After seconds",
-                    headers=RETRY_AFTER,
-                )
+                error = OverloadedError.retry_later("the service is at its concurrency limit")
                 await self._refuse(error, scope, receive, send)
                 return
             admission.active += 1

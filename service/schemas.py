@@ -8,20 +8,11 @@ between the encoder's daily bins, so it is a 422 rather than a guess.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-#: Timestamps outside [EARLIEST, LATEST) are a 422: anything else is a client bug (a millisecond
-#: epoch read as seconds, a year-1 sentinel) that would silently land in no bin.
-EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(2100, 1, 1, tzinfo=UTC)
-#: The same bounds in epoch seconds, for the vectorised check on flattened columns.
-EARLIEST_SECONDS = 0
-LATEST_SECONDS = int(LATEST.timestamp())
-#: The message (and pydantic ``type``) of an out-of-range timestamp, wherever it is checked.
-RANGE_MESSAGE = "Value error, must be between 1970-01-01T00:00:00Z and 2100-01-01T00:00:00Z"
+from service.timestamps import YEARS, check_range
 
 #: Per-event bounds: large enough for any real purchase, small enough that sums over 10k events
 #: stay finite in float64 and the model never sees inf.
@@ -32,21 +23,17 @@ MAX_QUANTITY = 1_000_000
 MIN_QUANTITY = 1
 
 
-def _check_range(value: datetime) -> datetime:
-    if not (EARLIEST <= value < LATEST):
-        raise ValueError("must be between 1970-01-01T00:00:00Z and 2100-01-01T00:00:00Z")
-    return value
-
-
 #: A timestamp checked for range by pydantic itself, one Python call per value (for bodies that do
 #: not go through ``to_columns``).
-Timestamp = Annotated[AwareDatetime, AfterValidator(_check_range)]
+Timestamp = Annotated[AwareDatetime, AfterValidator(check_range)]
 #: Event timestamps and ``as_of`` in prediction requests: parsed by pydantic, range-checked
 #: vectorised by the prediction routes once the events are flat columns
 #: (``service.scoring.out_of_range``), with the same 422 and field path: a per-value Python
 #: validator here would be a large share of a big batch's validation. Code that validates these
 #: models without going through ``to_columns`` must check the range itself.
 EventTimestamp = AwareDatetime
+#: An event's ``timestamp`` as OpenAPI describes it, wherever an event is taken.
+EVENT_TIMESTAMP_DESCRIPTION = f"RFC 3339 with a UTC offset (`Z` or `+hh:mm`), {YEARS}. Binned by UTC day."
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
@@ -73,9 +60,7 @@ class Event(BaseModel):
 
     model_config = _STRICT
 
-    timestamp: EventTimestamp = Field(
-        description="RFC 3339 with a UTC offset (`Z` or `+hh:mm`), 1970 to 2100. Binned by UTC day."
-    )
+    timestamp: EventTimestamp = Field(description=EVENT_TIMESTAMP_DESCRIPTION)
     amount: float = Field(ge=0, le=MAX_AMOUNT, description="Money spent, >= 0.")
     quantity: int = Field(ge=MIN_QUANTITY, le=MAX_QUANTITY, description="Items bought, a whole number >= 1.")
 
@@ -151,7 +136,7 @@ class ColumnarEvents(BaseModel):
     )
     timestamp: list[float | EventTimestamp] = Field(
         description="Epoch seconds (fast: numbers go straight into numpy) or RFC 3339 with an offset; "
-        "1970 to 2100."
+        f"{YEARS}."
     )
     amount: list[Annotated[float, Field(ge=0, le=MAX_AMOUNT)]] = Field(description="Money spent, >= 0.")
     quantity: list[Annotated[int, Field(ge=MIN_QUANTITY, le=MAX_QUANTITY)]] = Field(

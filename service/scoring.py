@@ -19,7 +19,8 @@ from numpy.typing import NDArray
 from service.features import FoldedHistory, encode_batch
 from service.metrics import Metrics
 from service.predictor import Predictor
-from service.schemas import EARLIEST_SECONDS, LATEST_SECONDS, PredictRequest
+from service.schemas import PredictRequest
+from service.timestamps import all_in_range, in_range
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def to_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
     np.cumsum([len(u.events or ()) for u in users], out=offsets[1:])
     events = [e for u in users for e in u.events or ()]
     # one list per column, then one conversion each: cheaper than np.fromiter over generators
-    # aware datetimes -> float epoch seconds -> floor: exact to the second up to 2100, where the
+    # aware datetimes -> float epoch seconds -> floor: exact to the second up to LATEST, where the
     # microseconds since the epoch are still fewer than 2**53
     seconds = np.array([e.timestamp.timestamp() for e in events], dtype=np.float64)
     as_of = np.array([now if u.as_of is None else u.as_of.timestamp() for u in users], dtype=np.float64)
@@ -67,10 +68,6 @@ def to_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
 
 _NONE = np.zeros(0, dtype=np.int64)
 _NONE.flags.writeable = False
-
-
-def _within(seconds: NDArray[np.int64]) -> bool:
-    return seconds.size == 0 or bool(seconds.min() >= EARLIEST_SECONDS and seconds.max() < LATEST_SECONDS)
 
 
 def _one_user(user: PredictRequest, now: int) -> EventColumns:
@@ -90,15 +87,15 @@ def _one_user(user: PredictRequest, now: int) -> EventColumns:
 def out_of_range(
     columns: EventColumns,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-    """Timestamps outside [1970-01-01, 2100-01-01): events as ``(user index, index within the
+    """Timestamps outside the range (``service.timestamps``): events as ``(user index, index within the
     user)``, then the users whose ``as_of`` is out. One vectorised pass, not a call per value."""
     ts = columns.timestamps
     as_of = columns.as_of
-    if _within(ts) and _within(as_of):  # the common case, in two reductions each
+    if all_in_range(ts) and all_in_range(as_of):
         return _NONE, _NONE, _NONE
-    bad = np.flatnonzero((ts < EARLIEST_SECONDS) | (ts >= LATEST_SECONDS))
+    bad = np.flatnonzero(~in_range(ts))
     users = np.searchsorted(columns.offsets, bad, side="right") - 1
-    bad_as_of = np.flatnonzero((as_of < EARLIEST_SECONDS) | (as_of >= LATEST_SECONDS))
+    bad_as_of = np.flatnonzero(~in_range(as_of))
     return users.astype(np.int64), (bad - columns.offsets[users]).astype(np.int64), bad_as_of.astype(np.int64)
 
 

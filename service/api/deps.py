@@ -51,5 +51,5 @@ def require_model(ctx: AppContext) -> Served:
     """The served model, or a 503 that tells the client to retry."""
     served = ctx.slot.served
     if served is None:
-        raise NotReadyError(ctx.slot.reason or "not ready", headers={"Retry-After": "1"})
+        raise NotReadyError(ctx.slot.reason or "not ready")
     return served

@@ -21,9 +21,8 @@ from starlette.responses import Response
 
 from service.api.deps import AppContext, Context
 from service.api.predict import check_content_type, json_body, parse_json
-from service.errors import RequestTimeoutError, StoreUnavailableError, TooManyEventsError
-from service.limits import RETRY_AFTER
-from service.schemas import ErrorItem, ErrorResponse, Event, Timestamp
+from service.errors import RequestTimeoutError, StoreUnavailableError, too_many_events
+from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, ErrorResponse, Event, Timestamp
 from service.store import GuardedStore, NewEvent, StoreDownError
 from service.store.base import event_key
 
@@ -58,9 +57,7 @@ class IngestEvent(Event):
     user_id: str = Field(min_length=1, max_length=256)
     # Range-checked here, per value: /predict checks its timestamps vectorised after flattening, but
     # what is stored must be valid on its own (an ingest is not latency-critical).
-    timestamp: Timestamp = Field(
-        description="RFC 3339 with a UTC offset (`Z` or `+hh:mm`), 1970 to 2100. Binned by UTC day."
-    )
+    timestamp: Timestamp = Field(description=EVENT_TIMESTAMP_DESCRIPTION)
 
 
 class EventsRequest(BaseModel):
@@ -94,7 +91,7 @@ async def in_store_thread(ctx: AppContext, fn: Callable[[], T]) -> T:
     try:
         return await anyio.to_thread.run_sync(fn, limiter=limiter)
     except StoreDownError as exc:
-        raise StoreUnavailableError(f"{exc}; retry after Retry-After seconds", headers=RETRY_AFTER) from None
+        raise StoreUnavailableError.retry_later(str(exc)) from None
 
 
 def _ingest(ctx: AppContext, body: bytes) -> bytes:
@@ -102,10 +99,7 @@ def _ingest(ctx: AppContext, body: bytes) -> bytes:
     events = parse_json(EventsRequest, body).events
     limit = ctx.settings.max_events_per_user
     if len(events) > limit:
-        raise TooManyEventsError(
-            f"at most {limit} events per request; split it",
-            [ErrorItem(field="events", type="too_long", message=f"more than {limit} events")],
-        )
+        raise too_many_events(limit, ["events"])
     rows = []
     for e in events:
         ts = math.floor(e.timestamp.timestamp())  # what /predict does with an inline event

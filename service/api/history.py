@@ -27,7 +27,6 @@ from service.errors import (
 )
 from service.features import SECONDS_PER_DAY, FeatureSpec, FoldedHistory
 from service.lifecycle import Served
-from service.limits import RETRY_AFTER
 from service.schemas import ErrorItem, PredictRequest
 from service.scoring import EventColumns, to_columns
 from service.store import GuardedStore, History, StoreDownError
@@ -80,7 +79,7 @@ def resolve_columns(
 
 
 def _unavailable(exc: StoreDownError) -> StoreUnavailableError:
-    return StoreUnavailableError(f"{exc}; retry after Retry-After seconds", headers=RETRY_AFTER)
+    return StoreUnavailableError.retry_later(str(exc))
 
 
 def with_stored(
@@ -202,12 +201,12 @@ class HistoryReads:
         while self._queue is not None and not self._queue.empty():
             _fail(
                 [self._queue.get_nowait()],
-                StoreUnavailableError("the service is shutting down", headers=RETRY_AFTER),
+                StoreUnavailableError("the service is shutting down"),
             )
 
     async def read(self, user_id: str) -> History | None:
         if self._queue is None or self._task is None or self._task.done():
-            raise StoreUnavailableError("the store reader is not running", headers=RETRY_AFTER)
+            raise StoreUnavailableError("the store reader is not running")
         future: asyncio.Future[History | None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((user_id, future))
         return await future

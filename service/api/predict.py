@@ -49,17 +49,15 @@ from service.errors import (
     OverloadedError,
     RequestTimeoutError,
     ServiceError,
-    TooManyEventsError,
-    TooManyUsersError,
     UnsupportedMediaTypeError,
     from_validation_error,
+    too_many_events,
+    too_many_users,
 )
 from service.lifecycle import Served
-from service.limits import RETRY_AFTER
 from service.schemas import (
     EXAMPLE_COLUMNS,
     EXAMPLE_USER,
-    RANGE_MESSAGE,
     BatchPredictRequest,
     BatchPredictResponse,
     ColumnarPredictions,
@@ -72,6 +70,7 @@ from service.schemas import (
     PredictResponse,
 )
 from service.scoring import EventColumns, out_of_range
+from service.timestamps import EARLIEST, LATEST, RANGE_MESSAGE
 
 router = APIRouter(tags=["predict"])
 
@@ -92,7 +91,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {
         "model": ErrorResponse,
         "description": "Wrong or missing fields, non-finite or negative numbers, timestamps that "
-        "do not parse, lack a UTC offset or lie outside 1970..2100, too many events for a user; "
+        f"do not parse, lack a UTC offset or lie outside {EARLIEST.year}..{LATEST.year}, too many "
+        "events for a user; "
         "`history_compacted`: `as_of` before the stored history's retention horizon.",
     },
     404: {
@@ -174,19 +174,15 @@ def parse_json(model: type[ModelT], body: bytes) -> ModelT:
 def _check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[int], str]) -> None:
     over = [i for i, user in enumerate(users) if len(user.events or ()) > limit]
     if over:
-        raise TooManyEventsError(
-            f"at most {limit} events per user; {len(over)} user(s) sent more",
-            [ErrorItem(field=field(i), type="too_long", message=f"more than {limit} events") for i in over][
-                :_MAX_LISTED
-            ],
-        )
+        raise too_many_events(limit, [field(i) for i in over[:_MAX_LISTED]], len(over))
 
 
 def check_timestamps(
     columns: EventColumns, event_field: Callable[[int, int], str], as_of_field: Callable[[int], str]
 ) -> None:
-    """The 1970..2100 rule for timestamps and ``as_of``, on the flat columns: the same 422 and field
-    path (``events[3].timestamp``) a per-value pydantic validator gave, without a Python call each."""
+    """The range rule (``service.timestamps``) for timestamps and ``as_of``, on the flat columns:
+    the same 422 and field path (``events[3].timestamp``) a per-value pydantic validator gave,
+    without a Python call each."""
     users, events, as_of = out_of_range(columns)
     if users.size or as_of.size:
         fields = [event_field(int(u), int(e)) for u, e in zip(users, events, strict=True)]
@@ -246,10 +242,7 @@ def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
     users = parse_json(BatchPredictRequest, body).users
     limit = ctx.settings.max_batch_users
     if len(users) > limit:
-        raise TooManyUsersError(
-            f"at most {limit} users per batch request; split it",
-            [ErrorItem(field="users", type="too_long", message=f"more than {limit} users")],
-        )
+        raise too_many_users(limit, "users")
     _check_events(users, ctx.settings.max_events_per_user, lambda i: f"users[{i}].events")
     columns = resolve_columns(ctx, served, users, now, lambda i: f"users[{i}].")
     check_timestamps(columns, lambda u, e: f"users[{u}].events[{e}].timestamp", lambda u: f"users[{u}].as_of")
@@ -388,10 +381,7 @@ async def _offload(ctx: AppContext, work: Work, served: Served, body: bytes, dea
             await ctx.limiter.acquire()
         if queue.cancelled_caught:
             timeout = ctx.settings.request_timeout_seconds
-            raise OverloadedError(
-                f"no worker became free within {timeout:g} s; retry after Retry-After seconds",
-                headers=RETRY_AFTER,
-            ) from None
+            raise OverloadedError.retry_later(f"no worker became free within {timeout:g} s") from None
     try:
         return await anyio.to_thread.run_sync(work, ctx, served, body, int(time.time()))
     finally:
@@ -419,9 +409,9 @@ async def _submit(batcher: Batcher, served: Served, columns: EventColumns) -> ND
     try:
         return await batcher.submit(served, columns)
     except QueueFullError as exc:
-        raise OverloadedError(f"{exc}; retry after Retry-After seconds", headers=RETRY_AFTER) from None
+        raise OverloadedError.retry_later(str(exc)) from None
     except BatcherStoppedError as exc:
-        raise NotReadyError(str(exc), headers=RETRY_AFTER) from None
+        raise NotReadyError(str(exc)) from None
 
 
 async def _alone(ctx: AppContext) -> bool:

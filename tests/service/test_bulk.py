@@ -323,3 +323,46 @@ def test_a_stream_of_several_batches_is_one_request(client: TestClient) -> None:
     r = post_arrow(client, bytes(sink.getvalue()))
     assert r.status_code == 200, r.text
     assert pa.ipc.open_stream(r.content).read_all()["user_id"].to_pylist() == USERS
+
+
+def test_limit_errors_say_the_same_in_every_format(client: TestClient) -> None:
+    """Too many users or events reads the same whether rows, columns or Arrow carried them."""
+    users = f"at most {MAX_USERS} users per batch request; split it"
+    events = f"at most {MAX_EVENTS} events per user; 1 user(s) sent more"
+    row = {"timestamp": "1997-09-01T00:00:00Z", "amount": 1.0, "quantity": 1}
+    n = MAX_EVENTS + 1
+    answers = [
+        client.post("/predict/batch", json={"users": [{"user_id": "u"}] * (MAX_USERS + 1)}),
+        post_arrow(
+            client,
+            stream(
+                pa.table(
+                    {
+                        "user_id": [f"u{i}" for i in range(MAX_USERS + 1)],
+                        "events": _events(*[[]] * (MAX_USERS + 1)),
+                    }
+                )
+            ),
+        ),
+        client.post("/predict", json={"user_id": "u", "events": [row] * n}),
+        client.post("/predict/batch", json={"users": [{"user_id": "u", "events": [row] * n}]}),
+        client.post(
+            "/predict/batch",
+            json={
+                "columns": {
+                    "user_id": ["a"],
+                    "offsets": [0, n],
+                    "timestamp": [873072000] * n,
+                    "amount": [1.0] * n,
+                    "quantity": [1] * n,
+                }
+            },
+        ),
+        post_arrow(client, stream(pa.table({"user_id": ["a"], "events": _events([GOOD] * n)}))),
+    ]
+    said = [(r.json()["message"], [d["message"] for d in r.json()["detail"]]) for r in answers]
+    assert (
+        said
+        == [(users, [f"more than {MAX_USERS} users"])] * 2
+        + [(events, [f"more than {MAX_EVENTS} events"])] * 4
+    )

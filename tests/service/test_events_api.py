@@ -174,6 +174,8 @@ def test_event_body_limits_and_errors(api: TestClient) -> None:
     ]
     r = api.post("/events", json={"events": too_many})
     assert (r.status_code, r.json()["error"]) == (422, "too_many_events")
+    assert r.json()["message"] == f"at most {MAX_EVENTS} events per request; split it"
+    assert [d["message"] for d in r.json()["detail"]] == [f"more than {MAX_EVENTS} events"]
     assert api.post("/events", json={"events": []}).status_code == 422
     assert api.post("/events", content=b"{", headers={"Content-Type": "application/json"}).status_code == 400
     assert api.post("/events", content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415

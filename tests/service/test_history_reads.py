@@ -118,3 +118,25 @@ def test_reads_after_stop_are_refused_not_hung() -> None:
             await reads.read("a")
 
     asyncio.run(scenario())
+
+
+def test_a_read_cut_short_by_shutdown_is_a_503_to_retry() -> None:
+    backend = _Backend({"a": _history(1)})
+    backend.gate.clear()
+
+    async def scenario() -> object:
+        reads = _reads(backend)
+        reads.start()
+        read = asyncio.create_task(reads.read("a"))
+        while not backend.calls:  # the store call is in progress
+            await asyncio.sleep(0.001)
+        stopping = asyncio.create_task(reads.stop())
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        await stopping
+        return (await asyncio.gather(read, return_exceptions=True))[0]
+
+    failed = asyncio.run(scenario())
+    assert isinstance(failed, StoreUnavailableError)
+    assert failed.message == "the service is shutting down"
+    assert failed.headers == {"Retry-After": "1"}

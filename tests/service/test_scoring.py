@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from service.features import ALL_CHANNELS, FeatureSpec, FoldedHistory, encode_batch
-from service.schemas import LATEST_SECONDS, PredictRequest
+from service.schemas import PredictRequest
 from service.scoring import EventColumns, concat_columns, out_of_range, to_columns
+from service.timestamps import LATEST_SECONDS
 
 NOW = 1_000_000_000
 
