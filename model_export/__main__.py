@@ -1,4 +1,5 @@
-"""``python -m model_export train ...``: train, evaluate against the baselines, export one ONNX file."""
+"""``python -m model_export train|backtest|export``: train, evaluate against the baselines and export
+one ONNX file; run the same recipe at monthly cutoffs; rebuild the ONNX file from a checkpoint."""
 
 from __future__ import annotations
 

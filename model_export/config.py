@@ -1,4 +1,4 @@
-"""Run configuration for ``python -m model_export train``: one dataclass, defaults for CDNOW."""
+"""Run configuration for ``python -m model_export train`` and ``backtest``: one dataclass, CDNOW defaults."""
 
 from __future__ import annotations
 
