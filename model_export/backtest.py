@@ -40,7 +40,7 @@ RECENCY = "recency"
 MODELS = ("cln", *BASELINES, RECENCY)
 #: A bucket needs this many customers of each class before its metrics are reported.
 MIN_CLASS = 20
-#: Tenure buckets by days since the first purchase at the cutoff; the window ones follow the spec.
+#: A month in days, for the tenure buckets (the window buckets follow the feature spec instead).
 MONTH_DAYS = 365.25 / 12
 
 
@@ -370,11 +370,6 @@ def write(result: Backtest, out_dir: Path) -> None:
     plot_auc(result, out_dir / "backtest_auc.png")
     write_atomic(text.encode(), out_dir / "backtest.json")
     write_atomic(markdown.encode(), out_dir / "backtest.md")
-
-
-def read(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
 
 
 def _f(value: float | None, digits: int = 4) -> str:
