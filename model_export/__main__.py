@@ -208,13 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    models = report["models"]
-    lines = [f"wrote {args.out / 'model.onnx'} ({report['model_version']})"]
-    for name, m in models.items():
-        lines.append(f"  {name:<11} AUC {m['roc_auc']:.4f}  PR-AUC {m['pr_auc']:.4f}  Brier {m['brier']:.4f}")
-    for name, b in report["bootstrap"].items():
-        lo, hi = b["ci95"]
-        lines.append(f"  {name:<20} ΔAUC {b['auc_diff']:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]")
+    lines = [f"wrote {args.out / 'model.onnx'} ({report.model_version})"]
+    for name, m in report.models.items():
+        lines.append(f"  {name:<11} AUC {m.roc_auc:.4f}  PR-AUC {m.pr_auc:.4f}  Brier {m.brier:.4f}")
+    for name, b in report.bootstrap.items():
+        lo, hi = b.ci95
+        lines.append(f"  {name:<20} ΔAUC {b.auc_diff:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]")
     print("\n".join(lines))
     return 0
 

@@ -28,11 +28,12 @@ from numpy.typing import NDArray
 from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
-from model_export import evaluate
+from model_export import metrics
+from model_export.baselines import BASELINES
 from model_export.config import TrainConfig
 from model_export.data import Transactions, end_of_day
 from model_export.files import write_atomic
-from model_export.train import BASELINES, SECONDS_PER_WEEK, Fitted, fit, latest_cutoff, load
+from model_export.train import SECONDS_PER_WEEK, Fitted, fit, latest_cutoff, load
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class CutoffResult:
     base_rate: float
     share_beyond_window: float
     models: dict[str, Scores]
-    bootstrap: dict[str, dict[str, Any]]  # "cln_vs_<model>" -> evaluate.summarise_diffs
+    bootstrap: dict[str, dict[str, Any]]  # "cln_vs_<model>" -> metrics.summarise_diffs as a dict
     tenure: list[Bucket]
     validation: dict[str, float]  # selection signals on validation customers only (never the test)
     train_seconds: float
@@ -155,7 +156,7 @@ def pick_cutoffs(all_cutoffs: list[str], wanted: str | None) -> list[str]:
 
 def _scores(y: NDArray[np.int64], p: NDArray[np.float64], probability: bool) -> Scores:
     return Scores(
-        roc_auc=evaluate.roc_auc(y, p),
+        roc_auc=metrics.roc_auc(y, p),
         pr_auc=float(average_precision_score(y, p)),
         brier=float(np.mean((p - y) ** 2)) if probability else None,
     )
@@ -185,15 +186,15 @@ def _validation_signals(fitted: Fitted) -> dict[str, float]:
     window, the case the test windows hold at late cutoffs and training never does."""
     va = fitted.splits.validation
     out = {
-        f"{name}_auc": evaluate.roc_auc(va.y, fitted.scores[name]["validation"])
+        f"{name}_auc": metrics.roc_auc(va.y, fitted.scores[name]["validation"])
         for name in ("cln", *BASELINES)
     }
-    out["cln_log_loss"] = evaluate.binary_metrics(va.y, fitted.scores["cln"]["validation"], 0.5)["log_loss"]
+    out["cln_log_loss"] = metrics.binary_metrics(va.y, fitted.scores["cln"]["validation"], 0.5).log_loss
     half = va.X.shape[1] // 2
     with torch.no_grad():
         cropped = fitted.ensemble(torch.from_numpy(np.ascontiguousarray(va.X[:, -half:, :]))).double().numpy()
-    out["cln_auc_half_window"] = evaluate.roc_auc(va.y, cropped)
-    out["cln_log_loss_half_window"] = evaluate.binary_metrics(va.y, cropped, 0.5)["log_loss"]
+    out["cln_auc_half_window"] = metrics.roc_auc(va.y, cropped)
+    out["cln_log_loss_half_window"] = metrics.binary_metrics(va.y, cropped, 0.5).log_loss
     return out
 
 
@@ -205,8 +206,8 @@ def _bucket(
         return Bucket(name, int(y.size), positives, {}, None)
     models = {m: _scores(y, p, m != RECENCY) for m, p in scores.items()}
     best = max(BASELINES, key=lambda b: models[b].roc_auc)
-    diffs = evaluate.bootstrap_auc_diffs(y, scores["cln"], scores[best], n_boot, seed)
-    vs_best = evaluate.summarise_diffs(models["cln"].roc_auc - models[best].roc_auc, diffs)
+    diffs = metrics.bootstrap_auc_diffs(y, scores["cln"], scores[best], n_boot, seed)
+    vs_best = asdict(metrics.summarise_diffs(models["cln"].roc_auc - models[best].roc_auc, diffs))
     return Bucket(name, int(y.size), positives, models, vs_best | {"baseline": best})
 
 
@@ -224,9 +225,11 @@ def run_cutoff(
     replicates: dict[str, NDArray[np.float64]] = {}
     boot: dict[str, dict[str, Any]] = {}
     for name in MODELS[1:]:
-        diffs = evaluate.bootstrap_auc_diffs(y, scores["cln"], scores[name], n_boot=n_boot, seed=cfg.seed)
+        diffs = metrics.bootstrap_auc_diffs(y, scores["cln"], scores[name], n_boot=n_boot, seed=cfg.seed)
         replicates[name] = diffs
-        boot[f"cln_vs_{name}"] = evaluate.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, diffs)
+        boot[f"cln_vs_{name}"] = asdict(
+            metrics.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, diffs)
+        )
     window_days = cfg.lookback_bins * cfg.bin_days
     buckets = [
         _bucket(name, y[mask], {m: p[mask] for m, p in scores.items()}, n_boot, cfg.seed)
@@ -267,7 +270,7 @@ def summarise(results: list[CutoffResult], replicates: list[dict[str, NDArray[np
     for name in MODELS[1:]:
         stacked = np.vstack([rep[name] for rep in replicates])  # [cutoffs, n_boot]
         point = mean_auc["cln"] - mean_auc[name]
-        mean_diff_vs[name] = evaluate.summarise_diffs(point, np.mean(stacked, axis=0))
+        mean_diff_vs[name] = asdict(metrics.summarise_diffs(point, np.mean(stacked, axis=0)))
 
     worst_auc: dict[str, Any] = {"gap": math.inf, "where": ""}
     worst_brier: dict[str, Any] = {"gap": -math.inf, "where": ""}

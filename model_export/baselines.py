@@ -23,8 +23,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from model_export.evaluate import PROBA_EPS
+from model_export.metrics import PROBA_EPS
 from service.features import UserSummary
+
+#: The baselines' names in reports and score tables, in the order they are shown.
+BASELINES = ("bgnbd", "logreg_rfm", "lightgbm")
 
 DAYS_PER_WEEK = 7.0
 

@@ -9,6 +9,7 @@ import io
 import logging
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,6 +24,8 @@ from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-5
+#: Held-out rows the checkpoint keeps for the parity check of a rebuilt ONNX file.
+PARITY_ROWS = 512
 
 
 class ExportError(RuntimeError):
@@ -97,6 +100,28 @@ def export_ensemble(
     if not diff <= PARITY_TOLERANCE:
         raise ExportError(f"onnxruntime disagrees with PyTorch by {diff:.3g} > {PARITY_TOLERANCE}")
     return proto, diff
+
+
+def save_checkpoint(
+    path: Path,
+    ensemble: Ensemble,
+    net_cfg: CLNConfig,
+    metadata: ModelMetadata,
+    hyperparameters: dict[str, Any],
+    held_out: NDArray[np.float32],
+) -> None:
+    """What :func:`export_checkpoint` rebuilds the ONNX file from, with its first held-out inputs."""
+    torch.save(
+        {
+            "hyperparameters": hyperparameters,
+            "cln_config": net_cfg.to_dict(),
+            "state_dict": ensemble.state_dict(),
+            "metadata": metadata.to_dict(),
+            # held-out inputs, so `export` can check a rebuilt file against the weights alone
+            "parity_inputs": torch.from_numpy(held_out[:PARITY_ROWS].copy()),
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: Path) -> tuple[Ensemble, ModelMetadata, NDArray[np.float32]]:

@@ -1,20 +1,18 @@
-"""``train(cfg, out_dir)``: data -> examples -> seed members -> baselines -> report -> ONNX file.
+"""``train(cfg, out_dir)``: data -> splits -> seed members -> baselines -> ONNX file -> report.
 
-``fit`` is the part ``backtest`` shares: splits, seed members, baselines, scores. Out of time (the
-default, what production does) the model is fitted at ``cutoff - horizon`` with labels up to the
-cutoff and judged on everybody known at the cutoff; the customer split holds test customers out at
-one date. Test customers never reach fitting, early stopping or thresholds (docs/model.md).
+``fit`` is the part ``backtest`` shares: splits, seed members (``loop``), baselines, scores. Out of
+time (the default, what production does) the model is fitted at ``cutoff - horizon`` with labels up
+to the cutoff and judged on everybody known at the cutoff; the customer split holds test customers
+out at one date. Test customers never reach fitting, early stopping or thresholds (docs/model.md).
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
-import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,23 +21,24 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
-from model_export import baselines, evaluate
+from model_export import baselines, metrics
+from model_export.baselines import BASELINES
 from model_export.config import LATEST, TrainConfig
 from model_export.data import Transactions, end_of_day, load_transactions, to_columns
-from model_export.export import export_ensemble, run_onnx, with_metadata
+from model_export.export import export_ensemble, run_onnx, save_checkpoint, with_metadata
 from model_export.files import write_atomic
-from model_export.model import CLN, CLNConfig, Ensemble, n_parameters
+from model_export.loop import MemberResult, train_member
+from model_export.metrics import AucDiff, BinaryMetrics
+from model_export.model import CLNConfig, Ensemble, n_parameters
+from model_export.plots import plot_calibration, plot_roc
+from model_export.report import BacktestQuote, DataSummary, Report, SeedRun, SplitSizes, Target, write_report
 from service.artifact import ModelMetadata
 from service.features import FeatureSpec, UserSummary, encode_batch, summarise
 
 log = logging.getLogger(__name__)
 
 SECONDS_PER_WEEK = 7 * 86_400
-#: Held-out rows the checkpoint keeps for the parity check of a rebuilt ONNX file.
-PARITY_ROWS = 512
-BASELINES = ("bgnbd", "logreg_rfm", "lightgbm")
 
 
 @dataclass(frozen=True)
@@ -153,89 +152,6 @@ def _subsample(tx: Transactions, max_users: int, seed: int) -> Transactions:
     return Transactions(frame=frame, report=tx.report, fingerprint=tx.fingerprint)
 
 
-def _predict_logits(model: CLN, X: NDArray[np.float32], batch: int = 4096) -> NDArray[np.float64]:
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, X.shape[0], batch):
-            out.append(model(torch.from_numpy(X[i : i + batch])).double().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-@dataclass(frozen=True)
-class MemberResult:
-    model: CLN
-    seed: int
-    epochs_run: int
-    best_epoch: int
-    val_loss: float
-    val_auc: float
-
-
-def train_member(
-    cfg: TrainConfig,
-    net_cfg: CLNConfig,
-    splits: Splits,
-    mean: NDArray[np.float32],
-    std: NDArray[np.float32],
-    seed: int,
-) -> MemberResult:
-    """One seed: AdamW on BCE, early stopping on validation log loss (a proper score, so the
-    probabilities stay calibrated), the best epoch's weights restored."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model = CLN(net_cfg)
-    model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    X_tr = torch.from_numpy(splits.train.X)
-    y_tr = torch.from_numpy(splits.train.y.astype(np.float32))
-    y_va = splits.validation.y
-    best_loss, best_auc, best_epoch, bad = float("inf"), float("nan"), 0, 0
-    best_state = copy.deepcopy(model.state_dict())
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"seed {seed}", disable=not cfg.progress, leave=True)
-    epoch = 0
-    for epoch in bar:
-        model.train()
-        order = torch.from_numpy(rng.permutation(X_tr.shape[0]))
-        total, count = 0.0, 0
-        for i in range(0, order.numel(), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            xb = X_tr[idx]
-            if cfg.crop_share > 0 and rng.random() < cfg.crop_share:
-                # the latest L bins are exactly the encoding with an L-bin window: every channel
-                # of a bin depends only on events up to it and the whole-history summaries
-                keep = int(rng.integers(cfg.crop_min_bins, xb.shape[1]))
-                xb = xb[:, -keep:, :]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), y_tr[idx])
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * idx.numel()
-            count += idx.numel()
-        p_va = _sigmoid(_predict_logits(model, splits.validation.X))
-        val_loss = evaluate.binary_metrics(y_va, p_va, 0.5)["log_loss"]
-        val_auc = evaluate.roc_auc(y_va, p_va)
-        bar.set_postfix(
-            loss=f"{total / max(count, 1):.4f}", val_loss=f"{val_loss:.4f}", val_auc=f"{val_auc:.4f}"
-        )
-        if val_loss < best_loss - 1e-5:
-            best_loss, best_auc, best_epoch, bad = val_loss, val_auc, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    return MemberResult(model, seed, epoch, best_epoch, best_loss, best_auc)
-
-
 def _normalisation(X: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     flat = X.reshape(-1, X.shape[-1]).astype(np.float64)
     mean = flat.mean(axis=0)
@@ -269,23 +185,6 @@ def _baseline_scores(cfg: TrainConfig, splits: Splits) -> dict[str, dict[str, ND
     )
     out["lightgbm"] = {s: gbm.predict_proba(mat[s]) for s in ("validation", "test")}
     return out
-
-
-def _target(models: dict[str, dict[str, float]], boot: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    best = max(BASELINES, key=lambda b: models[b]["roc_auc"])
-    best_brier = min(models[b]["brier"] for b in BASELINES)
-    cln = models["cln"]
-    return {
-        "beats_bgnbd": bool(boot["cln_vs_bgnbd"]["ci95"][0] > 0),
-        "best_baseline": best,
-        "best_baseline_auc": models[best]["roc_auc"],
-        "best_baseline_brier": best_brier,
-        "level_with_best": bool(
-            cln["roc_auc"] >= models[best]["roc_auc"] - 0.002 and cln["brier"] <= best_brier + 0.001
-        ),
-        "beats_best_auc": bool(cln["roc_auc"] > models[best]["roc_auc"]),
-        "rule": "level = AUC >= best - 0.002 and Brier <= best + 0.001; beats BG/NBD = bootstrap CI above 0",
-    }
 
 
 @dataclass(frozen=True)
@@ -346,7 +245,8 @@ def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
         wide=cfg.wide,
     )
     started = time.perf_counter()
-    members = [train_member(cfg, net_cfg, splits, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
+    tr, va = (splits.train.X, splits.train.y), (splits.validation.X, splits.validation.y)
+    members = [train_member(cfg, net_cfg, tr, va, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
     train_seconds = time.perf_counter() - started
     ensemble = Ensemble([m.model for m in members]).eval()
     with torch.no_grad():
@@ -358,7 +258,7 @@ def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
     return Fitted(splits, net_cfg, mean, std, members, ensemble, scores, train_seconds)
 
 
-def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> Report:
     """Run the whole offline pipeline and write ``model.onnx``, ``report.{json,md}``, plots, scores.
 
     ``backtest``: a ``backtest.json`` whose figures the report quotes as the estimate of how this
@@ -370,52 +270,121 @@ def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> dict
 
     tx = load(cfg)
     cfg = resolve_cutoff(cfg, tx)
-    spec = feature_spec(cfg)
-    cutoff = end_of_day(cfg.cutoff)
-    horizon_end = cutoff + cfg.horizon_weeks * SECONDS_PER_WEEK
+    _warn_if_censored(cfg, tx)
+    fitted = fit(cfg, tx)
+    splits = fitted.splits
+    models, boot = _test_metrics(cfg, fitted)
+
+    proto, parity_diff = export_ensemble(fitted.ensemble, splits.test.X, cfg.opset)
+    hyper = fitted.net_cfg.to_dict() | {
+        k: v for k, v in cfg.to_dict().items() if k not in ("data", "columns", "progress")
+    }
+    metadata = _metadata(cfg, tx, fitted, models, parity_diff, hyper)
+    final = with_metadata(proto, metadata)
+    write_atomic(final.SerializeToString(), out_dir / "model.onnx")
+    _write_scores(out_dir / "scores.csv", splits.test, run_onnx(final, splits.test.X))
+    save_checkpoint(
+        out_dir / "checkpoint.pt", fitted.ensemble, fitted.net_cfg, metadata, hyper, splits.test.X
+    )
+
+    plots = {"roc": "roc.png", "calibration": "calibration.png"}
+    y_te, p_te = splits.test.y, {k: v["test"] for k, v in fitted.scores.items()}
+    plot_roc(y_te, p_te, out_dir / plots["roc"])
+    plot_calibration(y_te, p_te, out_dir / plots["calibration"])
+
+    n_train = int(np.unique(splits.train.user_ids).size)
+    report = Report(
+        protocol=cfg.protocol,
+        cutoff=cfg.cutoff,
+        horizon_weeks=cfg.horizon_weeks,
+        # out of time, the test customers are everybody known at the cutoff
+        n_users=n_train + int(splits.validation.y.size + y_te.size)
+        if cfg.protocol == "customer-split"
+        else int(y_te.size),
+        base_rate=float(y_te.mean()),
+        train_seconds=round(fitted.train_seconds, 2),
+        onnx_parity_max_abs_diff=parity_diff,
+        model_version=metadata.model_version,
+        created_at=metadata.created_at,
+        n_parameters=n_parameters(fitted.ensemble),
+        data=DataSummary(source=cfg.data, fingerprint=tx.fingerprint, cleaning=tx.report),
+        split=SplitSizes(
+            train=n_train,
+            train_examples=int(splits.train.y.size),
+            origins=cfg.origins,
+            validation=int(splits.validation.y.size),
+            test=int(y_te.size),
+            train_as_of=datetime.fromtimestamp(splits.train.as_of, UTC).isoformat(),
+            test_as_of=datetime.fromtimestamp(splits.test.as_of, UTC).isoformat(),
+        ),
+        models=models,
+        bootstrap=boot,
+        reliability={k: metrics.reliability_table(y_te, p) for k, p in p_te.items()},
+        target=Target.of(models, boot),
+        hyperparameters=hyper,
+        backtest=BacktestQuote.read(backtest, cfg.model_settings(), tx.fingerprint)
+        if backtest is not None
+        else None,
+        feature_spec=feature_spec(cfg),
+        per_seed=[SeedRun(m.seed, m.epochs_run, m.best_epoch, m.val_loss, m.val_auc) for m in fitted.members],
+        plots=plots,
+    )
+    write_report(report, out_dir)
+    return report
+
+
+def _warn_if_censored(cfg: TrainConfig, tx: Transactions) -> None:
+    horizon_end = end_of_day(cfg.cutoff) + cfg.horizon_weeks * SECONDS_PER_WEEK
     if horizon_end > tx.last_timestamp + 86_400:
         log.warning(
             "the label window ends %s, after the last event in the data (%s): late labels are censored",
             datetime.fromtimestamp(horizon_end, UTC).date(),
             tx.report.last_timestamp,
         )
-    fitted = fit(cfg, tx)
-    splits, net_cfg, mean, std = fitted.splits, fitted.net_cfg, fitted.mean, fitted.std
-    members, ensemble, scores = fitted.members, fitted.ensemble, fitted.scores
-    train_seconds = fitted.train_seconds
-    p = scores["cln"]
-    y_va, y_te = splits.validation.y, splits.test.y
-    models: dict[str, dict[str, float]] = {}
-    for name, s in scores.items():
-        threshold = evaluate.best_f1_threshold(y_va, s["validation"])
-        models[name] = evaluate.binary_metrics(y_te, s["test"], threshold)
+
+
+def _test_metrics(cfg: TrainConfig, fitted: Fitted) -> tuple[dict[str, BinaryMetrics], dict[str, AucDiff]]:
+    """Every model on the test customers at its F1-best threshold on validation, and the network's
+    paired bootstrap against each baseline."""
+    y_va, y_te = fitted.splits.validation.y, fitted.splits.test.y
+    models = {
+        name: metrics.binary_metrics(y_te, s["test"], metrics.best_f1_threshold(y_va, s["validation"]))
+        for name, s in fitted.scores.items()
+    }
+    p_cln = fitted.scores["cln"]["test"]
     boot = {
-        f"cln_vs_{b}": evaluate.paired_bootstrap_auc(
-            y_te, p["test"], scores[b]["test"], n_boot=cfg.bootstrap, seed=cfg.seed
+        f"cln_vs_{b}": metrics.paired_bootstrap_auc(
+            y_te, p_cln, fitted.scores[b]["test"], n_boot=cfg.bootstrap, seed=cfg.seed
         )
         for b in BASELINES
     }
+    return models, boot
 
-    proto, parity_diff = export_ensemble(ensemble, splits.test.X, cfg.opset)
-    digest = _weights_digest(ensemble)
-    version = f"cln-{cfg.protocol}-{cfg.cutoff.replace('-', '')}-{digest[:10]}"
-    created = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    hyper = net_cfg.to_dict() | {
-        k: v for k, v in cfg.to_dict().items() if k not in ("data", "columns", "progress")
-    }
-    metadata = ModelMetadata(
-        model_version=version,
-        created_at=created,
-        feature_spec=spec,
-        threshold=models["cln"]["threshold"],
+
+def _metadata(
+    cfg: TrainConfig,
+    tx: Transactions,
+    fitted: Fitted,
+    models: dict[str, BinaryMetrics],
+    parity_diff: float,
+    hyper: dict[str, Any],
+) -> ModelMetadata:
+    """What the model file says about itself; the version names the weights by their digest."""
+    splits = fitted.splits
+    digest = _weights_digest(fitted.ensemble)
+    return ModelMetadata(
+        model_version=f"cln-{cfg.protocol}-{cfg.cutoff.replace('-', '')}-{digest[:10]}",
+        created_at=datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        feature_spec=feature_spec(cfg),
+        threshold=models["cln"].threshold,
         horizon_weeks=cfg.horizon_weeks,
         protocol=cfg.protocol,
         cutoff=cfg.cutoff,
         data_fingerprint=tx.fingerprint,
-        normalisation={"mean": mean.tolist(), "std": std.tolist()},
+        normalisation={"mean": fitted.mean.tolist(), "std": fitted.std.tolist()},
         training_metrics={
-            "test": models["cln"],
-            "baselines_test_auc": {b: models[b]["roc_auc"] for b in BASELINES},
+            "test": asdict(models["cln"]),
+            "baselines_test_auc": {b: models[b].roc_auc for b in BASELINES},
             "n_train": int(splits.train.y.size),
             "n_validation": int(splits.validation.y.size),
             "n_test": int(splits.test.y.size),
@@ -425,112 +394,6 @@ def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> dict
         opset=cfg.opset,
         n_seeds=cfg.seeds,
     )
-    final = with_metadata(proto, metadata)
-    write_atomic(final.SerializeToString(), out_dir / "model.onnx")
-    _write_scores(out_dir / "scores.csv", splits.test, run_onnx(final, splits.test.X))
-    torch.save(
-        {
-            "hyperparameters": hyper,
-            "cln_config": net_cfg.to_dict(),
-            "state_dict": ensemble.state_dict(),
-            "metadata": metadata.to_dict(),
-            # held-out inputs, so `export` can check a rebuilt file against the weights alone
-            "parity_inputs": torch.from_numpy(splits.test.X[:PARITY_ROWS].copy()),
-        },
-        out_dir / "checkpoint.pt",
-    )
-
-    evaluate.plot_roc(y_te, {k: v["test"] for k, v in scores.items()}, out_dir / "roc.png")
-    evaluate.plot_calibration(y_te, {k: v["test"] for k, v in scores.items()}, out_dir / "calibration.png")
-    report: dict[str, Any] = {
-        "protocol": cfg.protocol,
-        "cutoff": cfg.cutoff,
-        "horizon_weeks": cfg.horizon_weeks,
-        "n_users": int(np.unique(splits.train.user_ids).size + splits.validation.y.size + splits.test.y.size)
-        if cfg.protocol == "customer-split"
-        else int(splits.test.y.size),
-        "base_rate": float(y_te.mean()),
-        "train_seconds": round(train_seconds, 2),
-        "onnx_parity_max_abs_diff": parity_diff,
-        "model_version": version,
-        "created_at": created,
-        "n_parameters": n_parameters(ensemble),
-        "data": {"source": cfg.data, "fingerprint": tx.fingerprint, "cleaning": tx.report.to_dict()},
-        "split": {
-            "train": int(np.unique(splits.train.user_ids).size),
-            "train_examples": int(splits.train.y.size),
-            "origins": cfg.origins,
-            "validation": int(splits.validation.y.size),
-            "test": int(splits.test.y.size),
-            "train_as_of": datetime.fromtimestamp(splits.train.as_of, UTC).isoformat(),
-            "test_as_of": datetime.fromtimestamp(splits.test.as_of, UTC).isoformat(),
-        },
-        "models": models,
-        "bootstrap": boot,
-        "reliability": {k: evaluate.reliability_table(y_te, v["test"]) for k, v in scores.items()},
-        "target": _target(models, boot),
-        "hyperparameters": hyper,
-        "backtest": backtest_estimate(backtest, cfg, tx) if backtest is not None else None,
-        "feature_spec": spec.to_dict(),
-        "seeds": [m.seed for m in members],
-        "per_seed_val_auc": [m.val_auc for m in members],
-        "per_seed": [
-            {
-                "seed": m.seed,
-                "epochs_run": m.epochs_run,
-                "best_epoch": m.best_epoch,
-                "val_loss": m.val_loss,
-                "val_auc": m.val_auc,
-            }
-            for m in members
-        ],
-        "plots": {"roc": "roc.png", "calibration": "calibration.png"},
-    }
-    evaluate.write_report(json.loads(json.dumps(report)), out_dir)
-    return report
-
-
-def backtest_estimate(path: Path, cfg: TrainConfig, tx: Transactions) -> dict[str, Any]:
-    """The figures of a ``backtest.json`` for the report, and whether it ran on this data and these
-    settings; a backtest of other settings is quoted all the same, with the differences named."""
-    bt = json.loads(path.read_text())
-    ours = cfg.model_settings()
-    theirs = bt.get("hyperparameters", {})
-    differences = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    if bt.get("data", {}).get("fingerprint") != tx.fingerprint:
-        differences.insert(0, "data")
-    rows = []
-    for c in bt["cutoffs"]:
-        models = c["models"]
-        best = max(BASELINES, key=lambda b: models[b]["roc_auc"])
-        rows.append(
-            {
-                "cutoff": c["cutoff"],
-                "customers": c["n_test"],
-                "beyond_window": c["share_beyond_window"],
-                "cln_auc": models["cln"]["roc_auc"],
-                "best_baseline": best,
-                "best_auc": models[best]["roc_auc"],
-                "recency_auc": models["recency"]["roc_auc"],
-                "cln_brier": models["cln"]["brier"],
-                "best_brier": min(models[b]["brier"] for b in BASELINES),
-            }
-        )
-    summary = bt["summary"]
-    return {
-        "source": str(path),
-        "created_at": bt.get("created_at"),
-        "horizon_weeks": bt.get("horizon_weeks"),
-        "same_data_and_settings": not differences,
-        "differences": differences,
-        "cutoffs": rows,
-        "mean_auc": summary["mean_auc"],
-        "mean_diff_vs_best": summary["mean_diff_vs_best"],
-        "best_baseline_by_mean_auc": summary["best_baseline_by_mean_auc"],
-        "worst_auc_gap": summary["worst_auc_gap"],
-        "worst_brier_gap": summary["worst_brier_gap"],
-        "targets": summary["targets"],
-    }
 
 
 def _write_scores(path: Path, ex: Examples, probs: NDArray[np.float32]) -> None:

@@ -76,12 +76,12 @@ def main() -> None:
                 "variant": name,
                 "protocol": protocol,
                 "seeds": args.seeds,
-                "val_auc_mean_seed": round(sum(rep["per_seed_val_auc"]) / len(rep["per_seed_val_auc"]), 4),
-                "test_auc": round(rep["models"]["cln"]["roc_auc"], 4),
-                "test_brier": round(rep["models"]["cln"]["brier"], 4),
-                "best_baseline_auc": round(rep["target"]["best_baseline_auc"], 4),
-                "best_baseline_brier": round(rep["target"]["best_baseline_brier"], 4),
-                "level": rep["target"]["level_with_best"],
+                "val_auc_mean_seed": round(sum(rep.per_seed_val_auc) / len(rep.per_seed_val_auc), 4),
+                "test_auc": round(rep.models["cln"].roc_auc, 4),
+                "test_brier": round(rep.models["cln"].brier, 4),
+                "best_baseline_auc": round(rep.target.best_baseline_auc, 4),
+                "best_baseline_brier": round(rep.target.best_baseline_brier, 4),
+                "level": rep.target.level_with_best,
                 "seconds": round(time.time() - started, 1),
             }
             with args.out.open("a") as fh:

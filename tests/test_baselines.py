@@ -20,7 +20,7 @@ from model_export.baselines import (
     rfm_from_summary,
     rfm_matrix,
 )
-from model_export.evaluate import roc_auc
+from model_export.metrics import roc_auc
 from service.features import SECONDS_PER_DAY, summarise
 
 HORIZON_WEEKS = 39

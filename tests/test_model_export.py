@@ -20,6 +20,7 @@ from model_export.data import end_of_day, load_transactions
 from model_export.export import read_metadata
 from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, CorrelationPooling, Ensemble
+from model_export.report import Report, render_markdown
 from model_export.train import build_examples, latest_cutoff, make_splits, train
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ModelMetadata
 from service.features import FeatureSpec, encode_batch
@@ -99,6 +100,14 @@ def test_metadata_round_trip(tiny_model_dir: TinyModel) -> None:
     assert meta.training_metrics["test"]["roc_auc"] == report["models"]["cln"]["roc_auc"]
     assert ModelMetadata.from_props(meta.to_props()) == meta
     assert meta.created_at.endswith("Z")
+
+
+@pytest.mark.slow
+def test_report_json_is_the_typed_report(tiny_model_dir: TinyModel) -> None:
+    text = (tiny_model_dir.dir / "report.json").read_text()
+    report = Report.from_json(text)
+    assert report.to_json() == text
+    assert (tiny_model_dir.dir / "report.md").read_text() == render_markdown(report)
 
 
 def test_metadata_errors_are_clear() -> None:
@@ -219,8 +228,8 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     )
     a = train(cfg, tmp_path / "a")
     b = train(cfg, tmp_path / "b")
-    assert a["model_version"] == b["model_version"]  # the version embeds a digest of the weights
-    assert a["models"] == b["models"]
+    assert a.model_version == b.model_version  # the version embeds a digest of the weights
+    assert a.models == b.models
 
 
 @pytest.mark.slow

@@ -1,0 +1,288 @@
+"""Scores of a probability model: ranking and thresholded metrics, a paired bootstrap, calibration.
+
+Every model is scored on the same users, so comparisons use a *paired* bootstrap: one set of
+resampled users per replicate, both models' AUCs computed on it. AUC is computed from tie groups
+of the score with per-user counts, which makes a replicate a couple of bincounts and a cumsum
+instead of a sort, and gives exactly the Mann-Whitney statistic (ties count one half), the same
+number sklearn's ``roc_auc_score`` reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from sklearn.metrics import average_precision_score, precision_recall_curve
+
+#: Keeps log loss finite (the baselines clip their probabilities to it too); the resolution of the
+#: network's float32 outputs near 1.
+PROBA_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class BinaryMetrics:
+    """What :func:`binary_metrics` measures, in the order reports show it."""
+
+    roc_auc: float
+    pr_auc: float
+    log_loss: float
+    brier: float
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    threshold: float
+
+
+METRIC_KEYS: tuple[str, ...] = tuple(f.name for f in fields(BinaryMetrics))
+
+
+@dataclass(frozen=True)
+class AucDiff:
+    """A paired bootstrap of AUC(a) - AUC(b); ``n_boot`` counts the replicates that drew both classes."""
+
+    auc_diff: float
+    ci95: tuple[float, float]
+    n_boot: int
+    p_value_one_sided: float
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """Users whose predicted probability falls in ``[bin_lower, bin_upper)`` (the top bin is closed)."""
+
+    bin_lower: float
+    bin_upper: float
+    count: int
+    mean_predicted: float
+    observed_rate: float
+
+
+#: Bootstrap draws (users x replicates) per vectorised chunk: bounds the working set to ~100 MB.
+_BOOT_CHUNK_DRAWS = 1_500_000
+
+
+def as_labels(y: ArrayLike) -> NDArray[np.int64]:
+    """``y`` as a flat 0/1 array; anything else is a ValueError."""
+    arr = np.asarray(y).reshape(-1)
+    if arr.size and not np.all((arr == 0) | (arr == 1)):
+        raise ValueError("labels must be 0/1")
+    return arr.astype(np.int64)
+
+
+def as_scores(p: ArrayLike, n: int) -> NDArray[np.float64]:
+    """``p`` as ``n`` finite float64 scores; anything else is a ValueError."""
+    arr = np.asarray(p, dtype=np.float64).reshape(-1)
+    if arr.size != n:
+        raise ValueError(f"got {arr.size} scores for {n} labels")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("scores must be finite")
+    return arr
+
+
+def _tie_groups(p: NDArray[np.float64]) -> tuple[NDArray[np.int64], int]:
+    """Group id per user, ascending in score; equal scores share a group."""
+    _, inverse = np.unique(p, return_inverse=True)
+    group = inverse.astype(np.int64).reshape(-1)
+    return group, int(group.max()) + 1 if group.size else 0
+
+
+def _auc_from_groups(pos: NDArray[np.float64], neg: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Mann-Whitney AUC from positive / negative counts per ascending tie group (last axis).
+
+    Each positive beats every negative in a lower group and ties with half of those in its own.
+    NaN where a row has no positive or no negative. Counts are integers (or halves), so the sums
+    are exact in float64 far beyond any realistic number of users.
+    """
+    neg_below = np.cumsum(neg, axis=-1) - neg
+    wins = np.sum(pos * (neg_below + 0.5 * neg), axis=-1)
+    pairs = np.sum(pos, axis=-1) * np.sum(neg, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
+    return np.asarray(auc, dtype=np.float64)
+
+
+def roc_auc(y: ArrayLike, p: ArrayLike) -> float:
+    """ROC AUC by ranks (ties count one half); equals sklearn's ``roc_auc_score``."""
+    labels = as_labels(y)
+    scores = as_scores(p, labels.size)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise ValueError("ROC AUC needs both classes in y")
+    group, n_groups = _tie_groups(scores)
+    pos = np.bincount(group, weights=labels, minlength=n_groups).astype(np.float64)
+    neg = np.bincount(group, minlength=n_groups).astype(np.float64) - pos
+    return float(_auc_from_groups(pos, neg))
+
+
+def best_f1_threshold(y: ArrayLike, p: ArrayLike) -> float:
+    """The score value ``t`` whose rule ``p >= t`` has the highest F1 (pick it on validation).
+
+    Thresholds come from the precision-recall curve, so each is an actual score and applying it
+    reproduces the F1 found here exactly; ties go to the lowest such threshold.
+    """
+    labels = as_labels(y)
+    scores = as_scores(p, labels.size)
+    if labels.sum() == 0:
+        raise ValueError("best F1 threshold needs at least one positive")
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    # the curve's last point (precision 1, recall 0) has no threshold
+    precision, recall = precision[:-1], recall[:-1]
+    denom = precision + recall
+    f1 = np.divide(2.0 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def binary_metrics(y: ArrayLike, p: ArrayLike, threshold: float) -> BinaryMetrics:
+    """Ranking, probabilistic and thresholded metrics for one model.
+
+    A user is predicted positive when ``p >= threshold``. Precision is 0 (not a warning) when
+    nothing is predicted positive, so a degenerate threshold shows up as a number in the report.
+    """
+    labels = as_labels(y)
+    scores = as_scores(p, labels.size)
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == labels.size:
+        raise ValueError("metrics need both classes in y (AUC and average precision are undefined)")
+    clipped = np.clip(scores, PROBA_EPS, 1.0 - PROBA_EPS)
+    log_loss = -float(np.mean(labels * np.log(clipped) + (1 - labels) * np.log1p(-clipped)))
+    brier = float(np.mean((scores - labels) ** 2))
+
+    predicted = scores >= threshold
+    positive = labels == 1
+    tp = int(np.sum(predicted & positive))
+    fp = int(np.sum(predicted & ~positive))
+    fn = int(np.sum(~predicted & positive))
+    tn = int(labels.size - tp - fp - fn)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return BinaryMetrics(
+        roc_auc=roc_auc(labels, scores),
+        pr_auc=float(average_precision_score(labels, scores)),
+        log_loss=log_loss,
+        brier=brier,
+        accuracy=(tp + tn) / labels.size,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        threshold=float(threshold),
+    )
+
+
+def bootstrap_auc_diffs(
+    y: ArrayLike,
+    p_a: ArrayLike,
+    p_b: ArrayLike,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> NDArray[np.float64]:
+    """AUC(a) - AUC(b) on ``n_boot`` paired resamples of the users (NaN where a draw has one class).
+
+    The same ``seed`` and user count give the same draws whatever the scores, so replicate ``k`` of
+    several comparisons (or several evaluation dates) can be combined, e.g. averaged across dates.
+    """
+    labels = as_labels(y)
+    a = as_scores(p_a, labels.size)
+    b = as_scores(p_b, labels.size)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    n = labels.size
+    group_a, n_a = _tie_groups(a)
+    group_b, n_b = _tie_groups(b)
+    # A replicate is a count per user; resampling users only changes the counts, so each model's
+    # AUC is per-group class counts (two bincounts) and a cumsum, with no re-sorting.
+    pos_w = labels.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    diffs: list[NDArray[np.float64]] = []
+    chunk = max(1, _BOOT_CHUNK_DRAWS // max(n, 1))
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(rows, n))  # [rows, n] users drawn per replicate
+        row_of = np.arange(rows, dtype=np.int64)[:, None]
+        is_pos = pos_w[idx].ravel()
+        auc_per_model = []
+        for group, n_groups in ((group_a, n_a), (group_b, n_b)):
+            key = (row_of * n_groups + group[idx]).ravel()
+            total = np.bincount(key, minlength=rows * n_groups).astype(np.float64)
+            pos = np.bincount(key, weights=is_pos, minlength=rows * n_groups).astype(np.float64)
+            total, pos = total.reshape(rows, n_groups), pos.reshape(rows, n_groups)
+            auc_per_model.append(_auc_from_groups(pos, total - pos))
+        diffs.append(auc_per_model[0] - auc_per_model[1])
+    return np.concatenate(diffs)
+
+
+def summarise_diffs(point: float, diffs: NDArray[np.float64]) -> AucDiff:
+    """Point difference, 95% percentile interval and one-sided p-value of bootstrap replicates."""
+    kept = diffs[np.isfinite(diffs)]
+    if kept.size == 0:
+        raise ValueError("every bootstrap replicate drew a single class; need more users")
+    lo, hi = np.percentile(kept, [2.5, 97.5])
+    return AucDiff(
+        auc_diff=float(point),
+        ci95=(float(lo), float(hi)),
+        n_boot=int(kept.size),
+        p_value_one_sided=float(np.mean(kept <= 0.0)),
+    )
+
+
+def paired_bootstrap_auc(
+    y: ArrayLike,
+    p_a: ArrayLike,
+    p_b: ArrayLike,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> AucDiff:
+    """Paired bootstrap of AUC(a) - AUC(b): resample users, score both models on the same sample.
+
+    Returns the full-data difference, a 95% percentile interval, the number of replicates used
+    (replicates that drew a single class are skipped) and the one-sided p-value: the fraction of
+    replicates where model a is not better (diff <= 0).
+    """
+    diffs = bootstrap_auc_diffs(y, p_a, p_b, n_boot, seed)
+    return summarise_diffs(roc_auc(y, p_a) - roc_auc(y, p_b), diffs)
+
+
+def reliability_table(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> list[ReliabilityBin]:
+    """Observed positive rate per equal-width bin of predicted probability on ``[0, 1]``.
+
+    Empty bins are omitted, so ``count`` sums to the number of users. A prediction of exactly 1
+    falls in the last bin.
+    """
+    labels = as_labels(y)
+    scores = as_scores(p, labels.size)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if np.any((scores < 0.0) | (scores > 1.0)):
+        raise ValueError("reliability needs probabilities in [0, 1]")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.minimum((scores * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    sum_p = np.bincount(bins, weights=scores, minlength=n_bins)
+    sum_y = np.bincount(bins, weights=labels, minlength=n_bins)
+    return [
+        ReliabilityBin(
+            bin_lower=float(edges[k]),
+            bin_upper=float(edges[k + 1]),
+            count=int(count[k]),
+            mean_predicted=float(sum_p[k] / count[k]),
+            observed_rate=float(sum_y[k] / count[k]),
+        )
+        for k in np.flatnonzero(count)
+    ]
+
+
+def calibration_error(bins: Sequence[ReliabilityBin]) -> float:
+    """Count-weighted mean |mean predicted - observed rate| over ``bins`` (NaN when they are empty)."""
+    n = sum(b.count for b in bins)
+    if n == 0:
+        return math.nan
+    gap = sum(b.count * abs(b.mean_predicted - b.observed_rate) for b in bins)
+    return float(gap / n)
+
+
+def expected_calibration_error(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> float:
+    """:func:`calibration_error` of the reliability bins of ``p``."""
+    return calibration_error(reliability_table(y, p, n_bins))
