@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from service.errors import (
+    ErrorDetail,
     InvalidArrowError,
     InvalidInputError,
     ServiceError,
@@ -35,7 +36,6 @@ from service.schemas import (
     MAX_QUANTITY,
     MIN_QUANTITY,
     ColumnarPredictRequest,
-    ErrorItem,
 )
 from service.scoring import EventColumns
 from service.timestamps import RANGE_MESSAGE, in_range
@@ -109,14 +109,14 @@ def parse_columnar_json(body: bytes) -> ColumnarBatch:
         request = ColumnarPredictRequest.model_validate_json(body)
     except ValidationError as exc:
         error = from_validation_error(exc)
-        items: list[ErrorItem] = []
+        items: list[ErrorDetail] = []
         seen: set[str] = set()
         for item in error.detail:
             match = _UNION_TAG.match(item.field)
             if match:  # "columns.timestamp[3].float" and "...[3].datetime": one item per value
                 if match.group(1) in seen:
                     continue
-                item = ErrorItem(field=match.group(1), type="timestamp_type", message=_TIMESTAMP_MESSAGE)
+                item = ErrorDetail(field=match.group(1), type="timestamp_type", message=_TIMESTAMP_MESSAGE)
             seen.add(item.field)
             items.append(item)
         error.detail = items
@@ -136,14 +136,14 @@ def parse_columnar_json(body: bytes) -> ColumnarBatch:
 
 def _invalid(field: str, kind: str, message: str) -> InvalidInputError:
     return InvalidInputError(
-        "the request body does not match the schema", [ErrorItem(field=field, type=kind, message=message)]
+        "the request body does not match the schema", [ErrorDetail(field=field, type=kind, message=message)]
     )
 
 
 def _named(
     cls: type[ServiceError], message: str, fields: Sequence[str], kind: str, detail: str
 ) -> ServiceError:
-    return cls(message, [ErrorItem(field=f, type=kind, message=detail) for f in fields[:_MAX_FIELDS]])
+    return cls(message, [ErrorDetail(field=f, type=kind, message=detail) for f in fields[:_MAX_FIELDS]])
 
 
 def check_columns(
@@ -195,7 +195,7 @@ def check_columns(
         ]
 
     ts, amt, qty, as_of = batch.timestamps, batch.amounts, batch.quantities, batch.as_of
-    problems: list[ErrorItem] = []
+    problems: list[ErrorDetail] = []
     for mask, name, kind, message in (
         (~in_range(ts), "timestamp", "value_error", RANGE_MESSAGE),
         (~((amt >= 0) & (amt <= MAX_AMOUNT)), "amount", "range", f"a finite number in [0, {MAX_AMOUNT:g}]"),
@@ -206,10 +206,10 @@ def check_columns(
             f"a whole number in [{MIN_QUANTITY}, {MAX_QUANTITY}]",
         ),
     ):
-        problems += [ErrorItem(field=f, type=kind, message=message) for f in _events(mask, name)]
+        problems += [ErrorDetail(field=f, type=kind, message=message) for f in _events(mask, name)]
     bad_as_of = np.flatnonzero(~np.isnan(as_of) & ~in_range(as_of))
     problems += [
-        ErrorItem(field=paths.as_of(int(i)), type="value_error", message=RANGE_MESSAGE) for i in bad_as_of
+        ErrorDetail(field=paths.as_of(int(i)), type="value_error", message=RANGE_MESSAGE) for i in bad_as_of
     ]
     if problems:
         raise InvalidInputError("the request body does not match the schema", problems[:_MAX_FIELDS])
@@ -301,7 +301,7 @@ def parse_arrow(body: bytes, *, max_users: int) -> ColumnarBatch:
     pa = _pyarrow()
     unreadable = InvalidArrowError(
         "the request body is not a valid Arrow IPC stream",
-        [ErrorItem(field="body", type="arrow_invalid", message="not a readable Arrow IPC stream")],
+        [ErrorDetail(field="body", type="arrow_invalid", message="not a readable Arrow IPC stream")],
     )
     try:
         # Message by message, so each record batch's header is seen before its body is decoded.
@@ -339,8 +339,8 @@ def _columns_of(pa: Any, table: pa.Table) -> ColumnarBatch:
     if unknown or missing:
         raise InvalidInputError(
             "the request body does not match the schema",
-            [ErrorItem(field=n, type="extra_forbidden", message="unknown column") for n in unknown]
-            + [ErrorItem(field=n, type="missing", message="column required") for n in missing],
+            [ErrorDetail(field=n, type="extra_forbidden", message="unknown column") for n in unknown]
+            + [ErrorDetail(field=n, type="missing", message="column required") for n in missing],
         )
     users = table.column("user_id").combine_chunks()
     if not (pa.types.is_string(users.type) or pa.types.is_large_string(users.type)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import rejection
+from service.envelope import rejection
 from service.errors import BodyTooLargeError, OverloadedError, ServiceError
 from service.metrics import Metrics
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from service.api.deps import AppContext
 from service.errors import (
+    ErrorDetail,
     HistoryCompactedError,
     InvalidInputError,
     StoreUnavailableError,
@@ -27,7 +28,7 @@ from service.errors import (
 )
 from service.features import SECONDS_PER_DAY, FeatureSpec, FoldedHistory
 from service.lifecycle import Served
-from service.schemas import ErrorItem, PredictRequest
+from service.schemas import PredictRequest
 from service.scoring import EventColumns, to_columns
 from service.store import GuardedStore, History, StoreDownError
 
@@ -65,9 +66,10 @@ def resolve_columns(
     if store is None:
         raise InvalidInputError(
             "events are required: no event store is configured (PI_STORE_BACKEND=none)",
-            [ErrorItem(field=f"{field(i)}events", type="missing", message="Field required") for i in missing][
-                :_MAX_LISTED
-            ],
+            [
+                ErrorDetail(field=f"{field(i)}events", type="missing", message="Field required")
+                for i in missing
+            ][:_MAX_LISTED],
         )
     if _on_event_loop():
         raise StoreReadNeeded
@@ -98,7 +100,7 @@ def with_stored(
         raise UnknownUserError(
             f"{len(unknown)} user(s) sent without events have no stored history",
             [
-                ErrorItem(field=f"{field(i)}user_id", type="unknown_user", message="no stored history")
+                ErrorDetail(field=f"{field(i)}user_id", type="unknown_user", message="no stored history")
                 for i in unknown
             ][:_MAX_LISTED],
         )
@@ -152,7 +154,7 @@ def _merge(
             "as_of is too early for the stored history: purchases before the retention horizon "
             "were compacted; send the events inline to score at that date",
             [
-                ErrorItem(
+                ErrorDetail(
                     field=f"{field(i)}as_of", type="history_compacted", message="before the stored window"
                 )
                 for i in too_early

@@ -27,7 +27,6 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import AppContext, get_context, require_model
-from service.api.errors import rejection
 from service.api.history import StoreReadNeeded, resolve_columns, with_stored
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.bulk import (
@@ -43,7 +42,9 @@ from service.bulk import (
     parse_columnar_json,
     require_arrow,
 )
+from service.envelope import rejection
 from service.errors import (
+    ErrorDetail,
     InvalidInputError,
     NotReadyError,
     OverloadedError,
@@ -63,7 +64,6 @@ from service.schemas import (
     ColumnarPredictions,
     ColumnarPredictRequest,
     ColumnarPredictResponse,
-    ErrorItem,
     ErrorResponse,
     Prediction,
     PredictRequest,
@@ -189,7 +189,7 @@ def check_timestamps(
         fields += [as_of_field(int(u)) for u in as_of]
         raise InvalidInputError(
             "the request body does not match the schema",
-            [ErrorItem(field=f, type="value_error", message=RANGE_MESSAGE) for f in fields[:_MAX_FIELDS]],
+            [ErrorDetail(field=f, type="value_error", message=RANGE_MESSAGE) for f in fields[:_MAX_FIELDS]],
         )
 
 

@@ -17,9 +17,9 @@ from starlette.responses import Response
 from service.api.admin import authorise
 from service.api.deps import Context
 from service.api.events import in_store_thread, require_store
-from service.errors import UnknownUserError
+from service.errors import ErrorDetail, UnknownUserError
 from service.features import SECONDS_PER_DAY
-from service.schemas import ErrorItem, ErrorResponse
+from service.schemas import ErrorResponse
 from service.store import Folded, StoredEvent, event_id_of
 
 router = APIRouter(tags=["admin"])
@@ -119,7 +119,7 @@ async def user_events(
     if page is None:
         raise UnknownUserError(
             "no stored history for this user",
-            [ErrorItem(field="user_id", type="unknown_user", message="no stored history")],
+            [ErrorDetail(field="user_id", type="unknown_user", message="no stored history")],
         )
     end = offset + len(page.events)
     body = UserEventsPage(
