@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from service.columns import EventColumns, concat_columns
 from service.lifecycle import Served
 from service.metrics import ArrayHistogram
-from service.scoring import EventColumns, concat_columns
 
 logger = logging.getLogger(__name__)
 

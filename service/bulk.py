@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
+from service.columns import EventColumns
 from service.errors import (
     ErrorDetail,
     InvalidArrowError,
@@ -37,7 +38,6 @@ from service.schemas import (
     MIN_QUANTITY,
     ColumnarPredictRequest,
 )
-from service.scoring import EventColumns
 from service.timestamps import RANGE_MESSAGE, in_range
 
 if TYPE_CHECKING:

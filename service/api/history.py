@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 import anyio
 import numpy as np
 
+from service.api.columns import request_columns
 from service.api.deps import AppContext
+from service.columns import EventColumns, FoldedHistory
 from service.errors import (
     ErrorDetail,
     HistoryCompactedError,
@@ -26,10 +28,9 @@ from service.errors import (
     StoreUnavailableError,
     UnknownUserError,
 )
-from service.features import SECONDS_PER_DAY, FeatureSpec, FoldedHistory
+from service.features import SECONDS_PER_DAY, FeatureSpec
 from service.lifecycle import Served
 from service.schemas import PredictRequest
-from service.scoring import EventColumns, to_columns
 from service.store import GuardedStore, History, StoreDownError
 
 _MAX_LISTED = 10
@@ -61,7 +62,7 @@ def resolve_columns(
     """
     missing = [i for i, u in enumerate(users) if u.events is None]
     if not missing:
-        return to_columns(users, now)
+        return request_columns(users, now)
     store = ctx.store
     if store is None:
         raise InvalidInputError(
@@ -115,7 +116,7 @@ def _merge(
     field: Callable[[int], str],
 ) -> EventColumns:
     inline = [u for u in users if u.events is not None]
-    cols = to_columns(inline, now)
+    cols = request_columns(inline, now)
     n = len(users)
     ts_parts: list[np.ndarray] = []
     amount_parts: list[np.ndarray] = []

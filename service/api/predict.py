@@ -42,6 +42,7 @@ from service.bulk import (
     parse_columnar_json,
     require_arrow,
 )
+from service.columns import EventColumns, out_of_range
 from service.envelope import rejection
 from service.errors import (
     ErrorDetail,
@@ -69,7 +70,6 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from service.scoring import EventColumns, out_of_range
 from service.timestamps import EARLIEST, LATEST, RANGE_MESSAGE
 
 router = APIRouter(tags=["predict"])

@@ -17,10 +17,11 @@ from starlette.responses import Response
 from service.api.admin import authorise
 from service.api.deps import Context
 from service.api.events import in_store_thread, require_store
+from service.columns import Folded
 from service.errors import ErrorDetail, UnknownUserError
 from service.features import SECONDS_PER_DAY
 from service.schemas import ErrorResponse
-from service.store import Folded, StoredEvent, event_id_of
+from service.store import StoredEvent, event_id_of
 
 router = APIRouter(tags=["admin"])
 

@@ -18,9 +18,9 @@ from starlette.testclient import TestClient
 from service import batching
 from service.app import create_app
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
+from service.columns import EventColumns
 from service.config import Settings
 from service.lifecycle import Served
-from service.scoring import EventColumns
 from tests.service.conftest import wait_ready
 from tests.service.fakes import FakePredictor, reference_probability
 
