@@ -24,10 +24,10 @@ from service.api import admin, events, health, model, predict, users
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
-from service.api.history import HistoryReads
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import REJECT_REASONS
+from service.history import HistoryReads
 from service.lifecycle import ModelSlot, load_model
 from service.limits import Admission, LimitMiddleware
 from service.metrics import Metrics

@@ -1,18 +1,83 @@
-"""Parsed prediction requests -> the encoder's columns: the request models stop at the API edge.
+"""Parsed prediction requests -> the encoder's columns: the request models stop at this edge.
 
-Users sent without ``events`` contribute no events here; their stored history is merged in by
-:mod:`service.history`.
+Inline events are flattened here; users sent without ``events`` are handed to
+:mod:`service.history` by id and ``as_of``, and their stored histories merged in request order.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from service.api.deps import AppContext
 from service.columns import EventColumns
+from service.errors import ErrorDetail, InvalidInputError
+from service.history import StoredUsers, merge_histories, read_histories
+from service.lifecycle import Served
 from service.schemas import PredictRequest
+from service.store import History
+
+_MAX_LISTED = 10
+
+
+class StoreReadNeeded(Exception):  # noqa: N818 - a signal to the handler, not an error
+    """A handler that may not block needs the store: rerun it in a worker thread."""
+
+
+def resolve_columns(
+    ctx: AppContext,
+    served: Served,
+    users: Sequence[PredictRequest],
+    now: int,
+    field: Callable[[int], str],
+    *,
+    may_block: bool,
+) -> EventColumns:
+    """Columns for ``users``: inline events as sent, stored histories for users without ``events``,
+    read here when ``may_block`` (a worker thread); else :class:`StoreReadNeeded` if one is needed.
+
+    ``field(i)`` names user ``i`` in error details (``""`` for a single user, ``"users[3]."``).
+    """
+    missing = [i for i, u in enumerate(users) if u.events is None]
+    if not missing:
+        return request_columns(users, now)
+    store = ctx.store
+    if store is None:
+        raise InvalidInputError(
+            "events are required: no event store is configured (PI_STORE_BACKEND=none)",
+            [ErrorDetail(f"{field(i)}events", "missing", "Field required") for i in missing][:_MAX_LISTED],
+        )
+    if not may_block:
+        raise StoreReadNeeded
+    stored = read_histories(store, [users[i].user_id for i in missing])
+    return with_stored(ctx, served, users, now, stored, field)
+
+
+def with_stored(
+    ctx: AppContext,
+    served: Served,
+    users: Sequence[PredictRequest],
+    now: int,
+    stored: dict[str, History],
+    field: Callable[[int], str],
+) -> EventColumns:
+    """Columns for ``users`` once the histories of those without ``events`` were read."""
+    by_id = [i for i, u in enumerate(users) if u.events is None]
+    return merge_histories(
+        request_columns([u for u in users if u.events is not None], now),
+        StoredUsers(
+            positions=by_id,
+            user_ids=[users[i].user_id for i in by_id],
+            # the same rule as request_columns: float epoch seconds, floored
+            as_of=[now if (t := users[i].as_of) is None else math.floor(t.timestamp()) for i in by_id],
+        ),
+        stored,
+        spec=served.predictor.metadata.feature_spec,
+        reject_unknown=ctx.settings.store_unknown_user == "reject",
+        field=field,
+    )
 
 
 def request_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import Annotated, cast
 
 import anyio
 from fastapi import Depends, Request
 
 from service.batching import Batcher
-
-if TYPE_CHECKING:
-    from service.api.history import HistoryReads
 from service.config import Settings
 from service.errors import NotReadyError
+from service.history import HistoryReads
 from service.lifecycle import ModelSlot, Served
 from service.limits import Admission
 from service.metrics import Metrics

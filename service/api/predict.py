@@ -26,8 +26,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.api.columns import StoreReadNeeded, resolve_columns, with_stored
 from service.api.deps import AppContext, get_context, require_model
-from service.api.history import StoreReadNeeded, resolve_columns, with_stored
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.bulk import (
     ARROW_MEDIA_TYPE,
@@ -75,7 +75,8 @@ from service.timestamps import EARLIEST, LATEST, RANGE_MESSAGE
 router = APIRouter(tags=["predict"])
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-Work = Callable[[AppContext, Served, bytes, int], bytes]
+#: ``(context, model, body, now, may_block) -> answer``; ``may_block``: it runs in a worker thread.
+Work = Callable[[AppContext, Served, bytes, int, bool], bytes]
 
 _MAX_LISTED = 10  # users named in a too-many-events error; the count says the rest
 _MAX_FIELDS = 100  # timestamps named in one out-of-range error
@@ -207,10 +208,11 @@ def _no_field(_: int) -> str:
     return ""  # a single user's fields are named from the top of the body: "events", "as_of"
 
 
-def _parse_one(ctx: AppContext, served: Served, body: bytes, now: int) -> tuple[PredictRequest, EventColumns]:
-    """Parse and check one user; raises :class:`StoreReadNeeded` on the loop for a by-id user."""
+def _parse_one(
+    ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool
+) -> tuple[PredictRequest, EventColumns]:
     user = _parse_user(ctx, body)
-    columns = resolve_columns(ctx, served, [user], now, _no_field)
+    columns = resolve_columns(ctx, served, [user], now, _no_field, may_block=may_block)
     _check_one(columns)
     return user, columns
 
@@ -233,18 +235,18 @@ def _answer_one(served: Served, user_id: str, probability: float) -> bytes:
     return answer
 
 
-def _score_one(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
-    user, columns = _parse_one(ctx, served, body, now)
+def _score_one(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
+    user, columns = _parse_one(ctx, served, body, now, may_block)
     return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
 
 
-def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+def _score_batch(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
     users = parse_json(BatchPredictRequest, body).users
     limit = ctx.settings.max_batch_users
     if len(users) > limit:
         raise too_many_users(limit, "users")
     _check_events(users, ctx.settings.max_events_per_user, lambda i: f"users[{i}].events")
-    columns = resolve_columns(ctx, served, users, now, lambda i: f"users[{i}].")
+    columns = resolve_columns(ctx, served, users, now, lambda i: f"users[{i}].", may_block=may_block)
     check_timestamps(columns, lambda u, e: f"users[{u}].events[{e}].timestamp", lambda u: f"users[{u}].as_of")
     probabilities = ctx.scorer.score(served.predictor, columns).tolist()
     meta = served.predictor.metadata
@@ -278,7 +280,7 @@ def _score_bulk(
     return ctx.scorer.score(served.predictor, columns)
 
 
-def _score_columnar(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+def _score_columnar(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
     batch = parse_columnar_json(body)
     probabilities = _score_bulk(ctx, served, batch, JSON_PATHS, now)
     meta = served.predictor.metadata
@@ -298,7 +300,7 @@ def _score_columnar(ctx: AppContext, served: Served, body: bytes, now: int) -> b
     )
 
 
-def _score_arrow(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+def _score_arrow(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
     batch = parse_arrow(body, max_users=ctx.settings.max_batch_users)
     probabilities = _score_bulk(ctx, served, batch, ARROW_PATHS, now)
     meta = served.predictor.metadata
@@ -311,10 +313,10 @@ def _score_arrow(ctx: AppContext, served: Served, body: bytes, now: int) -> byte
     )
 
 
-def _score_json_batch(ctx: AppContext, served: Served, body: bytes, now: int) -> bytes:
+def _score_json_batch(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
     if is_columnar_json(body):
-        return _score_columnar(ctx, served, body, now)
-    return _score_batch(ctx, served, body, now)
+        return _score_columnar(ctx, served, body, now, may_block)
+    return _score_batch(ctx, served, body, now, may_block)
 
 
 def _header(scope: Scope, name: bytes) -> bytes:
@@ -383,7 +385,7 @@ async def _offload(ctx: AppContext, work: Work, served: Served, body: bytes, dea
             timeout = ctx.settings.request_timeout_seconds
             raise OverloadedError.retry_later(f"no worker became free within {timeout:g} s") from None
     try:
-        return await anyio.to_thread.run_sync(work, ctx, served, body, int(time.time()))
+        return await anyio.to_thread.run_sync(work, ctx, served, body, int(time.time()), True)
     finally:
         ctx.limiter.release()
 
@@ -399,7 +401,7 @@ async def _handle(
     served, body, deadline = await _receive(request.scope, request.receive, ctx, check)
     if len(body) <= ctx.settings.inline_max_body_bytes:
         try:
-            return Response(work(ctx, served, body, int(time.time())), media_type=media_type)
+            return Response(work(ctx, served, body, int(time.time()), False), media_type=media_type)
         except StoreReadNeeded:
             pass  # a user without inline events: the store is read in a worker thread, below
     return Response(await _offload(ctx, work, served, body, deadline), media_type=media_type)
@@ -442,7 +444,7 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
             columns = with_stored(ctx, served, [user], now, stored, _no_field)
         else:
             try:
-                columns = resolve_columns(ctx, served, [user], now, _no_field)
+                columns = resolve_columns(ctx, served, [user], now, _no_field, may_block=False)
             except StoreReadNeeded:  # no gathering reader: parse, read and score in a worker, alone
                 return await _offload(ctx, _score_one, served, body, deadline)
         _check_one(columns)

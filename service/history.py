@@ -1,10 +1,9 @@
-"""Users sent without ``events``: their history comes from the event store.
+"""Users sent without ``events``: their stored histories, merged into a request's columns.
 
-:func:`resolve_columns` is the prediction path's one call. With every user's events inline it is
-:func:`service.scoring.to_columns` and nothing else. Otherwise it reads the missing histories in
-one store call, which blocks: on the event loop it raises :class:`StoreReadNeeded` instead and the
-handler moves the request to a worker thread; ``/predict`` by id shares reads (:class:`HistoryReads`).
-Compacted counters are exact only for an ``as_of`` whose window starts after the newest folded
+The caller picks how the store is read, because a read blocks: :func:`read_histories` in a worker
+thread, or :class:`HistoryReads` on the event loop, where concurrent requests share one read.
+:func:`merge_histories` then applies the unknown-user policy and the compaction rule: counters
+of compacted purchases are exact only for an ``as_of`` whose window starts after the newest folded
 purchase (always so for ``as_of`` = now); an earlier one is a 422 ``history_compacted``, never a
 silently different score.
 """
@@ -14,90 +13,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import anyio
 import numpy as np
 
-from service.api.columns import request_columns
-from service.api.deps import AppContext
-from service.columns import EventColumns, FoldedHistory
+from service.columns import EventColumns, Folded, FoldedHistory
 from service.errors import (
     ErrorDetail,
     HistoryCompactedError,
-    InvalidInputError,
     StoreUnavailableError,
     UnknownUserError,
 )
 from service.features import SECONDS_PER_DAY, FeatureSpec
-from service.lifecycle import Served
-from service.schemas import PredictRequest
 from service.store import GuardedStore, History, StoreDownError
 
 _MAX_LISTED = 10
 _EMPTY = History([], [], [], None)
 
 
-class StoreReadNeeded(Exception):  # noqa: N818 - a signal to the handler, not an error
-    """Raised on the event loop when a request needs the store: rerun it in a worker thread."""
+@dataclass(frozen=True)
+class StoredUsers:
+    """The users of a request sent without events: where each sits among all its users (ascending),
+    its id, and the ``as_of`` it is scored at (epoch seconds)."""
+
+    positions: list[int]
+    user_ids: list[str]
+    as_of: list[int]
 
 
-def _on_event_loop() -> bool:
+def read_histories(store: GuardedStore, user_ids: Sequence[str]) -> dict[str, History]:
+    """One store read for every user in ``user_ids``; blocks, so call it from a worker thread."""
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def resolve_columns(
-    ctx: AppContext,
-    served: Served,
-    users: Sequence[PredictRequest],
-    now: int,
-    field: Callable[[int], str],
-) -> EventColumns:
-    """Columns for ``users``: inline events as sent, stored histories for users without ``events``.
-
-    ``field(i)`` names user ``i`` in error details (``""`` for a single user, ``"users[3]."``).
-    """
-    missing = [i for i, u in enumerate(users) if u.events is None]
-    if not missing:
-        return request_columns(users, now)
-    store = ctx.store
-    if store is None:
-        raise InvalidInputError(
-            "events are required: no event store is configured (PI_STORE_BACKEND=none)",
-            [
-                ErrorDetail(field=f"{field(i)}events", type="missing", message="Field required")
-                for i in missing
-            ][:_MAX_LISTED],
-        )
-    if _on_event_loop():
-        raise StoreReadNeeded
-    try:
-        stored = store.histories([users[i].user_id for i in missing])
+        return store.histories(user_ids)
     except StoreDownError as exc:
         raise _unavailable(exc) from None
-    return with_stored(ctx, served, users, now, stored, field)
 
 
 def _unavailable(exc: StoreDownError) -> StoreUnavailableError:
     return StoreUnavailableError.retry_later(str(exc))
 
 
-def with_stored(
-    ctx: AppContext,
-    served: Served,
-    users: Sequence[PredictRequest],
-    now: int,
+def merge_histories(
+    inline: EventColumns,
+    by_id: StoredUsers,
     stored: dict[str, History],
+    *,
+    spec: FeatureSpec,
+    reject_unknown: bool,
     field: Callable[[int], str],
 ) -> EventColumns:
-    """Columns for ``users`` once the histories of those without ``events`` were read: the
-    unknown-user policy, the compaction check, inline and stored events side by side."""
-    missing = [i for i, u in enumerate(users) if u.events is None]
-    unknown = [i for i in missing if users[i].user_id not in stored]
-    if unknown and ctx.settings.store_unknown_user == "reject":
+    """Every user's columns in request order: ``inline`` holds those sent with events (in order),
+    ``stored`` the histories read for ``by_id`` (an unknown user is absent).
+
+    ``field(i)`` names user ``i`` in error details (``""`` for a single user, ``"users[3]."``).
+    """
+    unknown = [p for p, user_id in zip(by_id.positions, by_id.user_ids, strict=True) if user_id not in stored]
+    if unknown and reject_unknown:
         raise UnknownUserError(
             f"{len(unknown)} user(s) sent without events have no stored history",
             [
@@ -105,41 +77,29 @@ def with_stored(
                 for i in unknown
             ][:_MAX_LISTED],
         )
-    return _merge(users, now, stored, served.predictor.metadata.feature_spec, field)
-
-
-def _merge(
-    users: Sequence[PredictRequest],
-    now: int,
-    stored: dict[str, History],
-    spec: FeatureSpec,
-    field: Callable[[int], str],
-) -> EventColumns:
-    inline = [u for u in users if u.events is not None]
-    cols = request_columns(inline, now)
-    n = len(users)
+    n = inline.n_users + len(by_id.positions)
+    stored_at = {position: k for k, position in enumerate(by_id.positions)}
     ts_parts: list[np.ndarray] = []
     amount_parts: list[np.ndarray] = []
     quantity_parts: list[np.ndarray] = []
     counts = np.zeros(n, dtype=np.int64)
     as_of = np.zeros(n, dtype=np.int64)
-    f_days, f_first, f_last = (np.zeros(n, dtype=np.int64) for _ in range(3))
-    f_amount, f_quantity = np.zeros(n), np.zeros(n)
+    folded_rows: list[Folded | None] = [None] * n
     too_early: list[int] = []
     window_days = spec.lookback_bins * spec.bin_days
     j = 0  # position among the inline users
-    for i, user in enumerate(users):
-        if user.events is not None:
-            lo, hi = int(cols.offsets[j]), int(cols.offsets[j + 1])
-            ts_parts.append(cols.timestamps[lo:hi])
-            amount_parts.append(cols.amounts[lo:hi])
-            quantity_parts.append(cols.quantities[lo:hi])
-            counts[i], as_of[i] = hi - lo, cols.as_of[j]
+    for i in range(n):
+        k = stored_at.get(i)
+        if k is None:
+            lo, hi = int(inline.offsets[j]), int(inline.offsets[j + 1])
+            ts_parts.append(inline.timestamps[lo:hi])
+            amount_parts.append(inline.amounts[lo:hi])
+            quantity_parts.append(inline.quantities[lo:hi])
+            counts[i], as_of[i] = hi - lo, inline.as_of[j]
             j += 1
             continue
-        history = stored.get(user.user_id, _EMPTY)
-        # the same rule as to_columns: float epoch seconds, floored
-        as_of[i] = now if user.as_of is None else int(np.floor(user.as_of.timestamp()))
+        history = stored.get(by_id.user_ids[k], _EMPTY)
+        as_of[i] = by_id.as_of[k]
         ts_parts.append(np.asarray(history.timestamps, dtype=np.int64))
         amount_parts.append(np.asarray(history.amounts, dtype=np.float64))
         quantity_parts.append(np.asarray(history.quantities, dtype=np.float64))
@@ -148,8 +108,7 @@ def _merge(
         if folded is not None:
             if folded.last_day > as_of[i] // SECONDS_PER_DAY - window_days:
                 too_early.append(i)
-            f_days[i], f_first[i], f_last[i] = folded.purchase_days, folded.first_day, folded.last_day
-            f_amount[i], f_quantity[i] = folded.total_amount, folded.total_quantity
+            folded_rows[i] = folded
     if too_early:
         raise HistoryCompactedError(
             "as_of is too early for the stored history: purchases before the retention horizon "
@@ -169,7 +128,7 @@ def _merge(
         quantities=np.concatenate(quantity_parts) if quantity_parts else np.zeros(0),
         offsets=offsets,
         as_of=as_of,
-        folded=FoldedHistory(f_days, f_first, f_last, f_amount, f_quantity) if f_days.any() else None,
+        folded=FoldedHistory.from_rows(folded_rows),
     )
 
 
