@@ -11,11 +11,11 @@ silently different score.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
+import anyio.to_thread
 import numpy as np
 
 from service.columns import EventColumns, Folded, FoldedHistory
@@ -26,6 +26,7 @@ from service.errors import (
     UnknownUserError,
 )
 from service.features import SECONDS_PER_DAY, FeatureSpec
+from service.gather import Gatherer, Waiter, fail, resolve
 from service.store import GuardedStore, History, StoreDownError
 
 _MAX_LISTED = 10
@@ -132,7 +133,10 @@ def merge_histories(
     )
 
 
-class HistoryReads:
+_Read = Waiter[str, History | None]
+
+
+class HistoryReads(Gatherer[str, History | None]):
     """Concurrent ``/predict`` requests by user id share one store read.
 
     A store read blocks, so it runs in a worker thread, and a thread hop plus one SQL statement (or
@@ -142,65 +146,31 @@ class HistoryReads:
     waiter gets its own user's history (``None``: not stored) or the failure.
     """
 
+    task_name = "history-reads"
+    not_running = "the store reader is not running"
+
     def __init__(self, store: GuardedStore, limiter: anyio.CapacityLimiter, *, max_users: int) -> None:
+        super().__init__()
         self._store = store
         self._limiter = limiter
         self._max_users = max_users
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future[History | None]]] | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Create the queue and the consumer; call inside the running event loop."""
-        self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._consume(), name="history-reads")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while self._queue is not None and not self._queue.empty():
-            _fail(
-                [self._queue.get_nowait()],
-                StoreUnavailableError("the service is shutting down"),
-            )
+    def _stopped(self, message: str) -> Exception:
+        return StoreUnavailableError(message)
 
     async def read(self, user_id: str) -> History | None:
-        if self._queue is None or self._task is None or self._task.done():
-            raise StoreUnavailableError("the store reader is not running")
-        future: asyncio.Future[History | None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((user_id, future))
-        return await future
+        return await self._enqueue(user_id)
 
-    async def _consume(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        while True:
-            batch = [await queue.get()]
-            while not queue.empty() and len(batch) < self._max_users:
-                batch.append(queue.get_nowait())
-            waiting = [(user_id, future) for user_id, future in batch if not future.done()]
-            if not waiting:
-                continue
-            ids = list(dict.fromkeys(user_id for user_id, _ in waiting))
-            try:
-                stored = await anyio.to_thread.run_sync(self._store.histories, ids, limiter=self._limiter)
-            except asyncio.CancelledError:
-                _fail(waiting, StoreUnavailableError("the service is shutting down"))
-                raise
-            except StoreDownError as exc:
-                _fail(waiting, _unavailable(exc))
-                continue
-            except Exception as exc:  # every waiter of this read gets the failure, nobody hangs
-                _fail(waiting, exc)
-                continue
-            for user_id, future in waiting:
-                if not future.done():
-                    future.set_result(stored.get(user_id))
+    async def _gather(self, queue: asyncio.Queue[_Read], batch: list[_Read]) -> None:
+        while not queue.empty() and len(batch) < self._max_users:
+            batch.append(queue.get_nowait())
 
-
-def _fail(waiting: Sequence[tuple[str, asyncio.Future[History | None]]], error: Exception) -> None:
-    for _, future in waiting:
-        if not future.done():
-            future.set_exception(error)
+    async def _answer(self, batch: list[_Read]) -> None:
+        ids = list(dict.fromkeys(waiter.request for waiter in batch))
+        try:
+            stored = await anyio.to_thread.run_sync(self._store.histories, ids, limiter=self._limiter)
+        except StoreDownError as exc:
+            fail(batch, _unavailable(exc))
+            return
+        for waiter in batch:
+            resolve(waiter, stored.get(waiter.request))
