@@ -8,11 +8,12 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from service.api.body import check_content_type, parse_json
 from service.api.deps import AppContext, Context
-from service.api.predict import check_content_type, json_body, parse_json
+from service.api.openapi import errors_doc, json_body
 from service.errors import ModelRejectedError, UnauthorizedError
 from service.lifecycle import reload_model
-from service.schemas import ErrorResponse, ReloadRequest, ReloadResponse
+from service.schemas import ReloadRequest, ReloadResponse
 
 router = APIRouter(tags=["admin"])
 
@@ -35,18 +36,17 @@ def authorise(request: Request, ctx: AppContext) -> None:
 @router.post(
     "/admin/reload",
     response_model=ReloadResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
-        401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
-        413: {"model": ErrorResponse, "description": "The body is larger than `PI_MAX_BODY_BYTES`."},
-        415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
-        422: {
-            "model": ErrorResponse,
-            "description": "A bad body (`invalid_input`), or the model file was refused "
-            "(`model_rejected`: missing, unloadable, wrong signature or metadata, failed warm-up); "
-            "the old model keeps serving.",
-        },
-    },
+    responses=errors_doc(
+        400,
+        401,
+        413,
+        415,
+        (
+            422,
+            "A bad body (`invalid_input`), or the model file was refused (`model_rejected`: missing, "
+            "unloadable, wrong signature or metadata, failed warm-up); the old model keeps serving.",
+        ),
+    ),
     openapi_extra={
         **json_body(ReloadRequest, {"configured": {"summary": "Reload PI_MODEL_PATH", "value": {}}}),
         "security": [{"bearer": []}],

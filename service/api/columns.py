@@ -1,7 +1,9 @@
-"""Parsed prediction requests -> the encoder's columns: the request models stop at this edge.
+"""Parsed prediction requests -> checked columns: the request models stop at this edge.
 
 Inline events are flattened here; users sent without ``events`` are handed to
 :mod:`service.history` by id and ``as_of``, and their stored histories merged in request order.
+The limits and the timestamp range are checked here too, with errors that name fields as the
+client sent them.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from service.api.deps import AppContext
-from service.columns import EventColumns
-from service.errors import ErrorDetail, InvalidInputError
+from service.columns import EventColumns, out_of_range
+from service.errors import ErrorDetail, InvalidInputError, too_many_events
 from service.history import StoredUsers, merge_histories, read_histories
 from service.lifecycle import Served
 from service.schemas import PredictRequest
 from service.store import History
+from service.timestamps import RANGE_MESSAGE
 
-_MAX_LISTED = 10
+_MAX_LISTED = 10  # users named in one error; the count says the rest
+_MAX_FIELDS = 100  # timestamps named in one out-of-range error
 
 
 class StoreReadNeeded(Exception):  # noqa: N818 - a signal to the handler, not an error
@@ -119,3 +123,25 @@ def _one_user(user: PredictRequest, now: int) -> EventColumns:
         offsets=np.array([0, len(events)], dtype=np.int64),
         as_of=np.array([as_of], dtype=np.int64),
     )
+
+
+def check_events(users: Sequence[PredictRequest], limit: int, field: Callable[[int], str]) -> None:
+    over = [i for i, user in enumerate(users) if len(user.events or ()) > limit]
+    if over:
+        raise too_many_events(limit, [field(i) for i in over[:_MAX_LISTED]], len(over))
+
+
+def check_timestamps(
+    columns: EventColumns, event_field: Callable[[int, int], str], as_of_field: Callable[[int], str]
+) -> None:
+    """The range rule (``service.timestamps``) for timestamps and ``as_of``, on the flat columns:
+    the same 422 and field path (``events[3].timestamp``) a per-value pydantic validator gave,
+    without a Python call each."""
+    users, events, as_of = out_of_range(columns)
+    if users.size or as_of.size:
+        fields = [event_field(int(u), int(e)) for u, e in zip(users, events, strict=True)]
+        fields += [as_of_field(int(u)) for u in as_of]
+        raise InvalidInputError(
+            "the request body does not match the schema",
+            [ErrorDetail(field=f, type="value_error", message=RANGE_MESSAGE) for f in fields[:_MAX_FIELDS]],
+        )

@@ -19,10 +19,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from service.api.body import check_content_type, parse_json, read_body
 from service.api.deps import AppContext, Context
-from service.api.predict import check_content_type, json_body, parse_json
-from service.errors import RequestTimeoutError, StoreUnavailableError, too_many_events
-from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, ErrorResponse, Event, Timestamp
+from service.api.openapi import errors_doc, json_body
+from service.errors import StoreUnavailableError, too_many_events
+from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, Event, Timestamp
 from service.store import GuardedStore, NewEvent, StoreDownError
 from service.store.base import event_key
 
@@ -119,22 +120,22 @@ def _ingest(ctx: AppContext, body: bytes) -> bytes:
 @router.post(
     "/events",
     response_model=EventsResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
-        408: {"model": ErrorResponse, "description": "The body did not arrive within the request timeout."},
-        413: {"model": ErrorResponse, "description": "The body is larger than `PI_MAX_BODY_BYTES`."},
-        415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
-        422: {
-            "model": ErrorResponse,
-            "description": "An event breaks the same rules as in `/predict` (`invalid_input`), or "
-            "more than `PI_MAX_EVENTS_PER_USER` events (`too_many_events`); nothing was stored.",
-        },
-        503: {
-            "model": ErrorResponse,
-            "description": "The event store is down (`store_unavailable`) or the service is at its "
-            "concurrency limit (`overloaded`): nothing was acknowledged, retry (it is idempotent).",
-        },
-    },
+    responses=errors_doc(
+        400,
+        408,
+        413,
+        415,
+        (
+            422,
+            "An event breaks the same rules as in `/predict` (`invalid_input`), or more than "
+            "`PI_MAX_EVENTS_PER_USER` events (`too_many_events`); nothing was stored.",
+        ),
+        (
+            503,
+            "The event store is down (`store_unavailable`) or the service is at its concurrency "
+            "limit (`overloaded`): nothing was acknowledged, retry (it is idempotent).",
+        ),
+    ),
     openapi_extra=json_body(
         EventsRequest, {"two_events": {"summary": "Two purchases", "value": EXAMPLE_EVENTS}}
     ),
@@ -145,10 +146,6 @@ def _ingest(ctx: AppContext, body: bytes) -> bytes:
 )
 async def ingest(request: Request, ctx: Context) -> Response:
     check_content_type(request)
-    timeout = ctx.settings.request_timeout_seconds
-    with anyio.move_on_after(timeout) as arrival:
-        body = await request.body()
-    if arrival.cancelled_caught:
-        raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s")
+    body, _ = await read_body(request.receive, ctx)
     content = await in_store_thread(ctx, lambda: _ingest(ctx, body))
     return Response(content, media_type="application/json")
