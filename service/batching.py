@@ -21,11 +21,11 @@ from numpy.typing import NDArray
 
 from service.columns import EventColumns, concat_columns
 from service.gather import Gatherer, Waiter, fail, resolve
-from service.lifecycle import Served
+from service.lifecycle import LoadedModel
 from service.metrics import ArrayHistogram
 
 #: ``(model, columns) -> float32 [n_users]``: what one gathered batch is handed to.
-Score = Callable[[Served, EventColumns], NDArray[np.float32]]
+Score = Callable[[LoadedModel, EventColumns], NDArray[np.float32]]
 
 #: Turns of the event loop without a new arrival after which a busy batch stops gathering: a
 #: request whose bytes have arrived needs about two turns (read, then parse) to reach the queue,
@@ -43,7 +43,7 @@ class BatcherStoppedError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Job:
-    served: Served
+    served: LoadedModel
     columns: EventColumns
     enqueued: float  # perf_counter
 
@@ -75,7 +75,7 @@ class Batcher(Gatherer[_Job, NDArray[np.float32]]):
     def _stopped(self, message: str) -> Exception:
         return BatcherStoppedError(message)
 
-    async def submit(self, served: Served, columns: EventColumns) -> NDArray[np.float32]:
+    async def submit(self, served: LoadedModel, columns: EventColumns) -> NDArray[np.float32]:
         """Score ``columns`` on ``served`` as part of a batch: ``float32 [columns.n_users]``.
 
         Raises :class:`QueueFullError` at once when the queue is full, or whatever scoring raised.

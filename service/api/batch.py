@@ -25,7 +25,7 @@ from service.bulk import (
     require_arrow,
 )
 from service.errors import too_many_users
-from service.lifecycle import Served
+from service.lifecycle import LoadedModel
 from service.schemas import (
     BatchPredictRequest,
     BatchPredictResponse,
@@ -37,7 +37,7 @@ from service.schemas import (
 router = APIRouter(tags=["predict"])
 
 
-def _score_rows(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
+def _score_rows(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool) -> bytes:
     users = parse_json(BatchPredictRequest, body).users
     limit = ctx.settings.max_batch_users
     if len(users) > limit:
@@ -63,7 +63,7 @@ def _score_rows(ctx: AppContext, served: Served, body: bytes, now: int, may_bloc
     )
 
 
-def _score_columns(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
+def _score_columns(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool) -> bytes:
     settings = ctx.settings
     columns = columns_from_json(
         body, now=now, max_users=settings.max_batch_users, max_events=settings.max_events_per_user
@@ -86,13 +86,13 @@ def _score_columns(ctx: AppContext, served: Served, body: bytes, now: int, may_b
     )
 
 
-def _score_json(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
+def _score_json(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool) -> bytes:
     if is_columnar_json(body):
         return _score_columns(ctx, served, body, now, may_block)
     return _score_rows(ctx, served, body, now, may_block)
 
 
-def _score_arrow(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
+def _score_arrow(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool) -> bytes:
     settings = ctx.settings
     columns = columns_from_arrow(
         body, now=now, max_users=settings.max_batch_users, max_events=settings.max_events_per_user

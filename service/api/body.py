@@ -29,13 +29,13 @@ from service.errors import (
     UnsupportedMediaTypeError,
     from_validation_error,
 )
-from service.lifecycle import Served
+from service.lifecycle import LoadedModel
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 #: ``(context, model, body, now, may_block) -> answer``: ``may_block`` is true in a worker thread,
 #: where the handler may read the store; on the event loop it raises :class:`StoreReadNeeded`.
-BodyHandler = Callable[[AppContext, Served, bytes, int, bool], bytes]
+BodyHandler = Callable[[AppContext, LoadedModel, bytes, int, bool], bytes]
 
 
 def _header(scope: Scope, name: bytes) -> bytes:
@@ -97,7 +97,7 @@ async def read_body(receive: Receive, ctx: AppContext) -> tuple[bytes, float]:
 
 async def receive_body(
     scope: Scope, receive: Receive, ctx: AppContext, check: Callable[[str], None] = check_json
-) -> tuple[Served, bytes, float]:
+) -> tuple[LoadedModel, bytes, float]:
     """Content type, model, body: the model this request runs on and its body, read in time."""
     check(media_type_of(scope))
     # The model this request runs on, taken once: a hot swap while it runs does not change it.
@@ -109,7 +109,7 @@ async def receive_body(
 
 
 async def offload(
-    ctx: AppContext, handler: BodyHandler, served: Served, body: bytes, deadline: float
+    ctx: AppContext, handler: BodyHandler, served: LoadedModel, body: bytes, deadline: float
 ) -> bytes:
     """Run ``handler`` in the bounded thread pool. Waiting for a worker counts against the deadline;
     the work itself, once started, runs to the end (a thread cannot be interrupted, and abandoning

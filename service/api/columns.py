@@ -17,7 +17,7 @@ from service.api.deps import AppContext
 from service.columns import EventColumns, out_of_range
 from service.errors import ErrorDetail, InvalidInputError, too_many_events
 from service.history import StoredUsers, merge_histories, read_histories
-from service.lifecycle import Served
+from service.lifecycle import LoadedModel
 from service.schemas import PredictRequest
 from service.store import History
 from service.timestamps import RANGE_MESSAGE
@@ -32,7 +32,7 @@ class StoreReadNeeded(Exception):  # noqa: N818 - a signal to the handler, not a
 
 def resolve_columns(
     ctx: AppContext,
-    served: Served,
+    served: LoadedModel,
     users: Sequence[PredictRequest],
     now: int,
     field: Callable[[int], str],
@@ -61,7 +61,7 @@ def resolve_columns(
 
 def with_stored(
     ctx: AppContext,
-    served: Served,
+    served: LoadedModel,
     users: Sequence[PredictRequest],
     now: int,
     stored: dict[str, History],

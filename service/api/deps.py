@@ -12,7 +12,7 @@ from service.batching import Batcher
 from service.config import Settings
 from service.errors import NotReadyError
 from service.history import HistoryReads
-from service.lifecycle import ModelSlot, Served
+from service.lifecycle import LoadedModel, ModelSlot
 from service.limits import Admission
 from service.metrics import Metrics
 from service.scoring import Scorer
@@ -45,7 +45,7 @@ async def get_context(request: Request) -> AppContext:
 Context = Annotated[AppContext, Depends(get_context)]
 
 
-def require_model(ctx: AppContext) -> Served:
+def require_model(ctx: AppContext) -> LoadedModel:
     """The served model, or a 503 that tells the client to retry."""
     served = ctx.slot.served
     if served is None:

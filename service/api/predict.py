@@ -33,7 +33,7 @@ from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.columns import EventColumns
 from service.envelope import rejection
 from service.errors import NotReadyError, OverloadedError, ServiceError
-from service.lifecycle import Served
+from service.lifecycle import LoadedModel
 from service.schemas import EXAMPLE_USER, PredictRequest, PredictResponse
 
 router = APIRouter(tags=["predict"])
@@ -53,7 +53,7 @@ def _check_one(columns: EventColumns) -> None:
     check_timestamps(columns, lambda _, e: f"events[{e}].timestamp", lambda _: "as_of")
 
 
-def _answer_one(served: Served, user_id: str, probability: float) -> bytes:
+def _answer_one(served: LoadedModel, user_id: str, probability: float) -> bytes:
     """A :class:`PredictResponse` as JSON: pydantic-core's serializer on a plain dict writes the
     same bytes as the response model, for a fraction of the cost on the hottest path
     (tests/service/test_api.py checks the answer against the model)."""
@@ -71,14 +71,14 @@ def _answer_one(served: Served, user_id: str, probability: float) -> bytes:
     return answer
 
 
-def _score_one(ctx: AppContext, served: Served, body: bytes, now: int, may_block: bool) -> bytes:
+def _score_one(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool) -> bytes:
     user = _parse_user(ctx, body)
     columns = resolve_columns(ctx, served, [user], now, _no_field, may_block=may_block)
     _check_one(columns)
     return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
 
 
-async def _submit(batcher: Batcher, served: Served, columns: EventColumns) -> NDArray[np.float32]:
+async def _submit(batcher: Batcher, served: LoadedModel, columns: EventColumns) -> NDArray[np.float32]:
     try:
         return await batcher.submit(served, columns)
     except QueueFullError as exc:
