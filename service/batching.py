@@ -1,12 +1,11 @@
 """Adaptive micro-batching: concurrent ``/predict`` calls share one encode + inference call.
 
-Each request is parsed and validated on its own (a bad request fails alone), then its columns
-join a bounded queue; a full queue refuses at once (:class:`QueueFullError`) rather than grow a
-wait with the load. One consumer task scores what is queued: an item that finds no company goes at
-once (the wait bound is a cap, not a delay; triton#4667), and while requests keep arriving it
-gathers them up to ``max_users``, ``max_wait_s`` or a few idle turns of the loop. It scores on the
-loop, where a gathered batch costs less than a thread hop; one call per model, so an answer names
-the version that computed it, and results *and* exceptions reach every waiter (MLServer's batcher).
+Each request is parsed and validated on its own (a bad request fails alone); its columns then join
+a bounded queue, and a full queue refuses at once (:class:`QueueFullError`) rather than let the
+wait grow with the load. A request that finds no company is scored at once (the wait bound is a
+cap, not a delay); while requests keep arriving they are gathered up to ``max_users``,
+``max_wait_s`` or a few idle turns of the loop, then scored on the loop (cheaper than a thread hop
+for a gathered batch) in one call per model, so an answer names the version that computed it.
 """
 
 from __future__ import annotations

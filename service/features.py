@@ -43,7 +43,7 @@ ALL_CHANNELS: tuple[str, ...] = (
 
 #: The default set leaves out the two summaries that grow with calendar time for everybody (customer
 #: age, cumulative spend): in the out-of-time protocol the model is fitted on a younger population
-#: than it scores, and those channels made it extrapolate badly (CDNOW ablation, docs/model.md).
+#: than it scores, and those channels made it extrapolate badly (docs/model.md, "Ablations").
 DEFAULT_CHANNELS: tuple[str, ...] = (
     "purchases",
     "log_spend",

@@ -1,12 +1,11 @@
 """Where requests get the model from, and how it gets there: load, validate, warm up, then publish.
 
 The first load runs in a background task once the server listens, so ``/healthz`` answers while a
-large model loads (a liveness probe that waits on the model restarts pods in a loop, triton#7014)
-and ``/readyz`` is 503 with a reason until warm-up has run. A hot swap (:func:`reload_model`)
-takes the same path beside the served model. Either way the model reaches the :class:`ModelSlot`
-whole, in one assignment; a request keeps the :class:`LoadedModel` it started with, and a file that
-fails any step is refused while the old model keeps serving: the slot never passes through "no
-model" (triton#2076).
+large model loads (a liveness probe that waits on the model restarts pods in a loop) and
+``/readyz`` is 503 with a reason until warm-up has run. A hot swap (:func:`reload_model`) takes the
+same path beside the served model. Either way the model reaches the :class:`ModelSlot` whole, in
+one assignment; a request keeps the :class:`LoadedModel` it started with, and a file that fails any
+step is refused while the old model keeps serving: the slot never passes through "no model".
 """
 
 from __future__ import annotations
