@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.body import check_content_type, parse_json
-from service.api.deps import AppContext, Context
+from service.api.deps import Context, authorise
 from service.api.openapi import errors_doc, json_body
-from service.errors import ModelRejectedError, UnauthorizedError
+from service.errors import ModelRejectedError
 from service.lifecycle import reload_model
 from service.schemas import ReloadRequest, ReloadResponse
 
 router = APIRouter(tags=["admin"])
-
-
-def authorise(request: Request, ctx: AppContext) -> None:
-    expected = ctx.settings.admin_token
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # compare_digest: the time taken must not tell how much of a guessed token was right
-    if (
-        expected is None
-        or scheme.lower() != "bearer"
-        or not secrets.compare_digest(token.strip().encode(), expected.get_secret_value().encode())
-    ):
-        raise UnauthorizedError(
-            "a valid admin token is required: Authorization: Bearer <PI_ADMIN_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
 
 @router.post(

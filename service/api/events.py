@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
-import anyio.to_thread
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from service.api.body import check_content_type, parse_json, read_body
-from service.api.deps import AppContext, Context
+from service.api.deps import AppContext, Context, in_store_thread, require_store
 from service.api.openapi import errors_doc, json_body
-from service.errors import StoreUnavailableError, too_many_events
+from service.errors import too_many_events
 from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, Event, Timestamp
-from service.store import GuardedStore, NewEvent, StoreDownError
+from service.store import NewEvent
 from service.store.base import event_key
 
 router = APIRouter(tags=["events"])
-
-T = TypeVar("T")
 
 EXAMPLE_EVENTS: dict[str, Any] = {
     "events": [
@@ -78,21 +73,6 @@ class EventsResponse(BaseModel):
 
     stored: int = Field(description="Events stored by this request.")
     duplicates: int = Field(description="Events already stored (same event id, or same content).")
-
-
-def require_store(ctx: AppContext) -> tuple[GuardedStore, anyio.CapacityLimiter]:
-    assert ctx.store is not None
-    assert ctx.store_limiter is not None
-    return ctx.store, ctx.store_limiter
-
-
-async def in_store_thread(ctx: AppContext, fn: Callable[[], T]) -> T:
-    """Run ``fn`` (which calls the store) in a store thread; a store that is down is a 503."""
-    _, limiter = require_store(ctx)
-    try:
-        return await anyio.to_thread.run_sync(fn, limiter=limiter)
-    except StoreDownError as exc:
-        raise StoreUnavailableError.retry_later(str(exc)) from None
 
 
 def _ingest(ctx: AppContext, body: bytes) -> bytes:

@@ -14,9 +14,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from service.api.admin import authorise
-from service.api.deps import Context
-from service.api.events import in_store_thread, require_store
+from service.api.deps import Context, authorise, in_store_thread, require_store
 from service.api.openapi import errors_doc
 from service.columns import Folded
 from service.errors import ErrorDetail, UnknownUserError
