@@ -89,7 +89,7 @@ def request_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
 
     This is the one per-event Python loop left (reading attributes off validated objects); the
     encoder works on the columns with no per-event Python at all. Event timestamps are not
-    range-checked here: call :func:`service.columns.out_of_range` on the result.
+    range-checked here: call :func:`check_timestamps` on the result.
     """
     if len(users) == 1:
         return _one_user(users[0], now)
