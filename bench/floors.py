@@ -17,12 +17,12 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from service.api.columns import request_columns
 from service.artifact import ModelMetadata
 from service.config import Settings
 from service.features import encode_batch
 from service.predictor import choose_providers, provider_arguments
 from service.schemas import PredictRequest
-from service.scoring import to_columns
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def open_session(model: Path, settings: Settings) -> OrtSession:
 
 def features_of(users: Sequence[PredictRequest], metadata: ModelMetadata) -> NDArray[np.float32]:
     """The model input the service builds for ``users``: the same columns and the same encoder."""
-    columns = to_columns(users, int(time.time()))
+    columns = request_columns(users, int(time.time()))
     return encode_batch(
         columns.timestamps,
         columns.amounts,

@@ -1,4 +1,4 @@
-"""Reading and cleaning a transaction log, and turning it into the encoder's columnar arrays.
+"""Reading and cleaning a transaction log, and turning it into the encoder's columns.
 
 A malformed file fails loudly, naming the column and the first bad line: we never train on garbage
 silently. Rows training cannot use (an empty field, a non-finite or negative amount, a zero or
@@ -11,6 +11,7 @@ raw log as training scores this cleaned one; every row training drops, the servi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from service.cleaning import exact_duplicates
+from service.columns import EventColumns
 
 REQUIRED = ("user_id", "timestamp", "amount", "quantity")
 CDNOW_NAME = "cdnow"
@@ -208,19 +210,11 @@ def fingerprint(df: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class Columns:
-    """Events of a set of users in the encoder's columnar layout."""
-
-    user_ids: NDArray[np.str_]
-    timestamps: NDArray[np.int64]
-    amounts: NDArray[np.float64]
-    quantities: NDArray[np.float64]
-    offsets: NDArray[np.int64]
-
-
-def to_columns(df: pd.DataFrame, user_ids: NDArray[np.str_] | None = None) -> Columns:
-    """Group a cleaned frame by user in the order of ``user_ids`` (default: sorted unique ids).
+def columns_from_frame(
+    df: pd.DataFrame, as_of: int, user_ids: Sequence[str] | NDArray[np.str_] | None = None
+) -> EventColumns:
+    """Group a cleaned frame by user in the order of ``user_ids`` (default: sorted unique ids),
+    every user encoded at ``as_of`` (epoch seconds).
 
     Users without rows get an empty slice, so they encode as "no history".
     """
@@ -231,12 +225,13 @@ def to_columns(df: pd.DataFrame, user_ids: NDArray[np.str_] | None = None) -> Co
     rows = np.flatnonzero(keep)[order]
     counts = np.bincount(codes[keep], minlength=len(ids))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Columns(
-        user_ids=ids,
+    return EventColumns(
         timestamps=df["timestamp"].to_numpy(np.int64)[rows],
         amounts=df["amount"].to_numpy(np.float64)[rows],
         quantities=df["quantity"].to_numpy(np.float64)[rows],
         offsets=offsets,
+        as_of=np.full(len(ids), as_of, dtype=np.int64),
+        user_ids=ids.tolist(),
     )
 
 

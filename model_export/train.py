@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from model_export import baselines, metrics
 from model_export.baselines import BASELINES
 from model_export.config import LATEST, TrainConfig
-from model_export.data import Transactions, end_of_day, load_transactions, to_columns
+from model_export.data import Transactions, columns_from_frame, end_of_day, load_transactions
 from model_export.export import export_ensemble, run_onnx, save_checkpoint, with_metadata
 from model_export.files import write_atomic
 from model_export.loop import MemberResult, train_member
@@ -74,14 +74,14 @@ def build_examples(tx: Transactions, as_of: int, horizon_weeks: int, spec: Featu
     Leakage guard: the encoder itself drops every event after ``as_of``, so label-window events
     cannot reach the features whatever the caller passes.
     """
-    cols = to_columns(tx.frame)
+    cols = columns_from_frame(tx.frame, as_of)
     summary = summarise(cols.timestamps, cols.amounts, cols.quantities, cols.offsets, as_of)
     known = np.flatnonzero(summary.purchase_days > 0)
     X = encode_batch(cols.timestamps, cols.amounts, cols.quantities, cols.offsets, as_of, spec)
-    user = np.repeat(np.arange(cols.user_ids.size), np.diff(cols.offsets))
+    user = np.repeat(np.arange(cols.n_users), np.diff(cols.offsets))
     in_label = (cols.timestamps > as_of) & (cols.timestamps <= as_of + horizon_weeks * SECONDS_PER_WEEK)
-    y = (np.bincount(user[in_label], minlength=cols.user_ids.size) > 0).astype(np.int64)
-    full = Examples(cols.user_ids, as_of, X, y, summary)
+    y = (np.bincount(user[in_label], minlength=cols.n_users) > 0).astype(np.int64)
+    full = Examples(np.asarray(cols.user_ids, dtype=str), as_of, X, y, summary)
     return full.take(known)
 
 

@@ -19,9 +19,9 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.config import Settings
+from service.http_protocol import with_head_timeout
 from service.lifecycle import ModelSlot
 from service.logs import configure_logging
-from service.protocol import with_head_timeout
 from service.server import DrainingServer
 
 

@@ -15,19 +15,19 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import admin, events, health, model, predict, users
+from service.api import admin, batch, events, health, model, predict, users
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
-from service.api.history import HistoryReads
+from service.api.openapi import publish_request_schemas
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import REJECT_REASONS
+from service.history import HistoryReads
 from service.lifecycle import ModelSlot, load_model
 from service.limits import Admission, LimitMiddleware
 from service.metrics import Metrics
@@ -46,34 +46,6 @@ the model, from the feature spec stored in the model file.
 
 Every error is JSON: `{"error": code, "message": ..., "detail": [{"field", "type", "message"}]}`.
 """
-
-
-def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
-    """Request bodies are parsed by hand (see ``api/predict.py``); publish their schemas anyway."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            if admin_enabled:
-                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for request_model in (
-                PredictRequest,
-                BatchPredictRequest,
-                ColumnarPredictRequest,
-                ReloadRequest,
-                events.EventsRequest,
-            ):
-                body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
-                for name, definition in body.pop("$defs", {}).items():
-                    components.setdefault(name, definition)
-                components[request_model.__name__] = body
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class ServiceApp(FastAPI):
@@ -197,7 +169,7 @@ def create_app(
         lifespan=lifespan,
         redoc_url=None,
     )
-    for router in (predict.router, model.router, health.router, metrics_route.router):
+    for router in (predict.router, batch.router, model.router, health.router, metrics_route.router):
         app.include_router(router)
     admin_enabled = settings.admin_token is not None
     if admin_enabled:  # no token, no endpoint: a 404 like any unknown path
@@ -217,5 +189,9 @@ def create_app(
     app.add_middleware(RequestMiddleware, metrics=metrics)
     app.direct_predict = RequestMiddleware(LimitMiddleware(predict.serve_predict, **limits), metrics=metrics)
     app.predict_route = next(r for r in predict.router.routes if getattr(r, "path", None) == "/predict")
-    _add_request_schemas(app, admin_enabled=admin_enabled)
+    publish_request_schemas(
+        app,
+        (PredictRequest, BatchPredictRequest, ColumnarPredictRequest, ReloadRequest, events.EventsRequest),
+        bearer=admin_enabled,
+    )
     return app

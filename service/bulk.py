@@ -1,11 +1,11 @@
 """Bulk bodies for ``/predict/batch``: columnar JSON and Apache Arrow IPC, straight into columns.
 
-The row format makes pydantic build a Python object per event and ``to_columns`` read them back
-one by one. A columnar body is already the encoder's shape: pydantic-core parses one list per field
-and numpy converts each in one call; an Arrow stream needs no Python per value at all. Both become
-a :class:`ColumnarBatch` checked by :func:`check_columns`: the row format's rules, vectorised, with
-errors naming fields the way the client sent them. pyarrow is optional (the ``arrow`` extra) and
-imported on the first Arrow request, so a service that never sees one does not pay its memory.
+The row format makes pydantic build a Python object per event and read them back one by one. A
+columnar body is already the encoder's shape: pydantic-core parses one list per field and numpy
+converts each in one call; an Arrow stream needs no Python per value at all. Both are then checked
+by the row format's rules, vectorised, with errors naming fields the way the client sent them.
+pyarrow is optional (the ``arrow`` extra) and imported on the first Arrow request, so a service
+that never sees one does not pay its memory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
+from service.columns import EventColumns
 from service.errors import (
+    ErrorDetail,
     InvalidArrowError,
     InvalidInputError,
     ServiceError,
@@ -35,9 +37,7 @@ from service.schemas import (
     MAX_QUANTITY,
     MIN_QUANTITY,
     ColumnarPredictRequest,
-    ErrorItem,
 )
-from service.scoring import EventColumns
 from service.timestamps import RANGE_MESSAGE, in_range
 
 if TYPE_CHECKING:
@@ -57,8 +57,8 @@ def is_columnar_json(body: bytes) -> bool:
 
 
 @dataclass(frozen=True)
-class ColumnarBatch:
-    """A bulk request before its checks: flat float seconds (NaN ``as_of`` = now) and values."""
+class _Unchecked:
+    """A bulk body before its checks: flat float seconds (NaN ``as_of`` = now) and values."""
 
     user_ids: list[str]
     offsets: NDArray[np.int64]
@@ -69,26 +69,32 @@ class ColumnarBatch:
 
 
 @dataclass(frozen=True)
-class Paths:
+class FieldNames:
     """How errors name fields in the client's format."""
 
     users: str  # the user id column
     offsets: Callable[[int], str]  # user i's extent
     event: Callable[[int, int, int, str], str]  # (user, index within user, flat index, field)
     as_of: Callable[[int], str]
+    all_offsets: str  # the extents as a whole
+    all_events: str  # the event columns as a whole
 
 
-JSON_PATHS = Paths(
+_JSON_NAMES = FieldNames(
     users="columns.user_id",
     offsets=lambda i: f"columns.offsets[{i + 1}]",
     event=lambda _u, _e, j, name: f"columns.{name}[{j}]",
     as_of=lambda i: f"columns.as_of[{i}]",
+    all_offsets="columns.offsets",
+    all_events="columns",
 )
-ARROW_PATHS = Paths(
+_ARROW_NAMES = FieldNames(
     users="user_id",
     offsets=lambda i: f"events[{i}]",
     event=lambda u, e, _j, name: f"events[{u}][{e}].{name}",
     as_of=lambda i: f"as_of[{i}]",
+    all_offsets="events",
+    all_events="events",
 )
 
 
@@ -103,20 +109,26 @@ def _seconds(values: Sequence[Any]) -> NDArray[np.float64]:
         )
 
 
-def parse_columnar_json(body: bytes) -> ColumnarBatch:
+def columns_from_json(body: bytes, *, now: int, max_users: int, max_events: int) -> EventColumns:
+    """A columnar JSON body as checked columns (with the user ids); ``now`` stands in for a
+    missing ``as_of``. Raises the 4xx errors."""
+    return _check(_parse_json(body), now=now, max_users=max_users, max_events=max_events, names=_JSON_NAMES)
+
+
+def _parse_json(body: bytes) -> _Unchecked:
     """Parse and type-check a columnar JSON body (one pydantic-core pass, no object per event)."""
     try:
         request = ColumnarPredictRequest.model_validate_json(body)
     except ValidationError as exc:
         error = from_validation_error(exc)
-        items: list[ErrorItem] = []
+        items: list[ErrorDetail] = []
         seen: set[str] = set()
         for item in error.detail:
             match = _UNION_TAG.match(item.field)
             if match:  # "columns.timestamp[3].float" and "...[3].datetime": one item per value
                 if match.group(1) in seen:
                     continue
-                item = ErrorItem(field=match.group(1), type="timestamp_type", message=_TIMESTAMP_MESSAGE)
+                item = ErrorDetail(field=match.group(1), type="timestamp_type", message=_TIMESTAMP_MESSAGE)
             seen.add(item.field)
             items.append(item)
         error.detail = items
@@ -124,7 +136,7 @@ def parse_columnar_json(body: bytes) -> ColumnarBatch:
     c = request.columns
     n = len(c.user_id)
     as_of = np.full(n, math.nan) if c.as_of is None else _seconds(c.as_of)
-    return ColumnarBatch(
+    return _Unchecked(
         user_ids=c.user_id,
         offsets=np.array(c.offsets, dtype=np.int64),
         timestamps=_seconds(c.timestamp),
@@ -136,66 +148,66 @@ def parse_columnar_json(body: bytes) -> ColumnarBatch:
 
 def _invalid(field: str, kind: str, message: str) -> InvalidInputError:
     return InvalidInputError(
-        "the request body does not match the schema", [ErrorItem(field=field, type=kind, message=message)]
+        "the request body does not match the schema", [ErrorDetail(field=field, type=kind, message=message)]
     )
 
 
 def _named(
     cls: type[ServiceError], message: str, fields: Sequence[str], kind: str, detail: str
 ) -> ServiceError:
-    return cls(message, [ErrorItem(field=f, type=kind, message=detail) for f in fields[:_MAX_FIELDS]])
+    return cls(message, [ErrorDetail(field=f, type=kind, message=detail) for f in fields[:_MAX_FIELDS]])
 
 
-def check_columns(
-    batch: ColumnarBatch, *, now: int, max_users: int, max_events: int, paths: Paths
+def _check(
+    batch: _Unchecked, *, now: int, max_users: int, max_events: int, names: FieldNames
 ) -> EventColumns:
     """The row format's rules, vectorised; the columns the encoder takes. Raises the 4xx errors."""
     n = len(batch.user_ids)
     if n > max_users:
-        raise too_many_users(max_users, paths.users)
+        raise too_many_users(max_users, names.users)
     if n == 0:
-        raise _invalid(paths.users, "too_short", "at least one user is needed")
+        raise _invalid(names.users, "too_short", "at least one user is needed")
     bad_ids = [i for i, u in enumerate(batch.user_ids) if not 1 <= len(u) <= 256]
     if bad_ids:
         raise _named(
             InvalidInputError,
             "the request body does not match the schema",
-            [f"{paths.users}[{i}]" for i in bad_ids],
+            [f"{names.users}[{i}]" for i in bad_ids],
             "string_length",
             "a user id is 1 to 256 characters",
         )
     if batch.as_of.size != n:
         raise _invalid(
-            paths.as_of(0).split("[")[0], "length", f"as_of has {batch.as_of.size} values for {n} users"
+            names.as_of(0).split("[")[0], "length", f"as_of has {batch.as_of.size} values for {n} users"
         )
     offsets, n_events = batch.offsets, batch.timestamps.size
     if offsets.size != n + 1 or offsets[0] != 0 or offsets[-1] != n_events or np.any(np.diff(offsets) < 0):
         raise _invalid(
-            "columns.offsets" if paths is JSON_PATHS else "events",
+            names.all_offsets,
             "offsets",
             f"offsets must be n_users + 1 = {n + 1} non-decreasing positions from 0 to the number "
             f"of events ({n_events})",
         )
     if not batch.amounts.size == batch.quantities.size == n_events:
         raise _invalid(
-            "columns" if paths is JSON_PATHS else "events",
+            names.all_events,
             "length",
             f"timestamp, amount and quantity differ in length: {n_events}, {batch.amounts.size}, "
             f"{batch.quantities.size}",
         )
     over = np.flatnonzero(np.diff(offsets) > max_events)
     if over.size:
-        raise too_many_events(max_events, [paths.offsets(int(i)) for i in over[:_MAX_FIELDS]], int(over.size))
+        raise too_many_events(max_events, [names.offsets(int(i)) for i in over[:_MAX_FIELDS]], int(over.size))
     user = np.searchsorted(offsets, np.arange(n_events), side="right") - 1
 
     def _events(mask: NDArray[np.bool_], name: str) -> list[str]:
         flat = np.flatnonzero(mask)
         return [
-            paths.event(int(user[j]), int(j - offsets[user[j]]), int(j), name) for j in flat[:_MAX_FIELDS]
+            names.event(int(user[j]), int(j - offsets[user[j]]), int(j), name) for j in flat[:_MAX_FIELDS]
         ]
 
     ts, amt, qty, as_of = batch.timestamps, batch.amounts, batch.quantities, batch.as_of
-    problems: list[ErrorItem] = []
+    problems: list[ErrorDetail] = []
     for mask, name, kind, message in (
         (~in_range(ts), "timestamp", "value_error", RANGE_MESSAGE),
         (~((amt >= 0) & (amt <= MAX_AMOUNT)), "amount", "range", f"a finite number in [0, {MAX_AMOUNT:g}]"),
@@ -206,10 +218,10 @@ def check_columns(
             f"a whole number in [{MIN_QUANTITY}, {MAX_QUANTITY}]",
         ),
     ):
-        problems += [ErrorItem(field=f, type=kind, message=message) for f in _events(mask, name)]
+        problems += [ErrorDetail(field=f, type=kind, message=message) for f in _events(mask, name)]
     bad_as_of = np.flatnonzero(~np.isnan(as_of) & ~in_range(as_of))
     problems += [
-        ErrorItem(field=paths.as_of(int(i)), type="value_error", message=RANGE_MESSAGE) for i in bad_as_of
+        ErrorDetail(field=names.as_of(int(i)), type="value_error", message=RANGE_MESSAGE) for i in bad_as_of
     ]
     if problems:
         raise InvalidInputError("the request body does not match the schema", problems[:_MAX_FIELDS])
@@ -219,6 +231,7 @@ def check_columns(
         quantities=qty,
         offsets=offsets,
         as_of=np.floor(np.where(np.isnan(as_of), now, as_of)).astype(np.int64),
+        user_ids=batch.user_ids,
     )
 
 
@@ -294,14 +307,20 @@ def _compressed(meta: bytes) -> bool:
     return field(batch, 3) != 0  # RecordBatch.compression
 
 
-def parse_arrow(body: bytes, *, max_users: int) -> ColumnarBatch:
+def columns_from_arrow(body: bytes, *, now: int, max_users: int, max_events: int) -> EventColumns:
+    """An Arrow IPC stream as checked columns (with the user ids), as :func:`columns_from_json`."""
+    batch = _parse_arrow(body, max_users=max_users)
+    return _check(batch, now=now, max_users=max_users, max_events=max_events, names=_ARROW_NAMES)
+
+
+def _parse_arrow(body: bytes, *, max_users: int) -> _Unchecked:
     """An Arrow IPC stream with one row per user: ``user_id`` (string), optional ``as_of``
     (timestamp with a time zone, or epoch seconds; null = now) and ``events``
     (list of struct ``timestamp``, ``amount``, ``quantity``)."""
     pa = _pyarrow()
     unreadable = InvalidArrowError(
         "the request body is not a valid Arrow IPC stream",
-        [ErrorItem(field="body", type="arrow_invalid", message="not a readable Arrow IPC stream")],
+        [ErrorDetail(field="body", type="arrow_invalid", message="not a readable Arrow IPC stream")],
     )
     try:
         # Message by message, so each record batch's header is seen before its body is decoded.
@@ -332,15 +351,15 @@ def parse_arrow(body: bytes, *, max_users: int) -> ColumnarBatch:
         raise unreadable from None
 
 
-def _columns_of(pa: Any, table: pa.Table) -> ColumnarBatch:
+def _columns_of(pa: Any, table: pa.Table) -> _Unchecked:
     names = table.schema.names
     unknown = [n for n in names if n not in _ARROW_FIELDS]
     missing = [n for n in ("user_id", "events") if n not in names]
     if unknown or missing:
         raise InvalidInputError(
             "the request body does not match the schema",
-            [ErrorItem(field=n, type="extra_forbidden", message="unknown column") for n in unknown]
-            + [ErrorItem(field=n, type="missing", message="column required") for n in missing],
+            [ErrorDetail(field=n, type="extra_forbidden", message="unknown column") for n in unknown]
+            + [ErrorDetail(field=n, type="missing", message="column required") for n in missing],
         )
     users = table.column("user_id").combine_chunks()
     if not (pa.types.is_string(users.type) or pa.types.is_large_string(users.type)):
@@ -382,7 +401,7 @@ def _columns_of(pa: Any, table: pa.Table) -> ColumnarBatch:
         if "as_of" not in names
         else _arrow_seconds(pa, table.column("as_of").combine_chunks(), "as_of")
     )
-    return ColumnarBatch(
+    return _Unchecked(
         user_ids=users.to_pylist(),
         offsets=offsets,
         timestamps=_arrow_seconds(pa, children["timestamp"], "events.timestamp"),
@@ -393,7 +412,7 @@ def _columns_of(pa: Any, table: pa.Table) -> ColumnarBatch:
 
 
 def arrow_answer(
-    user_ids: list[str],
+    user_ids: Sequence[str],
     probabilities: NDArray[np.float32],
     *,
     threshold: float,

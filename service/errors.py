@@ -1,5 +1,5 @@
 """Typed errors: what the core raises, each with its status and code, and no HTTP in here (the
-envelope and the handlers that turn these into responses are ``service/api/errors.py``).
+envelope is ``service/envelope.py``, the framework's handlers ``service/api/errors.py``).
 
 Every non-2xx body is ``{"error": code, "message": text, "detail": [{"field", "type", "message"}]}``.
 Codes form a closed set (:data:`REJECT_REASONS`) that doubles as the rejection metric's label
@@ -10,11 +10,10 @@ values. Details carry the field path and the kind of problem, never the value th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from pydantic import ValidationError
-
-from service.schemas import ErrorItem
 
 #: Every ``error`` code the service answers with; the ``reason`` label of the rejection counter.
 REJECT_REASONS: tuple[str, ...] = (
@@ -42,6 +41,16 @@ REJECT_REASONS: tuple[str, ...] = (
 _MAX_FIELD_PART = 64  # a hostile 10 kB key name is cut, not echoed whole
 
 
+@dataclass(frozen=True)
+class ErrorDetail:
+    """One problem with the request, located by its field path (never the offending value); the
+    envelope writes it as ``service.schemas.ErrorItem``."""
+
+    field: str
+    type: str
+    message: str
+
+
 class ServiceError(Exception):
     """Base of the errors the service answers with; each subclass fixes a status and a code."""
 
@@ -49,7 +58,7 @@ class ServiceError(Exception):
     code: ClassVar[str] = "internal_error"
 
     def __init__(
-        self, message: str, detail: Sequence[ErrorItem] = (), headers: dict[str, str] | None = None
+        self, message: str, detail: Sequence[ErrorDetail] = (), headers: dict[str, str] | None = None
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -66,7 +75,7 @@ class RetryableError(ServiceError):
 
     status_code = 503
 
-    def __init__(self, message: str, detail: Sequence[ErrorItem] = ()) -> None:
+    def __init__(self, message: str, detail: Sequence[ErrorDetail] = ()) -> None:
         super().__init__(message, detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @classmethod
@@ -151,7 +160,7 @@ def too_many_users(limit: int, field: str) -> TooManyUsersError:
     """A batch of more than ``limit`` users; ``field`` is where the client put them."""
     return TooManyUsersError(
         f"at most {limit} users per batch request; split it",
-        [ErrorItem(field=field, type="too_long", message=f"more than {limit} users")],
+        [ErrorDetail(field=field, type="too_long", message=f"more than {limit} users")],
     )
 
 
@@ -164,7 +173,7 @@ def too_many_events(limit: int, fields: Sequence[str], users: int | None = None)
         else f"at most {limit} events per user; {users} user(s) sent more"
     )
     return TooManyEventsError(
-        message, [ErrorItem(field=f, type="too_long", message=f"more than {limit} events") for f in fields]
+        message, [ErrorDetail(field=f, type="too_long", message=f"more than {limit} events") for f in fields]
     )
 
 
@@ -183,7 +192,7 @@ def field_path(loc: Sequence[int | str]) -> str:
 def from_validation_error(exc: ValidationError) -> ServiceError:
     """Map pydantic's errors to ours: unparseable JSON is a 400, anything else a 422."""
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    items = [ErrorItem(field=field_path(e["loc"]), type=e["type"], message=e["msg"]) for e in errors]
+    items = [ErrorDetail(field=field_path(e["loc"]), type=e["type"], message=e["msg"]) for e in errors]
     if any(e["type"] == "json_invalid" for e in errors):
         return InvalidJSONError("the request body is not valid JSON", items)
     return InvalidInputError("the request body does not match the schema", items)

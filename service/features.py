@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from service.cleaning import exact_duplicates
+from service.columns import FoldedHistory
 
 SECONDS_PER_DAY = 86_400
 _I64_MIN = int(np.iinfo(np.int64).min)  # np.iinfo() builds an object per call: once, here
@@ -42,7 +43,7 @@ ALL_CHANNELS: tuple[str, ...] = (
 
 #: The default set leaves out the two summaries that grow with calendar time for everybody (customer
 #: age, cumulative spend): in the out-of-time protocol the model is fitted on a younger population
-#: than it scores, and those channels made it extrapolate badly (CDNOW ablation, docs/model.md).
+#: than it scores, and those channels made it extrapolate badly (docs/model.md, "Ablations").
 DEFAULT_CHANNELS: tuple[str, ...] = (
     "purchases",
     "log_spend",
@@ -116,29 +117,6 @@ class UserSummary:
     last_age_days: NDArray[np.int64]
     total_amount: NDArray[np.float64]
     total_quantity: NDArray[np.float64]
-
-
-@dataclass(frozen=True)
-class FoldedHistory:
-    """Per-user counters of purchases that were folded out of a stored history (compaction).
-
-    What the encoder needs from events older than the window, nothing else: distinct purchase
-    days, the first and last purchase day (whole UTC days since the epoch), spend and quantity.
-    Every folded purchase must lie outside the window of the ``as_of`` it is encoded at (the
-    encoder refuses otherwise); then the features equal those of the full event history, as long
-    as no folded day is also a day of the raw events (compaction folds whole days).
-    """
-
-    purchase_days: NDArray[np.int64]  # 0 for a user with nothing folded
-    first_day: NDArray[np.int64]  # epoch days; ignored where purchase_days == 0
-    last_day: NDArray[np.int64]
-    total_amount: NDArray[np.float64]
-    total_quantity: NDArray[np.float64]
-
-    @classmethod
-    def empty(cls, n_users: int) -> FoldedHistory:
-        zeros = np.zeros(n_users, dtype=np.int64)
-        return cls(zeros, zeros, zeros, np.zeros(n_users), np.zeros(n_users))
 
 
 @dataclass(frozen=True)

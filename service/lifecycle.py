@@ -1,12 +1,11 @@
 """Where requests get the model from, and how it gets there: load, validate, warm up, then publish.
 
 The first load runs in a background task once the server listens, so ``/healthz`` answers while a
-large model loads (a liveness probe that waits on the model restarts pods in a loop, triton#7014)
-and ``/readyz`` is 503 with a reason until warm-up has run. A hot swap (:func:`reload_model`)
-takes the same path beside the served model. Either way the model reaches the :class:`ModelSlot`
-whole, in one assignment; a request keeps the :class:`Served` it started with, and a file that
-fails any step is refused while the old model keeps serving: the slot never passes through "no
-model" (triton#2076).
+large model loads (a liveness probe that waits on the model restarts pods in a loop) and
+``/readyz`` is 503 with a reason until warm-up has run. A hot swap (:func:`reload_model`) takes the
+same path beside the served model. Either way the model reaches the :class:`ModelSlot` whole, in
+one assignment; a request keeps the :class:`LoadedModel` it started with, and a file that fails any
+step is refused while the old model keeps serving: the slot never passes through "no model".
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ Status = Literal["loading", "ready", "failed", "draining"]
 
 
 @dataclass(frozen=True)
-class Served:
+class LoadedModel:
     """A model that passed warm-up, and when."""
 
     predictor: Predictor
@@ -47,7 +46,7 @@ class ModelSlot:
     def __init__(self) -> None:
         self.status: Status = "loading"
         self.reason: str | None = "loading and warming up the model"
-        self.served: Served | None = None
+        self.served: LoadedModel | None = None
         self.draining = False
 
     @property
@@ -55,7 +54,7 @@ class ModelSlot:
         """What ``/readyz`` says: a warmed model, and not shutting down."""
         return self.served is not None and not self.draining
 
-    def publish(self, served: Served) -> None:
+    def publish(self, served: LoadedModel) -> None:
         self.served = served
         if not self.draining:
             self.status, self.reason = "ready", None
@@ -100,7 +99,7 @@ async def load_model(
 
 @dataclass(frozen=True)
 class Reloaded:
-    served: Served
+    served: LoadedModel
     previous_version: str | None
 
 
@@ -134,7 +133,7 @@ class _LoadError(Exception):
         self.reason = reason
 
 
-async def _prepare(settings: Settings, path: Path | None, predictor: Predictor | None) -> Served:
+async def _prepare(settings: Settings, path: Path | None, predictor: Predictor | None) -> LoadedModel:
     """Load (or take the injected ``predictor``) and warm up, in a thread; :class:`_LoadError`
     carries a one-line cause (it names paths: for the log, not for clients)."""
     started = time.perf_counter()
@@ -148,10 +147,10 @@ async def _prepare(settings: Settings, path: Path | None, predictor: Predictor |
     except Exception as exc:
         logger.exception("unexpected error while loading the model")
         raise _LoadError(f"unexpected {type(exc).__name__} while loading the model") from None
-    return Served(predictor, time.perf_counter() - started, time.time())
+    return LoadedModel(predictor, time.perf_counter() - started, time.time())
 
 
-def _publish(slot: ModelSlot, metrics: Metrics, served: Served) -> None:
+def _publish(slot: ModelSlot, metrics: Metrics, served: LoadedModel) -> None:
     runtime = served.predictor.runtime
     slot.publish(served)
     metrics.set_model(
@@ -168,7 +167,7 @@ def _version(slot: ModelSlot) -> str | None:
     return None if served is None else served.predictor.metadata.model_version
 
 
-def _describe(served: Served) -> dict[str, object]:
+def _describe(served: LoadedModel) -> dict[str, object]:
     runtime = served.predictor.runtime
     return {
         "model_version": served.predictor.metadata.model_version,

@@ -2,18 +2,17 @@
 
 A plain ASGI middleware, because both decisions come before the body is read: a ``Content-Length``
 over the limit is refused from the headers, a chunked body is counted as the router reads it and
-refused as soon as it passes, so no request holds more than ``max_body_bytes`` in memory.
-Predictions beyond ``max_concurrent_requests`` are shed at once with 503 ``overloaded``: an
-unbounded queue turns a spike into unbounded memory and latency for everyone (BentoML#3200). The
-count runs from a request's first byte to its last, so slow senders count too; probes,
-``/metrics`` and the admin endpoint are never shed.
+refused as soon as it passes. Predictions beyond ``max_concurrent_requests`` are shed at once
+with 503 ``overloaded``: an unbounded queue turns a spike into unbounded memory and latency for
+everyone. The count runs from a request's first byte to its last, so slow senders count too;
+probes, ``/metrics`` and the admin endpoint are never shed.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import rejection
+from service.envelope import rejection
 from service.errors import BodyTooLargeError, OverloadedError, ServiceError
 from service.metrics import Metrics
 

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
+from service.envelope import error_response
 from service.metrics import UNMATCHED_ROUTE, Metrics
 
 logger = logging.getLogger("service.access")

@@ -3,9 +3,9 @@
 :class:`OnnxPredictor` is the only implementation the service ships; tests inject fakes that follow
 the same :class:`Predictor` protocol through the app factory. Batches are padded up to a few fixed
 sizes (powers of two up to the largest batch the server runs, plus that size): onnxruntime's arena
-grows with every new input shape (onnxruntime#11118) and GPU providers tune per shape, so a bounded
-set keeps memory flat and lets warm-up cover every shape before the server reports ready, for at
-most twice the compute on a padded batch.
+grows with every new input shape and GPU providers tune per shape, so a bounded set keeps memory
+flat and lets warm-up cover every shape before the server reports ready, for at most twice the
+compute on a padded batch.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ class OnnxPredictor:
             batch_sizes=batch_sizes(min(settings.inference_batch_users, settings.max_batch_users)),
         )
         if runtime.fallback:
-            # onnxruntime only prints this to its own log when CUDA libraries fail to load
-            # (onnxruntime#23372): say it loudly, or a service meant for the GPU runs on the CPU unnoticed.
+            # onnxruntime only prints this to its own log when CUDA libraries fail to load: say it
+            # loudly, or a service meant for the GPU runs on the CPU unnoticed.
             logger.warning(
                 "onnxruntime fell back from the requested execution provider",
                 extra={"requested_providers": list(requested), "active_providers": list(runtime.active)},

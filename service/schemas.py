@@ -24,13 +24,13 @@ MIN_QUANTITY = 1
 
 
 #: A timestamp checked for range by pydantic itself, one Python call per value (for bodies that do
-#: not go through ``to_columns``).
+#: not go through ``request_columns``).
 Timestamp = Annotated[AwareDatetime, AfterValidator(check_range)]
 #: Event timestamps and ``as_of`` in prediction requests: parsed by pydantic, range-checked
 #: vectorised by the prediction routes once the events are flat columns
-#: (``service.scoring.out_of_range``), with the same 422 and field path: a per-value Python
+#: (``service.api.columns.check_timestamps``), with the same 422 and field path: a per-value Python
 #: validator here would be a large share of a big batch's validation. Code that validates these
-#: models without going through ``to_columns`` must check the range itself.
+#: models without going through ``request_columns`` must check the range itself.
 EventTimestamp = AwareDatetime
 #: An event's ``timestamp`` as OpenAPI describes it, wherever an event is taken.
 EVENT_TIMESTAMP_DESCRIPTION = f"RFC 3339 with a UTC offset (`Z` or `+hh:mm`), {YEARS}. Binned by UTC day."

@@ -3,7 +3,7 @@
 On the first SIGTERM (or SIGINT) ``/readyz`` turns 503 ``draining`` at once (the handler only
 flips a flag), and for ``shutdown_drain_seconds`` everything is still served, new connections
 included: load balancers see the 503 and stop routing here, where closing the socket first would
-lose the requests already on their way (uvicorn#1824). Then uvicorn's graceful shutdown lets
+lose the requests already on their way. Then uvicorn's graceful shutdown lets
 requests in flight finish, and what still runs when ``shutdown_grace_seconds`` are up is
 cancelled. A second signal skips the rest of the drain.
 """

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from model_export.backtest import MODELS, monthly_cutoffs, pick_cutoffs
 from model_export.config import TrainConfig
-from model_export.data import end_of_day, load_transactions, to_columns
+from model_export.data import columns_from_frame, end_of_day, load_transactions
 from model_export.train import fit, latest_cutoff
 from service.features import DEFAULT_CHANNELS, FeatureSpec, encode_batch
 from tests.conftest import run_cli, write_cdnow_slice
@@ -48,8 +48,8 @@ def test_window_crop_is_the_encoding_with_a_shorter_window(slice_csv: Path) -> N
     """Training crops the time axis to its latest L bins; that is only sound if those bins are exactly
     what the encoder gives with an L-bin window, for customers older than the window too."""
     tx = load_transactions(slice_csv)
-    cols = to_columns(tx.frame)
     as_of = end_of_day("1998-03-31")  # every CDNOW customer is older than 52 weeks here
+    cols = columns_from_frame(tx.frame, as_of)
     channels = (*DEFAULT_CHANNELS, "log_age_bins", "log_spend_total")
     full = encode_batch(
         cols.timestamps, cols.amounts, cols.quantities, cols.offsets, as_of, FeatureSpec(52, 7, channels)

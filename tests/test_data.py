@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model_export.data import DataError, end_of_day, load_transactions, to_columns
+from model_export.data import DataError, columns_from_frame, end_of_day, load_transactions
 from service.features import ALL_CHANNELS, FeatureSpec, encode_batch
 
 
@@ -77,9 +77,9 @@ def test_a_raw_log_encodes_like_its_cleaned_rows(tmp_path: Path) -> None:
     assert tx.report.merged_same_day > 0
     spec = FeatureSpec(lookback_bins=9, bin_days=3, channels=ALL_CHANNELS)
     as_of = end_of_day("2023-12-31")
-    cleaned = to_columns(tx.frame)
+    cleaned = columns_from_frame(tx.frame, as_of)
     want = encode_batch(cleaned.timestamps, cleaned.amounts, cleaned.quantities, cleaned.offsets, as_of, spec)
-    raw_cols = to_columns(raw.astype({"amount": np.float64}), cleaned.user_ids)
+    raw_cols = columns_from_frame(raw.astype({"amount": np.float64}), as_of, cleaned.user_ids)
     got = encode_batch(
         raw_cols.timestamps, raw_cols.amounts, raw_cols.quantities, raw_cols.offsets, as_of, spec
     )
@@ -134,12 +134,14 @@ def test_empty_after_cleaning_fails(tmp_path: Path) -> None:
         load_transactions(path)
 
 
-def test_to_columns_groups_by_user_in_requested_order(tmp_path: Path) -> None:
+def test_columns_from_frame_groups_by_user_in_requested_order(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "user_id,timestamp,amount,quantity\nb,2024-01-02,2,1\na,2024-01-01,1,1\nb,2024-01-05,3,1\n",
     )
-    cols = to_columns(load_transactions(path).frame, np.array(["b", "zz", "a"]))
+    cols = columns_from_frame(
+        load_transactions(path).frame, end_of_day("2024-12-31"), np.array(["b", "zz", "a"])
+    )
     assert cols.offsets.tolist() == [0, 2, 2, 3]
     assert cols.amounts.tolist() == [2.0, 3.0, 1.0]
 

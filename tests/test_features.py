@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.features import ALL_CHANNELS, FeatureSpec, FoldedHistory, encode, encode_batch, summarise
+from service.columns import FoldedHistory
+from service.features import ALL_CHANNELS, FeatureSpec, encode, encode_batch, summarise
 
 DAY = 86_400
 AS_OF = 1_000 * DAY + 12 * 3600  # noon on day 1000

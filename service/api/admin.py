@@ -2,51 +2,35 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.api.deps import AppContext, Context
-from service.api.predict import check_content_type, json_body, parse_json
-from service.errors import ModelRejectedError, UnauthorizedError
+from service.api.body import check_content_type, parse_json
+from service.api.deps import Context, authorise
+from service.api.openapi import errors_doc, json_body
+from service.errors import ModelRejectedError
 from service.lifecycle import reload_model
-from service.schemas import ErrorResponse, ReloadRequest, ReloadResponse
+from service.schemas import ReloadRequest, ReloadResponse
 
 router = APIRouter(tags=["admin"])
-
-
-def authorise(request: Request, ctx: AppContext) -> None:
-    expected = ctx.settings.admin_token
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # compare_digest: the time taken must not tell how much of a guessed token was right
-    if (
-        expected is None
-        or scheme.lower() != "bearer"
-        or not secrets.compare_digest(token.strip().encode(), expected.get_secret_value().encode())
-    ):
-        raise UnauthorizedError(
-            "a valid admin token is required: Authorization: Bearer <PI_ADMIN_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
 
 @router.post(
     "/admin/reload",
     response_model=ReloadResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
-        401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
-        413: {"model": ErrorResponse, "description": "The body is larger than `PI_MAX_BODY_BYTES`."},
-        415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
-        422: {
-            "model": ErrorResponse,
-            "description": "A bad body (`invalid_input`), or the model file was refused "
-            "(`model_rejected`: missing, unloadable, wrong signature or metadata, failed warm-up); "
-            "the old model keeps serving.",
-        },
-    },
+    responses=errors_doc(
+        400,
+        401,
+        413,
+        415,
+        (
+            422,
+            "A bad body (`invalid_input`), or the model file was refused (`model_rejected`: missing, "
+            "unloadable, wrong signature or metadata, failed warm-up); the old model keeps serving.",
+        ),
+    ),
     openapi_extra={
         **json_body(ReloadRequest, {"configured": {"summary": "Reload PI_MODEL_PATH", "value": {}}}),
         "security": [{"bearer": []}],

@@ -1,24 +1,28 @@
-"""What a request handler gets from the app: the lifespan state, through one dependency."""
+"""What a request handler gets from the app: the lifespan state, through one dependency, and the
+checks routes share (a served model, the event store, the admin token)."""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import Annotated, TypeVar, cast
 
 import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 
 from service.batching import Batcher
-
-if TYPE_CHECKING:
-    from service.api.history import HistoryReads
 from service.config import Settings
-from service.errors import NotReadyError
-from service.lifecycle import ModelSlot, Served
+from service.errors import NotReadyError, StoreUnavailableError, UnauthorizedError
+from service.history import HistoryReads
+from service.lifecycle import LoadedModel, ModelSlot
 from service.limits import Admission
 from service.metrics import Metrics
 from service.scoring import Scorer
-from service.store import GuardedStore
+from service.store import GuardedStore, StoreDownError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,40 @@ async def get_context(request: Request) -> AppContext:
 Context = Annotated[AppContext, Depends(get_context)]
 
 
-def require_model(ctx: AppContext) -> Served:
+def require_model(ctx: AppContext) -> LoadedModel:
     """The served model, or a 503 that tells the client to retry."""
     served = ctx.slot.served
     if served is None:
         raise NotReadyError(ctx.slot.reason or "not ready")
     return served
+
+
+def require_store(ctx: AppContext) -> tuple[GuardedStore, anyio.CapacityLimiter]:
+    assert ctx.store is not None
+    assert ctx.store_limiter is not None
+    return ctx.store, ctx.store_limiter
+
+
+async def in_store_thread(ctx: AppContext, fn: Callable[[], T]) -> T:
+    """Run ``fn`` (which calls the store) in a store thread; a store that is down is a 503."""
+    _, limiter = require_store(ctx)
+    try:
+        return await anyio.to_thread.run_sync(fn, limiter=limiter)
+    except StoreDownError as exc:
+        raise StoreUnavailableError.retry_later(str(exc)) from None
+
+
+def authorise(request: Request, ctx: AppContext) -> None:
+    """A 401 unless the request carries the admin bearer token."""
+    expected = ctx.settings.admin_token
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken must not tell how much of a guessed token was right
+    if (
+        expected is None
+        or scheme.lower() != "bearer"
+        or not secrets.compare_digest(token.strip().encode(), expected.get_secret_value().encode())
+    ):
+        raise UnauthorizedError(
+            "a valid admin token is required: Authorization: Bearer <PI_ADMIN_TOKEN>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

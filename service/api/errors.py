@@ -1,9 +1,8 @@
-"""The one JSON error envelope, and the handlers that route every framework and service error
-through it (the typed errors themselves are ``service/errors.py``, free of HTTP)."""
+"""The exception handlers that route every framework and service error through the one envelope
+(``service/envelope.py``; the typed errors themselves are ``service/errors.py``, free of HTTP)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,28 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from service.errors import ServiceError, field_path
+from service.envelope import error_response, rejection
+from service.errors import ErrorDetail, ServiceError, field_path
 from service.metrics import Metrics
-from service.schemas import ErrorItem, ErrorResponse
-
-
-def error_response(
-    status_code: int,
-    code: str,
-    message: str,
-    detail: Sequence[ErrorItem] = (),
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = ErrorResponse(error=code, message=message, detail=list(detail)).model_dump_json()
-    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
-
-
-def rejection(error: ServiceError, metrics: Metrics) -> Response:
-    """A typed error as the envelope, counted by its code: the exception handler, the limit
-    middleware and the direct ``/predict`` route all answer through this one."""
-    metrics.rejected.labels(error.code).inc()
-    return error_response(error.status_code, error.code, error.message, error.detail, error.headers)
-
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
@@ -62,7 +42,9 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def _request_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         items = [
-            ErrorItem(field=field_path(e.get("loc", ())), type=str(e.get("type")), message=str(e.get("msg")))
+            ErrorDetail(
+                field=field_path(e.get("loc", ())), type=str(e.get("type")), message=str(e.get("msg"))
+            )
             for e in exc.errors()
         ]
         metrics.rejected.labels("invalid_input").inc()

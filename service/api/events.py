@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
-import anyio.to_thread
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from service.api.deps import AppContext, Context
-from service.api.predict import check_content_type, json_body, parse_json
-from service.errors import RequestTimeoutError, StoreUnavailableError, too_many_events
-from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, ErrorResponse, Event, Timestamp
-from service.store import GuardedStore, NewEvent, StoreDownError
+from service.api.body import check_content_type, parse_json, read_body
+from service.api.deps import AppContext, Context, in_store_thread, require_store
+from service.api.openapi import errors_doc, json_body
+from service.errors import too_many_events
+from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, Event, Timestamp
+from service.store import NewEvent
 from service.store.base import event_key
 
 router = APIRouter(tags=["events"])
-
-T = TypeVar("T")
 
 EXAMPLE_EVENTS: dict[str, Any] = {
     "events": [
@@ -79,21 +75,6 @@ class EventsResponse(BaseModel):
     duplicates: int = Field(description="Events already stored (same event id, or same content).")
 
 
-def require_store(ctx: AppContext) -> tuple[GuardedStore, anyio.CapacityLimiter]:
-    assert ctx.store is not None
-    assert ctx.store_limiter is not None
-    return ctx.store, ctx.store_limiter
-
-
-async def in_store_thread(ctx: AppContext, fn: Callable[[], T]) -> T:
-    """Run ``fn`` (which calls the store) in a store thread; a store that is down is a 503."""
-    _, limiter = require_store(ctx)
-    try:
-        return await anyio.to_thread.run_sync(fn, limiter=limiter)
-    except StoreDownError as exc:
-        raise StoreUnavailableError.retry_later(str(exc)) from None
-
-
 def _ingest(ctx: AppContext, body: bytes) -> bytes:
     store, _ = require_store(ctx)
     events = parse_json(EventsRequest, body).events
@@ -119,22 +100,22 @@ def _ingest(ctx: AppContext, body: bytes) -> bytes:
 @router.post(
     "/events",
     response_model=EventsResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
-        408: {"model": ErrorResponse, "description": "The body did not arrive within the request timeout."},
-        413: {"model": ErrorResponse, "description": "The body is larger than `PI_MAX_BODY_BYTES`."},
-        415: {"model": ErrorResponse, "description": "Content-Type is not application/json."},
-        422: {
-            "model": ErrorResponse,
-            "description": "An event breaks the same rules as in `/predict` (`invalid_input`), or "
-            "more than `PI_MAX_EVENTS_PER_USER` events (`too_many_events`); nothing was stored.",
-        },
-        503: {
-            "model": ErrorResponse,
-            "description": "The event store is down (`store_unavailable`) or the service is at its "
-            "concurrency limit (`overloaded`): nothing was acknowledged, retry (it is idempotent).",
-        },
-    },
+    responses=errors_doc(
+        400,
+        408,
+        413,
+        415,
+        (
+            422,
+            "An event breaks the same rules as in `/predict` (`invalid_input`), or more than "
+            "`PI_MAX_EVENTS_PER_USER` events (`too_many_events`); nothing was stored.",
+        ),
+        (
+            503,
+            "The event store is down (`store_unavailable`) or the service is at its concurrency "
+            "limit (`overloaded`): nothing was acknowledged, retry (it is idempotent).",
+        ),
+    ),
     openapi_extra=json_body(
         EventsRequest, {"two_events": {"summary": "Two purchases", "value": EXAMPLE_EVENTS}}
     ),
@@ -145,10 +126,6 @@ def _ingest(ctx: AppContext, body: bytes) -> bytes:
 )
 async def ingest(request: Request, ctx: Context) -> Response:
     check_content_type(request)
-    timeout = ctx.settings.request_timeout_seconds
-    with anyio.move_on_after(timeout) as arrival:
-        body = await request.body()
-    if arrival.cancelled_caught:
-        raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} s")
+    body, _ = await read_body(request.receive, ctx)
     content = await in_store_thread(ctx, lambda: _ingest(ctx, body))
     return Response(content, media_type="application/json")

@@ -8,7 +8,8 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from service.api.deps import Context, require_model
-from service.schemas import ErrorResponse, ModelResponse, RuntimeResponse
+from service.api.openapi import errors_doc
+from service.schemas import ModelResponse, RuntimeResponse
 
 router = APIRouter(tags=["model"])
 
@@ -16,7 +17,7 @@ router = APIRouter(tags=["model"])
 @router.get(
     "/v1/model",
     response_model=ModelResponse,
-    responses={503: {"model": ErrorResponse, "description": "No model loaded yet."}},
+    responses=errors_doc((503, "No model loaded yet.")),
     summary="The served model's metadata",
     description="Version, feature spec, decision threshold, horizon and training metrics as "
     "written by the exporter, plus the execution providers asked for and actually used.",

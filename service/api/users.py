@@ -14,23 +14,22 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from service.api.admin import authorise
-from service.api.deps import Context
-from service.api.events import in_store_thread, require_store
-from service.errors import UnknownUserError
+from service.api.deps import Context, authorise, in_store_thread, require_store
+from service.api.openapi import errors_doc
+from service.columns import Folded
+from service.errors import ErrorDetail, UnknownUserError
 from service.features import SECONDS_PER_DAY
-from service.schemas import ErrorItem, ErrorResponse
-from service.store import Folded, StoredEvent, event_id_of
+from service.store import StoredEvent, event_id_of
 
 router = APIRouter(tags=["admin"])
 
 UserId = Annotated[str, Path(min_length=1, max_length=256, description="Percent-encode it in the URL.")]
 
-_RESPONSES: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
-    422: {"model": ErrorResponse, "description": "A bad user id or query parameter."},
-    503: {"model": ErrorResponse, "description": "The event store is down (`store_unavailable`)."},
-}
+_ERRORS = (
+    401,
+    (422, "A bad user id or query parameter."),
+    (503, "The event store is down (`store_unavailable`)."),
+)
 
 
 class StoredEventOut(BaseModel):
@@ -99,10 +98,7 @@ def _folded(f: Folded) -> FoldedOut:
 @router.get(
     "/users/{user_id:path}/events",
     response_model=UserEventsPage,
-    responses={
-        **_RESPONSES,
-        404: {"model": ErrorResponse, "description": "No stored history (`unknown_user`)."},
-    },
+    responses=errors_doc(*_ERRORS, (404, "No stored history (`unknown_user`).")),
     openapi_extra={"security": [{"bearer": []}]},
     summary="A user's stored events, paged",
 )
@@ -119,7 +115,7 @@ async def user_events(
     if page is None:
         raise UnknownUserError(
             "no stored history for this user",
-            [ErrorItem(field="user_id", type="unknown_user", message="no stored history")],
+            [ErrorDetail(field="user_id", type="unknown_user", message="no stored history")],
         )
     end = offset + len(page.events)
     body = UserEventsPage(
@@ -137,7 +133,7 @@ async def user_events(
 @router.delete(
     "/users/{user_id:path}",
     response_model=ErasureResponse,
-    responses=_RESPONSES,
+    responses=errors_doc(*_ERRORS),
     openapi_extra={"security": [{"bearer": []}]},
     summary="Forget a user (erasure)",
     description="Deletes the user's raw events and compacted counters. Idempotent: erasing an "

@@ -4,7 +4,7 @@ Events are keyed per user: ``(user_id, key)`` is unique, ``key`` being ``"id:" +
 for an event sent without an id, ``"sha:" + digest`` of its content, so a retried request stores
 nothing twice either way. Identical events under distinct ids are all stored; the encoder and
 compaction count them once (:mod:`service.cleaning`). Compaction folds whole days of raw events
-older than a cut-off day into per-user counters (:class:`Folded`): exactly what
+older than a cut-off day into per-user counters (``service.columns.Folded``): exactly what
 :func:`service.features.encode_batch` needs from events outside the window.
 """
 
@@ -14,6 +14,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from service.columns import Folded
 
 _ID_PREFIX = "id:"
 _SHA_PREFIX = "sha:"
@@ -56,27 +58,6 @@ class StoredEvent:
     amount: float
     quantity: int
     ingested_at: float  # unix time the store first acknowledged it
-
-
-@dataclass(frozen=True)
-class Folded:
-    """One user's compacted purchases: counters over whole UTC days (epoch days)."""
-
-    purchase_days: int
-    first_day: int
-    last_day: int
-    total_amount: float
-    total_quantity: float
-
-    def merge(self, other: Folded) -> Folded:
-        """Both folds together; days are assumed disjoint (see README, "Event store")."""
-        return Folded(
-            self.purchase_days + other.purchase_days,
-            min(self.first_day, other.first_day),
-            max(self.last_day, other.last_day),
-            self.total_amount + other.total_amount,
-            self.total_quantity + other.total_quantity,
-        )
 
 
 @dataclass(frozen=True)

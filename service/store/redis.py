@@ -18,7 +18,8 @@ import numpy as np
 import redis
 
 from service.cleaning import exact_duplicates
-from service.store.base import Appended, Compacted, Folded, History, NewEvent, Page, StoredEvent
+from service.columns import Folded
+from service.store.base import Appended, Compacted, History, NewEvent, Page, StoredEvent
 
 _SECONDS_PER_DAY = 86_400
 _FOLD_FIELDS = ("purchase_days", "first_day", "last_day", "amount", "quantity")

@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from service.store.base import Appended, Compacted, Folded, History, NewEvent, Page, StoredEvent
+from service.columns import Folded
+from service.store.base import Appended, Compacted, History, NewEvent, Page, StoredEvent
 
 _SECONDS_PER_DAY = 86_400
 _SCHEMA = """

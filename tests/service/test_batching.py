@@ -18,9 +18,9 @@ from starlette.testclient import TestClient
 from service import batching
 from service.app import create_app
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
+from service.columns import EventColumns
 from service.config import Settings
-from service.lifecycle import Served
-from service.scoring import EventColumns
+from service.lifecycle import LoadedModel
 from tests.service.conftest import wait_ready
 from tests.service.fakes import FakePredictor, reference_probability
 
@@ -42,9 +42,9 @@ def columns(as_of: int, events: int = 0) -> EventColumns:
     )
 
 
-def served(version: str, _cache: dict[str, Served] = {}) -> Served:  # noqa: B006  (one model per name)
+def served(version: str, _cache: dict[str, LoadedModel] = {}) -> LoadedModel:  # noqa: B006  (one model per name)
     if version not in _cache:
-        _cache[version] = Served(FakePredictor(version=version), load_seconds=0.0, loaded_at=0.0)
+        _cache[version] = LoadedModel(FakePredictor(version=version), load_seconds=0.0, loaded_at=0.0)
     return _cache[version]
 
 
@@ -55,7 +55,7 @@ class Recorder:
         self.calls: list[tuple[str, list[int]]] = []
         self.error = error
 
-    def __call__(self, model: Served, cols: EventColumns) -> NDArray[np.float32]:
+    def __call__(self, model: LoadedModel, cols: EventColumns) -> NDArray[np.float32]:
         self.calls.append((model.predictor.metadata.model_version, cols.as_of.tolist()))
         if self.error is not None:
             raise self.error

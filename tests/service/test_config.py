@@ -98,11 +98,24 @@ def test_the_core_imports_no_web_framework() -> None:
     the store, the typed errors) can be used without FastAPI or Starlette."""
     core = (
         "service.features, service.scoring, service.batching, service.lifecycle, service.bulk, "
-        "service.predictor, service.errors, service.store, service.store.guard, service.store.upkeep"
+        "service.predictor, service.errors, service.store, service.store.guard, service.store.upkeep, "
+        "service.columns, service.history, service.gather"
     )
     code = (
         f"import sys\nimport {core}\n"
         "bad = sorted(m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_middleware_and_the_envelope_import_no_router() -> None:
+    """Dependencies point one way: the ASGI middleware and the error envelope sit below the routers,
+    so they import neither FastAPI nor anything under ``service.api``."""
+    code = (
+        "import sys\nimport service.limits, service.middleware, service.envelope\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('fastapi', 'service.api')))\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -11,8 +11,8 @@ import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.api.history import HistoryReads
 from service.errors import StoreUnavailableError
+from service.history import HistoryReads
 from service.store import GuardedStore, History, StoreDownError
 from service.store.metrics import StoreMetrics
 

@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from service.features import ALL_CHANNELS, FeatureSpec, FoldedHistory, encode_batch
+from service.api.columns import request_columns
+from service.columns import EventColumns, FoldedHistory, concat_columns, out_of_range
+from service.features import ALL_CHANNELS, FeatureSpec, encode_batch
 from service.schemas import PredictRequest
-from service.scoring import EventColumns, concat_columns, out_of_range, to_columns
 from service.timestamps import LATEST_SECONDS
 
 NOW = 1_000_000_000
@@ -41,8 +42,8 @@ def _user(rng: np.random.Generator, index: int) -> PredictRequest:
 @pytest.mark.parametrize("index", range(12))
 def test_one_user_columns_equal_that_user_in_a_batch(index: int) -> None:
     users = [_user(np.random.default_rng(7), i) for i in range(12)]
-    alone = to_columns([users[index]], NOW)
-    batch = to_columns(users, NOW)
+    alone = request_columns([users[index]], NOW)
+    batch = request_columns(users, NOW)
     lo, hi = batch.offsets[index], batch.offsets[index + 1]
     for name in ("timestamps", "amounts", "quantities"):
         got, want = getattr(alone, name), getattr(batch, name)[lo:hi]

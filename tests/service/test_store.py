@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.features import ALL_CHANNELS, SECONDS_PER_DAY, FeatureSpec, FoldedHistory, encode_batch
-from service.store import EventStore, Folded, NewEvent, content_key, event_key
+from service.columns import Folded, FoldedHistory
+from service.features import ALL_CHANNELS, SECONDS_PER_DAY, FeatureSpec, encode_batch
+from service.store import EventStore, NewEvent, content_key, event_key
 from service.store.redis import RedisStore
 from service.store.sqlite import SQLiteStore
 from tests.service.processes import RedisProcess, running_redis

@@ -2,11 +2,10 @@
 
 uvicorn bounds idle keep-alive connections and the service bounds the body, but nothing bounds the
 request line and headers: a client that sends nothing, or trickles a header byte every few seconds
-(slowloris), holds a connection and a file descriptor for as long as it likes. Here the head must
-be complete ``head_timeout`` seconds after the connection opens or its previous response ends, or
-the client gets a 408 in the service's JSON envelope and is closed. The deadline is a number on the
-connection, checked by one sweep per event loop: a loop timer armed and cancelled per request costs
-throughput and adds a latency tail (bench/README.md).
+(slowloris), holds a connection for as long as it likes. Here the head must be complete
+``head_timeout`` seconds after the connection opens or its previous response ends, or the client
+gets a 408 in the JSON envelope and is closed. The deadline is a number on the connection, checked
+by one sweep per event loop: a timer armed and cancelled per request costs throughput (bench/README.md).
 """
 
 from __future__ import annotations
