@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from model_export.config import DEFAULT_PROTOCOL, PROTOCOL_DEFAULTS, Protocol, TrainConfig
+from model_export.config import DEFAULT_PROTOCOL, PROTOCOL_DEFAULTS, EvaluationProtocol, TrainConfig
 from model_export.data import DataError
 from service.features import ALL_CHANNELS, DEFAULT_CHANNELS
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    protocol: Protocol = getattr(args, "protocol", "out-of-time")
+    protocol: EvaluationProtocol = getattr(args, "protocol", "out-of-time")
     cutoff, horizon = PROTOCOL_DEFAULTS[protocol]
     return TrainConfig(
         data=args.data,

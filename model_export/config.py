@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from service.features import DEFAULT_CHANNELS
 
-Protocol = Literal["customer-split", "out-of-time"]
+EvaluationProtocol = Literal["customer-split", "out-of-time"]
 
 #: A cutoff spelled this way is the last one whose whole label window lies inside the data.
 LATEST = "latest"
@@ -16,11 +16,11 @@ LATEST = "latest"
 #: split of Fader, Hardie & Lee (2005) on CDNOW. Out-of-time is what production does: fitted on the
 #: latest labelled data and judged on the last horizon of the log; 13 weeks leaves CDNOW cutoffs at
 #: which most customers' history began before a 52-week window, the case a real shop lives in.
-PROTOCOL_DEFAULTS: dict[Protocol, tuple[str, int]] = {
+PROTOCOL_DEFAULTS: dict[EvaluationProtocol, tuple[str, int]] = {
     "customer-split": ("1997-09-30", 39),
     "out-of-time": (LATEST, 13),
 }
-DEFAULT_PROTOCOL: Protocol = "out-of-time"
+DEFAULT_PROTOCOL: EvaluationProtocol = "out-of-time"
 
 
 #: Settings that say where and how a run is evaluated, not what model it fits: a backtest that
@@ -32,7 +32,7 @@ RUN_SETTINGS = frozenset({"data", "columns", "progress", "cutoff", "protocol", "
 class TrainConfig:
     data: str = "cdnow"
     columns: dict[str, str] = field(default_factory=dict)
-    protocol: Protocol = "customer-split"
+    protocol: EvaluationProtocol = "customer-split"
     cutoff: str = "1997-09-30"
     horizon_weeks: int = 39
     # features
