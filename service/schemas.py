@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
+from service.features import DEFAULT_CHANNELS
 from service.timestamps import YEARS, check_range
 
 #: Per-event bounds: large enough for any real purchase, small enough that sums over 10k events
@@ -347,15 +348,7 @@ class ModelResponse(BaseModel):
                     "feature_spec": {
                         "lookback_bins": 52,
                         "bin_days": 7,
-                        "channels": [
-                            "purchases",
-                            "log_spend",
-                            "log_quantity",
-                            "active",
-                            "log_bins_since_purchase",
-                            "log_frequency_total",
-                            "log_recency_bins",
-                        ],
+                        "channels": list(DEFAULT_CHANNELS),
                         "lookback_days": 364,
                         "time_axis": "oldest bin first; the last bin contains as_of",
                     },
