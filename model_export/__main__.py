@@ -135,6 +135,12 @@ def _as_of(value: str) -> int:
         raise argparse.ArgumentTypeError(f"bad --as-of {value!r}: {exc}") from None
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 1: {value!r}")
+    return int(value)
+
+
 def _score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="the model.onnx to score with")
     p.add_argument(
@@ -150,10 +156,12 @@ def _score_options(p: argparse.ArgumentParser) -> None:
         "default: the end of the UTC day of the log's last usable event",
     )
     p.add_argument("--out", type=Path, required=True, help="the Parquet file to write")
-    p.add_argument("--chunk-rows", type=int, default=250_000, help="log rows scored at a time (memory)")
-    p.add_argument("--batch-users", type=int, help="users per onnxruntime call (default: the service's)")
+    p.add_argument("--chunk-rows", type=_positive, help="about this many log rows in memory at a time")
     p.add_argument(
-        "--threads", type=int, help="onnxruntime intra-op threads (default: PI_INTRA_OP_THREADS or 1)"
+        "--batch-users", type=_positive, help="users per onnxruntime call (default: the service's)"
+    )
+    p.add_argument(
+        "--threads", type=_positive, help="onnxruntime intra-op threads (default: PI_INTRA_OP_THREADS or 1)"
     )
     p.add_argument("--spill-dir", type=Path, help="where pass 1 spills the log (default: beside --out)")
     p.add_argument("--report", type=Path, help="also write the run's summary here, as JSON")
@@ -163,7 +171,7 @@ def _score_options(p: argparse.ArgumentParser) -> None:
 def _score(args: argparse.Namespace) -> int:
     import json
 
-    from model_export.score import BATCH_USERS, open_model, score_log
+    from model_export.score import BATCH_USERS, CHUNK_ROWS, open_model, score_log
     from service.artifact import ArtifactError
     from service.predictor import ProviderError
 
@@ -176,7 +184,7 @@ def _score(args: argparse.Namespace) -> int:
             args.out,
             as_of=args.as_of,
             columns=args.columns,
-            chunk_rows=args.chunk_rows,
+            chunk_rows=args.chunk_rows or CHUNK_ROWS,
             batch_users=batch,
             spill_dir=args.spill_dir,
             progress=args.progress,

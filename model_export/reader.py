@@ -47,7 +47,7 @@ EVENTS = pa.schema(
     ]
 )
 #: A column the model does not read may be missing from the log; it then holds this value, which
-#: passes cleaning and changes no channel the model reads.
+#: passes cleaning (exact duplicates are then judged on the columns the log has).
 FILLERS = {"amount": 0.0, "quantity": 1.0}
 
 _CSV_BLOCK_BYTES = 1 << 20  # pyarrow's default; its reader reads ahead, so RSS grows with this

@@ -5,7 +5,7 @@ Two passes, so memory follows the chunk size, not the log. Pass 1 streams the lo
 of the user id; pass 2 scores one spill file at a time with :func:`score_frame` and appends its rows
 to ``<out>.partial``, renamed to ``<out>`` once complete. Every check runs in pass 1, so bad input
 fails before any output exists. :func:`score_frame` is what another engine (Ray, Spark) maps over
-user-partitioned chunks. The memory model: docs/model.md, "Batch scoring".
+user-partitioned chunks. How it works and its memory model: docs/scoring.md.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class ScoreReport:
     partitions: int
     seconds: float  # from opening the log to renaming the output
     counts: RowCounts
+    columns_filled: tuple[str, ...]  # missing from the log, not read by the model (reader.FILLERS)
 
     @property
     def users_per_s(self) -> float:
@@ -309,6 +310,7 @@ def score_log(
         partitions=spill.k,
         seconds=time.perf_counter() - started,
         counts=counts,
+        columns_filled=log_file.filled,
     )
 
 

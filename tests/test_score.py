@@ -168,7 +168,8 @@ def test_a_model_the_log_cannot_feed_is_refused_naming_the_channel(tmp_path: Pat
     assert not (tmp_path / "s.parquet").exists()
     # the fixture's model reads amounts, not quantities: the same log feeds it
     spends = open_model(write_model(tmp_path / "a.onnx", metadata=make_metadata()))
-    assert score_log(spends, log, tmp_path / "s.parquet").users == 1
+    report = score_log(spends, log, tmp_path / "s.parquet")
+    assert (report.users, report.columns_filled) == (1, ("quantity",))
 
 
 @pytest.mark.parametrize(
