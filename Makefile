@@ -11,7 +11,7 @@ PORT   ?= 8000
 SEEDS  ?= 5
 SOAK_SECONDS ?= 180
 
-.PHONY: env gpu-env system-deps train train-customer-split backtest serve bench bench-peers test test-fast soak lint format clean lock
+.PHONY: env gpu-env system-deps train train-customer-split backtest serve score bench bench-score bench-peers test test-fast soak lint format clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ backtest: $(VENV)/.stamp-train
 serve: $(MODEL)
 	$(BIN)/python -m service --model $(MODEL) --host $(HOST) --port $(PORT)
 
+# Every CDNOW customer scored by the served model, at the end of the log's last day unless
+# SCORE_ARGS says otherwise (README.md, "Batch scoring"), e.g. make score SCORE_ARGS='--as-of 1998-03-31'.
+SCORE_OUT ?= $(MODEL_DIR)/scores.parquet
+SCORE_ARGS ?=
+score: $(MODEL)
+	$(BIN)/python -m model_export score --model $(MODEL) --data cdnow --out $(SCORE_OUT) $(SCORE_ARGS)
+
 system-deps:
 	scripts/system-deps.sh
 
@@ -88,6 +95,13 @@ BENCH_ARGS ?=
 # Trains the default model if it is missing (as `make serve` does); an overridden path must exist.
 bench: $(VENV)/.stamp-train system-deps $(filter $(MODEL),$(BENCH_MODEL))
 	$(BIN)/python -m bench --model $(BENCH_MODEL) $(BENCH_ARGS)
+
+# The scoring job on CDNOW made 1, 10 and 40 times larger (built in a temporary folder) against raw
+# onnxruntime, with each run's peak RSS (bench/README.md, "Scoring job"). Needs no wrk: the job is a
+# process of its own. E.g. make bench-score BENCH_SCORE_ARGS='--scales 1,10 --workdir /tmp/logs'.
+BENCH_SCORE_ARGS ?=
+bench-score: $(VENV)/.stamp-train $(filter $(MODEL),$(BENCH_MODEL))
+	$(BIN)/python -m bench.score --model $(BENCH_MODEL) $(BENCH_SCORE_ARGS)
 
 # Everything, end-to-end tests included: what CI runs.
 test: $(VENV)/.stamp-dev system-deps

@@ -311,7 +311,7 @@ _COLUMNS = ("measurement", "conns", "req/s", "users/s", "p50 ms", "p99 ms", "rat
 _MICROBATCH_COLUMNS = ("conns", "on req/s", "on p99 ms", "off req/s", "off p99 ms", "on ÷ off", "more req/s")
 
 
-def _markdown_table(columns: tuple[str, ...], cells: list[tuple[str, ...]]) -> list[str]:
+def markdown_table(columns: tuple[str, ...], cells: list[tuple[str, ...]]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     return lines + ["| " + " | ".join(row) + " |" for row in cells]
 
@@ -365,7 +365,7 @@ def markdown(report: Report) -> str:
         _microbatch_line(s),
         "",
     ]
-    lines = _markdown_table(_COLUMNS, [dataclasses.astuple(row) for row in rows(report)])
+    lines = markdown_table(_COLUMNS, [dataclasses.astuple(row) for row in rows(report)])
     comparison = microbatching_rows(report)
     if comparison:
         lines += [
@@ -373,7 +373,7 @@ def markdown(report: Report) -> str:
             "/predict with micro-batching (the service rows) against without (PI_MICROBATCH=false):",
             "",
         ]
-        lines += _markdown_table(_MICROBATCH_COLUMNS, comparison)
+        lines += markdown_table(_MICROBATCH_COLUMNS, comparison)
     return "\n".join(header + lines) + "\n"
 
 

@@ -1,5 +1,6 @@
-"""``python -m model_export train|backtest|export``: train, evaluate against the baselines and export
-one ONNX file; run the same recipe at monthly cutoffs; rebuild the ONNX file from a checkpoint."""
+"""``python -m model_export train|backtest|export|score``: train, evaluate against the baselines and
+export one ONNX file; run the same recipe at monthly cutoffs; rebuild the ONNX file from a checkpoint;
+score every user of a log with a model file."""
 
 from __future__ import annotations
 
@@ -117,7 +118,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--checkpoint", type=Path, required=True, help="DIR/checkpoint.pt written by train")
     e.add_argument("--out", type=Path, required=True, help="the ONNX file to write")
+    _score_options(
+        sub.add_parser(
+            "score", help="score every user of a log at one as_of: a Parquet file of probabilities"
+        )
+    )
     return parser
+
+
+def _as_of(value: str) -> int:
+    from model_export.score import parse_as_of
+
+    try:
+        return parse_as_of(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad --as-of {value!r}: {exc}") from None
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 1: {value!r}")
+    return int(value)
+
+
+def _score_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="the model.onnx to score with")
+    p.add_argument(
+        "--data", required=True, help="the log: 'cdnow' (bundled with lifetimes) or a CSV/Parquet path"
+    )
+    p.add_argument(
+        "--columns", type=_columns, default={}, help="map our names to yours: user_id=cust,timestamp=date,..."
+    )
+    p.add_argument(
+        "--as-of",
+        type=_as_of,
+        help="YYYY-MM-DD (the end of that UTC day) or RFC 3339 with an offset; "
+        "default: the end of the UTC day of the log's last usable event",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the Parquet file to write")
+    p.add_argument("--chunk-rows", type=_positive, help="about this many log rows in memory at a time")
+    p.add_argument(
+        "--batch-users", type=_positive, help="users per onnxruntime call (default: the service's)"
+    )
+    p.add_argument(
+        "--threads", type=_positive, help="onnxruntime intra-op threads (default: PI_INTRA_OP_THREADS or 1)"
+    )
+    p.add_argument("--spill-dir", type=Path, help="where pass 1 spills the log (default: beside --out)")
+    p.add_argument("--report", type=Path, help="also write the run's summary here, as JSON")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+
+    from model_export.score import BATCH_USERS, CHUNK_ROWS, open_model, score_log
+    from service.artifact import ArtifactError
+    from service.predictor import ProviderError
+
+    batch = args.batch_users or BATCH_USERS
+    try:
+        predictor = open_model(args.model, batch_users=batch, threads=args.threads)
+        report = score_log(
+            predictor,
+            args.data,
+            args.out,
+            as_of=args.as_of,
+            columns=args.columns,
+            chunk_rows=args.chunk_rows or CHUNK_ROWS,
+            batch_users=batch,
+            spill_dir=args.spill_dir,
+            progress=args.progress,
+        )
+    except (DataError, ArtifactError, ProviderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.report is not None:
+        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    c = report.counts
+    print(
+        f"wrote {report.out}: {report.users:,} users at {report.as_of} ({report.model_version}), "
+        f"{report.users_without_history:,} without usable history; {c.rows_read:,} rows read, "
+        f"{c.rows_read - c.rows_kept:,} dropped by cleaning; "
+        f"{report.seconds:.1f} s, {report.users_per_s:,.0f} users/s"
+    )
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -197,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "export":
         return _export(args.checkpoint, args.out)
+    if args.command == "score":
+        return _score(args)
     cfg = config_from_args(args)
     # imported late: torch takes seconds to import, and --help should not wait for it
     from model_export.train import train

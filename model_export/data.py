@@ -24,6 +24,17 @@ from service.columns import EventColumns
 
 REQUIRED = ("user_id", "timestamp", "amount", "quantity")
 CDNOW_NAME = "cdnow"
+#: Our column names -> the CDNOW master file's.
+CDNOW_COLUMNS = {
+    "user_id": "customer_id",
+    "timestamp": "date",
+    "quantity": "number_of_cds",
+    "amount": "dollar_value",
+}
+
+
+#: Why training drops a row, in the order the rules apply (``CleaningReport.dropped_<rule>``).
+DROP_RULES = ("missing_user", "missing_timestamp", "missing_value", "bad_amount", "bad_quantity")
 
 
 class DataError(ValueError):
@@ -80,7 +91,7 @@ def cdnow_path() -> Path:
     return path
 
 
-def _read_raw(path: Path, columns: dict[str, str]) -> tuple[pd.DataFrame, int]:
+def read_raw(path: Path, columns: dict[str, str]) -> tuple[pd.DataFrame, int]:
     """Returns the frame (all columns as strings) and the file line number of its first row."""
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
@@ -102,7 +113,7 @@ def _read_raw(path: Path, columns: dict[str, str]) -> tuple[pd.DataFrame, int]:
     return frame[list(REQUIRED)].copy(), first_line
 
 
-def _parse_timestamps(raw: pd.Series, path: Path, first_line: int) -> pd.Series:
+def parse_timestamps(raw: pd.Series, path: Path, first_line: int) -> pd.Series:
     text = raw.str.strip()
     if text.dropna().str.fullmatch(r"\d{8}").all():
         parsed = pd.to_datetime(text, format="%Y%m%d", errors="coerce", utc=True)
@@ -118,7 +129,7 @@ def _parse_timestamps(raw: pd.Series, path: Path, first_line: int) -> pd.Series:
     return parsed
 
 
-def _parse_number(raw: pd.Series, column: str, path: Path, first_line: int) -> pd.Series:
+def parse_number(raw: pd.Series, column: str, path: Path, first_line: int) -> pd.Series:
     values = pd.to_numeric(raw.str.strip(), errors="coerce")
     # to_numeric accepts "nan"/"inf" spellings as floats; only truly non-numeric text is malformed
     bad = values.isna() & raw.notna() & ~raw.str.strip().str.lower().isin(["nan", "-nan", "+nan"])
@@ -131,47 +142,61 @@ def _parse_number(raw: pd.Series, column: str, path: Path, first_line: int) -> p
     return values.astype("float64")
 
 
+def rows_to_drop(
+    missing_user: NDArray[np.bool_],
+    missing_timestamp: NDArray[np.bool_],
+    missing_value: NDArray[np.bool_],
+    amount: NDArray[np.float64],
+    quantity: NDArray[np.float64],
+) -> dict[str, NDArray[np.bool_]]:
+    """The rows training cannot use, by rule (``DROP_RULES``), each row under the first rule it
+    breaks: an empty field, a non-finite or negative amount, a non-finite, zero or negative quantity.
+    Training and the scoring job both drop by it."""
+    with np.errstate(invalid="ignore"):
+        broken = (
+            missing_user,
+            missing_timestamp,
+            missing_value,
+            ~(np.isfinite(amount) & (amount >= 0)),
+            ~(np.isfinite(quantity) & (quantity > 0)),
+        )
+    seen = np.zeros(amount.shape, dtype=np.bool_)
+    drops: dict[str, NDArray[np.bool_]] = {}
+    for rule, rows in zip(DROP_RULES, broken, strict=True):
+        drops[rule] = rows & ~seen
+        seen |= rows
+    return drops
+
+
 def load_transactions(source: str | Path, columns: dict[str, str] | None = None) -> Transactions:
     """Read, validate and clean a log; ``source`` is a CSV/Parquet path or ``"cdnow"``."""
     if str(source) == CDNOW_NAME:
         path = cdnow_path()
-        columns = {
-            "user_id": "customer_id",
-            "timestamp": "date",
-            "quantity": "number_of_cds",
-            "amount": "dollar_value",
-        }
+        columns = CDNOW_COLUMNS
     else:
         path = Path(source)
         if not path.is_file():
             raise DataError(f"input file not found: {path}")
-    frame, first_line = _read_raw(path, columns or {})
+    frame, first_line = read_raw(path, columns or {})
     report = CleaningReport(source=str(source), rows_read=len(frame))
 
     user = frame["user_id"].str.strip()
-    timestamp = _parse_timestamps(frame["timestamp"], path, first_line)
-    amount = _parse_number(frame["amount"], "amount", path, first_line)
-    quantity = _parse_number(frame["quantity"], "quantity", path, first_line)
+    timestamp = parse_timestamps(frame["timestamp"], path, first_line)
+    amount = parse_number(frame["amount"], "amount", path, first_line)
+    quantity = parse_number(frame["quantity"], "quantity", path, first_line)
 
     df = pd.DataFrame({"user_id": user, "timestamp": timestamp, "amount": amount, "quantity": quantity})
-    missing_user = df["user_id"].isna() | (df["user_id"] == "")
-    report.dropped_missing_user = int(missing_user.sum())
-    df = df[~missing_user]
-    missing_ts = df["timestamp"].isna()
-    report.dropped_missing_timestamp = int(missing_ts.sum())
-    df = df[~missing_ts]
-    missing_value = df["amount"].isna() & ~frame.loc[df.index, "amount"].notna() | (
-        df["quantity"].isna() & ~frame.loc[df.index, "quantity"].notna()
+    missing_value = (amount.isna() & frame["amount"].isna()) | (quantity.isna() & frame["quantity"].isna())
+    drops = rows_to_drop(
+        (user.isna() | (user == "")).to_numpy(np.bool_),
+        timestamp.isna().to_numpy(np.bool_),
+        missing_value.to_numpy(np.bool_),
+        amount.to_numpy(np.float64),
+        quantity.to_numpy(np.float64),
     )
-    report.dropped_missing_value = int(missing_value.sum())
-    df = df[~missing_value]
-    bad_amount = ~np.isfinite(df["amount"].to_numpy()) | (df["amount"].to_numpy() < 0)
-    report.dropped_bad_amount = int(bad_amount.sum())
-    df = df[~bad_amount]
-    qty = df["quantity"].to_numpy()
-    bad_quantity = ~np.isfinite(qty) | (qty <= 0)
-    report.dropped_bad_quantity = int(bad_quantity.sum())
-    df = df[~bad_quantity]
+    for rule, rows in drops.items():
+        setattr(report, f"dropped_{rule}", int(rows.sum()))
+    df = df[~np.logical_or.reduce(list(drops.values()))]
 
     # pandas may hold datetimes at s/ms/us/ns resolution: convert explicitly to epoch seconds
     df = df.assign(timestamp=df["timestamp"].dt.as_unit("s").astype("int64"))

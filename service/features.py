@@ -41,6 +41,14 @@ ALL_CHANNELS: tuple[str, ...] = (
     "log_spend_total",  # log1p(total spend up to as_of)
 )
 
+#: What each channel reads besides timestamps, where it reads more: a log that lacks the column
+#: cannot feed the channel (the scoring job checks a model's spec against a log with it).
+CHANNEL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "log_spend": ("amount",),
+    "log_quantity": ("quantity",),
+    "log_spend_total": ("amount",),
+}
+
 #: The default set leaves out the two summaries that grow with calendar time for everybody (customer
 #: age, cumulative spend): in the out-of-time protocol the model is fitted on a younger population
 #: than it scores, and those channels made it extrapolate badly (docs/model.md, "Ablations").
@@ -82,6 +90,14 @@ class FeatureSpec:
     @property
     def n_channels(self) -> int:
         return len(self.channels)
+
+    def columns_read(self) -> dict[str, tuple[str, ...]]:
+        """Each event column these channels read besides timestamps -> the channels that read it."""
+        read: dict[str, tuple[str, ...]] = {}
+        for channel in self.channels:
+            for column in CHANNEL_COLUMNS.get(channel, ()):
+                read[column] = (*read.get(column, ()), channel)
+        return read
 
     @property
     def shape(self) -> tuple[int, int]:

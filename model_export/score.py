@@ -1,0 +1,366 @@
+"""``score_log``: one model scores every user of a transaction log at one ``as_of``, Parquet out.
+
+Two passes, so memory follows the chunk size, not the log. Pass 1 streams the log
+(:mod:`model_export.reader`: typed, checked, cleaned as training cleans) into spill files by a hash
+of the user id; pass 2 scores one spill file at a time with :func:`score_frame` and appends its rows
+to ``<out>.partial``, renamed to ``<out>`` once complete. Every check runs in pass 1, so bad input
+fails before any output exists. :func:`score_frame` is what another engine (Ray, Spark) maps over
+user-partitioned chunks. How it works and its memory model: docs/scoring.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from model_export.data import DataError, end_of_day
+from model_export.reader import EVENTS, Log, RowCounts, open_log
+from service.columns import EventColumns
+from service.config import Settings
+from service.features import encode_batch
+from service.predictor import OnnxPredictor, Predictor, load_predictor
+from service.timestamps import check_range
+
+log = logging.getLogger(__name__)
+
+#: Rows per spill file, about: what pass 2 holds in memory at once (with its users' answers).
+CHUNK_ROWS = 250_000
+#: Users per onnxruntime call: the service's own default slice (``PI_INFERENCE_BATCH_USERS``).
+BATCH_USERS: int = Settings.model_fields["inference_batch_users"].default
+
+_AS_OF_TYPE = pa.timestamp("ms", tz="UTC")  # Parquet has no seconds unit: it would store ms anyway
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    """What a run did: the file it wrote, for whom, and what cleaning dropped on the way."""
+
+    out: str
+    source: str
+    model_version: str
+    as_of: str  # RFC 3339, UTC
+    users: int
+    users_without_history: int  # no usable event up to as_of: scored as a user without events
+    rows_after_as_of: int  # kept rows the encoder ignores
+    partitions: int
+    seconds: float  # from opening the log to renaming the output
+    counts: RowCounts
+    columns_filled: tuple[str, ...]  # missing from the log, not read by the model (reader.FILLERS)
+
+    @property
+    def users_per_s(self) -> float:
+        return self.users / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"users_per_s": self.users_per_s}
+
+
+def parse_as_of(text: str) -> int:
+    """``YYYY-MM-DD`` (the end of that UTC day, as training's cutoffs) or RFC 3339 with an offset
+    -> epoch seconds (fractions dropped). Raises ``ValueError``."""
+    text = text.strip()
+    if len(text) == 10:
+        return end_of_day(datetime.strptime(text, "%Y-%m-%d").date().isoformat())
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset: write e.g. {text}Z")
+    return math.floor(check_range(moment).timestamp())
+
+
+def rfc3339(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def partition_of(users: pa.Array, k: int) -> NDArray[np.int64]:
+    """Which of ``k`` partitions each user id belongs to: a hash of its UTF-8 bytes (FNV-style,
+    then mixed), the same in every run and process, vectorised over the array's buffers."""
+    if k == 1:
+        return np.zeros(len(users), dtype=np.int64)
+    users = users.cast(pa.string())
+    offsets = np.frombuffer(users.buffers()[1], dtype=np.int32, count=len(users) + 1, offset=users.offset * 4)
+    starts = offsets[:-1].astype(np.int64) - offsets[0]
+    lengths = np.diff(offsets).astype(np.int64)
+    data = np.frombuffer(users.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]].astype(np.uint64)
+    if data.size == 0:
+        return np.zeros(len(users), dtype=np.int64)
+    position = np.arange(data.size, dtype=np.int64) - np.repeat(starts, lengths)
+    powers = np.cumprod(np.full(int(lengths.max()), 1_099_511_628_211, dtype=np.uint64))  # wraps mod 2**64
+    weighted = np.append(data * powers[position], np.uint64(0))  # a last index reduceat accepts
+    hashes = np.add.reduceat(weighted, starts)
+    hashes[lengths == 0] = 0  # reduceat gives an empty segment its next value, not 0
+    hashes ^= hashes >> np.uint64(31)
+    hashes *= np.uint64(0xBF58476D1CE4E5B9)
+    hashes ^= hashes >> np.uint64(29)
+    return (hashes % np.uint64(k)).astype(np.int64)
+
+
+class _Spill:
+    """Rows hash-partitioned by user into ``k`` Arrow IPC files: each user's rows in one file, in
+    the log's order."""
+
+    def __init__(self, directory: Path, k: int) -> None:
+        self.k = k
+        self._paths = [directory / f"part-{i:05d}.arrow" for i in range(k)]
+        self._sinks = [pa.OSFile(str(p), "wb") for p in self._paths]
+        self._writers = [ipc.new_stream(s, EVENTS) for s in self._sinks]
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        part = partition_of(batch.column("user_id"), self.k)
+        order = np.argsort(part, kind="stable")
+        counts = np.bincount(part, minlength=self.k)
+        grouped = batch.take(pa.array(order))
+        start = 0
+        for i, count in enumerate(counts.tolist()):
+            if count:
+                self._writers[i].write_batch(grouped.slice(start, count))
+            start += count
+
+    def close(self) -> None:
+        for writer, sink in zip(self._writers, self._sinks, strict=True):
+            writer.close()
+            sink.close()
+
+    def tables(self) -> Iterator[pa.Table]:
+        """Each partition in turn, its file removed once read."""
+        for path in self._paths:
+            with pa.OSFile(str(path)) as source:
+                table = ipc.open_stream(source).read_all()
+            path.unlink()
+            yield table
+
+
+def _slice(columns: EventColumns, start: int, stop: int) -> EventColumns:
+    first, last = int(columns.offsets[start]), int(columns.offsets[stop])
+    return EventColumns(
+        timestamps=columns.timestamps[first:last],
+        amounts=columns.amounts[first:last],
+        quantities=columns.quantities[first:last],
+        offsets=columns.offsets[start : stop + 1] - first,
+        as_of=columns.as_of[start:stop],
+    )
+
+
+def _predict(predictor: Predictor, features: NDArray[np.float32]) -> NDArray[np.float32]:
+    if features.shape[0] == 1:
+        # onnxruntime computes a batch of one on another kernel path, whose sums can differ from a
+        # larger batch's in the last bit: a lone user is scored beside a zero row, as /predict/batch
+        # would score them among others
+        return predictor.predict(np.concatenate([features, np.zeros_like(features)]))[:1]
+    return predictor.predict(features)
+
+
+def score_frame(chunk: pa.Table, predictor: Predictor, as_of: int, *, batch_users: int) -> pa.Table:
+    """Every user of ``chunk`` scored at ``as_of``: ``user_id, probability (float32), will_purchase``,
+    sorted by user id.
+
+    ``chunk`` holds :data:`model_export.reader.EVENTS` rows and *all* rows of each of its users (a
+    user-partitioned chunk); a row without a timestamp only names its user. Users are encoded with
+    the shared encoder ``batch_users`` at a time, as the service encodes a ``/predict/batch``
+    request, and scored by ``predictor``: the answers are the service's, bit for bit.
+    """
+    users = chunk.column("user_id").combine_chunks()
+    encoded = users.dictionary_encode()
+    ids = encoded.dictionary
+    by_id = pc.sort_indices(ids).to_numpy()
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[by_id] = np.arange(len(ids))
+    user = rank[encoded.indices.to_numpy(zero_copy_only=False)]  # per row, the user's place by id
+    n = len(ids)
+
+    stamps = chunk.column("timestamp").combine_chunks()
+    event = ~np.asarray(stamps.is_null().to_numpy(zero_copy_only=False), dtype=np.bool_)
+    # stable: each user's events stay in the log's order, the order the service is sent them in,
+    # so the encoder's float sums run in the same order
+    rows = np.flatnonzero(event)[np.argsort(user[event], kind="stable")]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user[event], minlength=n), out=offsets[1:])
+
+    def _column(array: pa.Array, dtype: type[np.generic]) -> NDArray[Any]:
+        return np.asarray(array.fill_null(0).to_numpy(zero_copy_only=False), dtype=dtype)[rows]
+
+    columns = EventColumns(
+        timestamps=_column(stamps, np.int64),
+        amounts=_column(chunk.column("amount").combine_chunks(), np.float64),
+        quantities=_column(chunk.column("quantity").combine_chunks(), np.float64),
+        offsets=offsets,
+        as_of=np.full(n, as_of, dtype=np.int64),
+    )
+    meta = predictor.metadata
+    probabilities = np.empty(n, dtype=np.float32)
+    for start in range(0, n, batch_users):
+        stop = min(n, start + batch_users)
+        part = _slice(columns, start, stop)
+        features = encode_batch(
+            part.timestamps, part.amounts, part.quantities, part.offsets, part.as_of, meta.feature_spec
+        )
+        probabilities[start:stop] = _predict(predictor, features)
+    if not np.all(np.isfinite(probabilities)):
+        raise RuntimeError("the model returned a non-finite probability")  # as the service refuses
+    return pa.table(
+        {
+            "user_id": ids.take(pa.array(by_id)),
+            "probability": pa.array(probabilities, type=pa.float32()),
+            # the service's rule: the float32 probability widened to float64, then compared
+            "will_purchase": pa.array(probabilities.astype(np.float64) >= meta.threshold),
+        }
+    )
+
+
+def output_schema(predictor: Predictor, as_of: int) -> pa.Schema:
+    meta = predictor.metadata
+    return pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("as_of", _AS_OF_TYPE),
+            ("probability", pa.float32()),
+            ("will_purchase", pa.bool_()),
+            ("model_version", pa.string()),
+        ],
+        metadata={
+            "model_version": meta.model_version,
+            "threshold": repr(meta.threshold),
+            "horizon_days": str(meta.horizon_days),
+            "as_of": rfc3339(as_of),
+        },
+    )
+
+
+@contextmanager
+def _atomic_parquet(out: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer on ``<out>.partial``, renamed to ``out`` if the block ends normally and
+    removed if it raises; a killed run leaves only the ``.partial`` (whose footer is missing)."""
+    partial = out.with_name(out.name + ".partial")
+    writer = pq.ParquetWriter(str(partial), schema)
+    try:
+        yield writer
+        writer.close()
+        with partial.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, out)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def open_model(model: Path, *, batch_users: int = BATCH_USERS, threads: int | None = None) -> OnnxPredictor:
+    """The service's own loading, checks and warm-up, with ``batch_users`` as the largest batch
+    (``PI_*`` variables apply, as to the service; ``threads``: onnxruntime's intra-op threads)."""
+    overrides: dict[str, Any] = {"inference_batch_users": batch_users, "max_batch_users": batch_users}
+    if threads is not None:
+        overrides["intra_op_threads"] = threads
+    return load_predictor(Settings(**overrides), model)
+
+
+def score_log(
+    predictor: Predictor,
+    source: str | Path,
+    out: Path,
+    *,
+    as_of: int | None = None,
+    columns: Mapping[str, str] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    batch_users: int = BATCH_USERS,
+    spill_dir: Path | None = None,
+    progress: bool = False,
+) -> ScoreReport:
+    """Score every user of ``source`` (a CSV/Parquet path or ``"cdnow"``) at ``as_of`` (default: the
+    end of the UTC day of the log's last usable event) into the Parquet file ``out``.
+
+    Raises :class:`DataError` before writing anything if the log lacks a column, holds a value that
+    does not parse, cannot feed the model's channels, or has no user.
+    """
+    started = time.perf_counter()
+    log_file = open_log(source, columns or {}, predictor.metadata.feature_spec.columns_read())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # next to the output by default: the disk meant for the results, not a /tmp that may be RAM
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.spill-", dir=spill_dir or out.parent) as scratch:
+        spill = _spill(log_file, Path(scratch), chunk_rows, progress)
+        counts = log_file.counts
+        if as_of is None:
+            if counts.last_timestamp is None:
+                raise DataError(f"{log_file.path}: no usable rows to take as_of from ({counts.to_dict()})")
+            as_of = end_of_day(datetime.fromtimestamp(counts.last_timestamp, UTC).date().isoformat())
+        tally = _score_spill(spill, predictor, as_of, out, batch_users, progress)
+    return ScoreReport(
+        out=str(out),
+        source=str(source),
+        model_version=predictor.metadata.model_version,
+        as_of=rfc3339(as_of),
+        users=tally.users,
+        users_without_history=tally.without_history,
+        rows_after_as_of=tally.after_as_of,
+        partitions=spill.k,
+        seconds=time.perf_counter() - started,
+        counts=counts,
+        columns_filled=log_file.filled,
+    )
+
+
+def _spill(log_file: Log, directory: Path, chunk_rows: int, progress: bool) -> _Spill:
+    """Pass 1: the whole log read, checked and cleaned into spill files of about ``chunk_rows`` rows."""
+    spill: _Spill | None = None
+    with tqdm(desc="read", unit=" rows", unit_scale=True, disable=not progress, leave=False) as bar:
+        try:
+            for block in log_file.blocks():
+                if spill is None:  # a CSV's size in rows is known from its first block on
+                    bar.total = log_file.estimated_rows
+                    spill = _Spill(directory, max(1, math.ceil(log_file.estimated_rows / chunk_rows)))
+                spill.write(block)
+                bar.update(log_file.counts.rows_read - bar.n)
+        finally:
+            if spill is not None:
+                spill.close()
+    counts = log_file.counts
+    if spill is None or counts.rows_read == counts.dropped["missing_user"]:
+        raise DataError(f"{log_file.path}: no rows with a user id ({counts.to_dict()})")
+    return spill
+
+
+@dataclass
+class _Tally:
+    users: int = 0
+    without_history: int = 0
+    after_as_of: int = 0
+
+
+def _score_spill(
+    spill: _Spill, predictor: Predictor, as_of: int, out: Path, batch_users: int, progress: bool
+) -> _Tally:
+    """Pass 2: each spill file scored and appended to ``out`` as one row group."""
+    tally = _Tally()
+    version = pa.scalar(predictor.metadata.model_version)
+    stamp = pa.scalar(as_of * 1000, type=_AS_OF_TYPE)
+    with (
+        tqdm(desc="score", unit=" users", unit_scale=True, disable=not progress) as bar,
+        _atomic_parquet(out, output_schema(predictor, as_of)) as writer,
+    ):
+        for chunk in spill.tables():
+            scores = score_frame(chunk, predictor, as_of, batch_users=batch_users)
+            n = scores.num_rows
+            scores = scores.add_column(1, "as_of", pa.repeat(stamp, n))
+            writer.write_table(scores.append_column("model_version", pa.repeat(version, n)), max(n, 1))
+            stamps = chunk.column("timestamp")
+            with_history = pc.filter(chunk.column("user_id"), pc.less_equal(stamps, as_of))
+            tally.users += n
+            tally.without_history += n - pc.count_distinct(with_history).as_py()
+            tally.after_as_of += pc.sum(pc.greater(stamps, as_of)).as_py() or 0
+            bar.update(n)
+    return tally
