@@ -33,7 +33,13 @@ from service.limits import Admission, LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.predictor import Predictor
-from service.schemas import BatchPredictRequest, ColumnarPredictRequest, PredictRequest, ReloadRequest
+from service.schemas import (
+    BatchPredictRequest,
+    ColumnarEvents,
+    ColumnarPredictRequest,
+    PredictRequest,
+    ReloadRequest,
+)
 from service.scoring import Scorer
 from service.store import EventStore, GuardedStore, open_store
 from service.store.metrics import StoreMetrics
@@ -48,7 +54,35 @@ Every error is JSON: `{"error": code, "message": ..., "detail": [{"field", "type
 """
 
 
-def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
+def _limit_lists(components: dict[str, Any], settings: Settings) -> None:
+    """The deployment's list limits as ``maxItems``: more users than ``max_batch_users`` is a 413,
+    more events (for one user, or in one ``/events`` body) than ``max_events_per_user`` a 422."""
+    max_users, max_events = settings.max_batch_users, settings.max_events_per_user
+    for name, field, limit in (
+        (BatchPredictRequest.__name__, "users", max_users),
+        (ColumnarEvents.__name__, "user_id", max_users),
+        (PredictRequest.__name__, "events", max_events),
+        (events.EventsRequest.__name__, "events", max_events),
+    ):
+        declared = components[name]["properties"][field]
+        for branch in declared.get("anyOf", [declared]):  # `events` may also be null
+            if branch.get("type") == "array":
+                branch["maxItems"] = limit
+
+
+def _require_events(components: dict[str, Any]) -> None:
+    """Without an event store a user can only be scored from inline events: ``events`` is required
+    (and not null), as the 422 for a user sent without them says."""
+    request = components[PredictRequest.__name__]
+    declared = request["properties"]["events"]
+    (array,) = (branch for branch in declared.pop("anyOf") if branch.get("type") == "array")
+    del declared["default"]
+    declared.update(array)
+    declared["description"] += " Required here: this server has no event store."
+    request["required"] = [*request.get("required", []), "events"]
+
+
+def _add_request_schemas(app: FastAPI, settings: Settings, *, admin_enabled: bool) -> None:
     """Request bodies are parsed by hand (see ``api/predict.py``); publish their schemas anyway."""
 
     def openapi() -> dict[str, Any]:
@@ -70,6 +104,9 @@ def _add_request_schemas(app: FastAPI, *, admin_enabled: bool) -> None:
                 for name, definition in body.pop("$defs", {}).items():
                     components.setdefault(name, definition)
                 components[request_model.__name__] = body
+            if "/events" not in schema["paths"]:
+                _require_events(components)
+            _limit_lists(components, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -217,5 +254,5 @@ def create_app(
     app.add_middleware(RequestMiddleware, metrics=metrics)
     app.direct_predict = RequestMiddleware(LimitMiddleware(predict.serve_predict, **limits), metrics=metrics)
     app.predict_route = next(r for r in predict.router.routes if getattr(r, "path", None) == "/predict")
-    _add_request_schemas(app, admin_enabled=admin_enabled)
+    _add_request_schemas(app, settings, admin_enabled=admin_enabled)
     return app

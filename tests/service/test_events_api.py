@@ -203,6 +203,13 @@ def test_admin_history_routes_need_the_token_and_page_and_erase(api: TestClient)
     assert api.delete("/users/u%2Fwith%20slash", headers=AUTH).json()["deleted_events"] == 0
 
 
+def test_a_whole_float_quantity_is_the_same_event(api: TestClient) -> None:
+    """654.0 is the integer 654 to JSON Schema: taken, and stored as the same event (a duplicate)."""
+    assert ingest(api, "u-1", [event("1997-01-12T00:00:00Z", 29.33, 2)])["stored"] == 1
+    assert ingest(api, "u-1", [{**event("1997-01-12T00:00:00Z", 29.33), "quantity": 2.0}])["duplicates"] == 1
+    assert api.get("/users/u-1/events", headers=AUTH).json()["events"][0]["quantity"] == 2
+
+
 def test_without_an_admin_token_the_history_routes_do_not_exist(tmp_path: Path) -> None:
     with make_client(store_settings(tmp_path, admin_token=None)) as c:
         wait_ready(c)
