@@ -228,6 +228,10 @@ def test_one_past_a_list_limit_is_refused_and_the_limit_itself_taken(admin: Test
     assert admin.post("/events", json={"events": stored}).status_code == 422
 
 
+def test_a_reload_body_is_optional(spec: dict[str, Any]) -> None:
+    assert spec["paths"]["/admin/reload"]["post"]["requestBody"]["required"] is False
+
+
 def test_without_a_store_events_are_required_by_the_schema_too() -> None:
     settings = Settings(providers=("CPUExecutionProvider",), store_backend="none")
     app = create_app(settings, predictor=FakePredictor(), registry=CollectorRegistry())
