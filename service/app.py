@@ -82,6 +82,32 @@ def _require_events(components: dict[str, Any]) -> None:
     request["required"] = [*request.get("required", []), "events"]
 
 
+def _link_user_operations(paths: dict[str, Any]) -> None:
+    """OpenAPI links between the event store's operations (where the admin ones are mounted): what
+    `POST /events` stored is read and erased by the user id it was sent with, and a read after an
+    erasure is a 404."""
+    read, erase = paths["/users/{user_id}/events"]["get"], paths["/users/{user_id}"]["delete"]
+
+    def link(target: dict[str, Any], user_id: str, description: str) -> dict[str, Any]:
+        return {
+            "operationId": target["operationId"],
+            "parameters": {"user_id": user_id},
+            "description": description,
+        }
+
+    stored = "$request.body#/events/0/user_id"
+    paths["/events"]["post"]["responses"]["200"]["links"] = {
+        "readStoredEvents": link(read, stored, "The first event's user, with what the store holds of them."),
+        "eraseUser": link(erase, stored, "Forget the first event's user."),
+    }
+    read["responses"]["200"]["links"] = {
+        "eraseUser": link(erase, "$response.body#/user_id", "Forget this user."),
+    }
+    erase["responses"]["200"]["links"] = {
+        "readStoredEvents": link(read, "$response.body#/user_id", "Gone: 404 `unknown_user`."),
+    }
+
+
 def _add_request_schemas(app: FastAPI, settings: Settings, *, admin_enabled: bool) -> None:
     """Request bodies are parsed by hand (see ``api/predict.py``); publish their schemas anyway."""
 
@@ -107,6 +133,8 @@ def _add_request_schemas(app: FastAPI, settings: Settings, *, admin_enabled: boo
             if "/events" not in schema["paths"]:
                 _require_events(components)
             _limit_lists(components, settings)
+            if "/users/{user_id}" in schema["paths"]:
+                _link_user_operations(schema["paths"])
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from starlette.testclient import TestClient
@@ -230,6 +231,25 @@ def test_one_past_a_list_limit_is_refused_and_the_limit_itself_taken(admin: Test
 
 def test_a_reload_body_is_optional(spec: dict[str, Any]) -> None:
     assert spec["paths"]["/admin/reload"]["post"]["requestBody"]["required"] is False
+
+
+def test_the_store_operations_are_linked_by_user_id(spec: dict[str, Any]) -> None:
+    paths = spec["paths"]
+    read, erase = paths["/users/{user_id}/events"]["get"], paths["/users/{user_id}"]["delete"]
+    ingest_links = paths["/events"]["post"]["responses"]["200"]["links"]
+    assert {link["operationId"] for link in ingest_links.values()} == {
+        read["operationId"],
+        erase["operationId"],
+    }
+    assert read["responses"]["200"]["links"]["eraseUser"]["operationId"] == erase["operationId"]
+    assert erase["responses"]["200"]["links"]["readStoredEvents"]["operationId"] == read["operationId"]
+
+
+def test_without_the_admin_routes_there_are_no_links(app: FastAPI) -> None:
+    with TestClient(app) as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    assert "/users/{user_id}" not in paths
+    assert "links" not in paths["/events"]["post"]["responses"]["200"]
 
 
 def test_without_a_store_events_are_required_by_the_schema_too() -> None:
