@@ -33,7 +33,13 @@ from service.limits import Admission, LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.predictor import Predictor
-from service.schemas import BatchPredictRequest, ColumnarPredictRequest, PredictRequest, ReloadRequest
+from service.schemas import (
+    BatchPredictRequest,
+    ColumnarEvents,
+    ColumnarPredictRequest,
+    PredictRequest,
+    ReloadRequest,
+)
 from service.scoring import Scorer
 from service.store import EventStore, GuardedStore, open_store
 from service.store.metrics import StoreMetrics
@@ -193,5 +199,12 @@ def create_app(
         app,
         (PredictRequest, BatchPredictRequest, ColumnarPredictRequest, ReloadRequest, events.EventsRequest),
         bearer=admin_enabled,
+        # more users than this is a 413, more events (one user's, or one /events body) a 422
+        list_limits=(
+            (BatchPredictRequest, "users", settings.max_batch_users),
+            (ColumnarEvents, "user_id", settings.max_batch_users),
+            (PredictRequest, "events", settings.max_events_per_user),
+            (events.EventsRequest, "events", settings.max_events_per_user),
+        ),
     )
     return app
