@@ -147,6 +147,7 @@ def test_an_unknown_user_is_a_404_by_default_and_cold_starts_when_configured(tmp
     [
         ({"timestamp": "1997-01-12T00:00:00"}, "events[1].timestamp"),  # no offset
         ({"timestamp": 853027200}, "events[1].timestamp"),  # epoch number
+        ({"timestamp": "853027200"}, "events[1].timestamp"),  # epoch seconds as a string
         ({"timestamp": "1969-12-31T23:59:59Z"}, "events[1].timestamp"),
         ({"timestamp": "0001-01-01T00:00:00Z"}, "events[1].timestamp"),
         ({"timestamp": "9999-12-31T23:59:59Z"}, "events[1].timestamp"),
