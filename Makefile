@@ -26,8 +26,9 @@ $(VENV)/.stamp-train: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[train]'
 	touch $@
 
+# The ray extra too: `make test` runs the scoring job's Ray engine on a local Ray.
 $(VENV)/.stamp-dev: $(VENV)/.stamp-train
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[train,dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[train,dev,ray]'
 	touch $@
 
 # Re-resolve the runtime dependencies in a scratch venv (no torch, no extras) and pin them.
