@@ -2,26 +2,26 @@
 pass 2 on a pool of actors that each hold one onnxruntime session.
 
 Pass 1 runs on the driver exactly as in :func:`model_export.score.score_log` (one cleaning policy,
-the same errors, nothing written on bad input). Each spill file becomes one block in Ray's object
-store, so all of a user's rows reach one :func:`score_partition` call on whichever node runs it, with
-no shared disk. The driver writes the answers to ``<out>.partial`` in spill order, one row group per
-block, and renames it: one Parquet file, as the local engine writes. Trade-offs: docs/scoring.md.
+the same errors, nothing written on bad input) and writes its spill files, each holding all rows of
+its users. The dataset is their paths, one block each; an actor (:class:`SpillScorer`) reads a file
+and scores it. The driver writes the answers to ``<out>.partial`` in spill order, one row group per
+file, and renames it: one Parquet file, as the local engine writes. Trade-offs: docs/scoring.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import ray
 import ray.data
 
+from model_export.partition import SpillScorer, read_spill
 from model_export.score import (
     BATCH_USERS,
     CHUNK_ROWS,
@@ -31,15 +31,13 @@ from model_export.score import (
     default_as_of,
     output_schema,
     report,
-    score_partition,
     session_settings,
     spilled,
 )
-from service.config import Settings
 from service.predictor import load_predictor
 
-#: The object store of a local cluster the job starts itself. The cleaned log passes through it
-#: once, in spill-file-sized blocks; Ray spills what does not fit to disk.
+#: The object store of a local cluster the job starts itself: only the answers pass through it
+#: (the actors read the spill files from disk), so a modest one leaves the memory to the job.
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
 
 
@@ -67,23 +65,6 @@ def connect(*, num_cpus: int | None = None) -> bool:
 def cluster_cpus() -> int:
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     return max(1, int(resources.get("CPU", 1)))
-
-
-class _Scorer:
-    """One actor of the pool: the driver's model file and settings, loaded, checked and warmed up as
-    the service loads them, scoring one user-partitioned block per call."""
-
-    def __init__(self, model: bytes, settings: Settings, as_of: int, batch_users: int) -> None:
-        # the bytes, not the driver's path: a node of a real cluster need not see the driver's disk
-        with tempfile.TemporaryDirectory(prefix="pi-model-") as scratch:
-            path = Path(scratch) / "model.onnx"
-            path.write_bytes(model)
-            self._predictor = load_predictor(settings, path)
-        self._as_of = as_of
-        self._batch_users = batch_users
-
-    def __call__(self, chunk: pa.Table) -> pa.Table:
-        return score_partition(chunk, self._predictor, self._as_of, batch_users=self._batch_users)
 
 
 def score_log_ray(
@@ -122,20 +103,17 @@ def score_log_ray(
         partitions_multiple_of=pool,  # every actor gets as many blocks
     ) as (log_file, spill):
         as_of = as_of if as_of is not None else default_as_of(log_file)
-        tally = Tally()
-        blocks: list[Any] = []  # object refs; ray.put's type is not the one from_arrow_refs declares
-        for chunk in spill.tables():
-            tally.add(chunk, as_of)
-            blocks.append(ray.put(chunk))
-        data = ray.data.from_arrow_refs(blocks)
+        # the actors read the spill files themselves: no copy through the object store, and each
+        # holds one file at a time, as the local engine does
+        data = ray.data.from_items([{"path": str(p)} for p in spill.paths], override_num_blocks=spill.k)
         # the output's row groups in spill order, as the local engine writes them: the same log
         # gives the same file on every run
         data.context.execution_options.preserve_order = True
         data.context.enable_progress_bars = progress
         data.context.print_on_execution_start = progress
         scored = data.map_batches(
-            _Scorer,
-            batch_size=None,  # one whole block a call: a user's rows are never split
+            SpillScorer,
+            batch_size=1,  # one spill file a call: all of its users' rows, and only theirs
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=cpus_per_actor,
@@ -147,10 +125,16 @@ def score_log_ray(
             },
         )
         schema = output_schema(predictor, as_of)
+        tally = Tally()
+        uncounted = iter(spill.paths)
         with atomic_parquet(out, schema) as writer:
             for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
                 table: pa.Table = batch
                 writer.write_table(table.cast(schema), max(table.num_rows, 1))
-        del blocks
+                # the report's counts, a spill file per answer, while the actors score the rest
+                for path in itertools.islice(uncounted, 1):
+                    tally.add(read_spill(path), as_of)
+        for path in uncounted:
+            tally.add(read_spill(path), as_of)
     seconds = time.perf_counter() - started
     return report(predictor, source, log_file, spill, out, as_of, tally, seconds, engine="ray", workers=pool)

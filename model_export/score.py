@@ -2,10 +2,10 @@
 
 Two passes, so memory follows the chunk size, not the log. Pass 1 streams the log
 (:mod:`model_export.reader`: typed, checked, cleaned as training cleans) into spill files by a hash
-of the user id; pass 2 scores one spill file at a time with :func:`score_frame` and appends its rows
-to ``<out>.partial``, renamed to ``<out>`` once complete. Every check runs in pass 1, so bad input
-fails before any output exists. :func:`score_frame` is what another engine (Ray, Spark) maps over
-user-partitioned chunks. How it works and its memory model: docs/scoring.md.
+of the user id; pass 2 scores one spill file at a time (:mod:`model_export.partition`, what another
+engine maps over user-partitioned chunks: :mod:`model_export.ray_engine`, Spark) and appends its
+rows to ``<out>.partial``, renamed to ``<out>`` once complete. Every check runs in pass 1, so bad
+input fails before any output exists. How it works and its memory model: docs/scoring.md.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from model_export.data import DataError, end_of_day
+from model_export.partition import AS_OF_TYPE, read_spill, score_partition
 from model_export.reader import EVENTS, Log, RowCounts, open_log
-from service.columns import EventColumns
 from service.config import Settings
-from service.features import encode_batch
 from service.predictor import OnnxPredictor, Predictor, load_predictor
 from service.timestamps import check_range
 
@@ -44,8 +43,6 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 250_000
 #: Users per onnxruntime call: the service's own default slice (``PI_INFERENCE_BATCH_USERS``).
 BATCH_USERS: int = Settings.model_fields["inference_batch_users"].default
-
-_AS_OF_TYPE = pa.timestamp("ms", tz="UTC")  # Parquet has no seconds unit: it would store ms anyway
 
 
 @dataclass(frozen=True)
@@ -134,6 +131,10 @@ class Spill:
                 self._writers[i].write_batch(grouped.slice(start, count))
             start += count
 
+    @property
+    def paths(self) -> list[Path]:
+        return list(self._paths)
+
     def close(self) -> None:
         for writer, sink in zip(self._writers, self._sinks, strict=True):
             writer.close()
@@ -142,96 +143,9 @@ class Spill:
     def tables(self) -> Iterator[pa.Table]:
         """Each partition in turn, its file removed once read."""
         for path in self._paths:
-            with pa.OSFile(str(path)) as source:
-                table = ipc.open_stream(source).read_all()
+            table = read_spill(path)
             path.unlink()
             yield table
-
-
-def _slice(columns: EventColumns, start: int, stop: int) -> EventColumns:
-    first, last = int(columns.offsets[start]), int(columns.offsets[stop])
-    return EventColumns(
-        timestamps=columns.timestamps[first:last],
-        amounts=columns.amounts[first:last],
-        quantities=columns.quantities[first:last],
-        offsets=columns.offsets[start : stop + 1] - first,
-        as_of=columns.as_of[start:stop],
-    )
-
-
-def _predict(predictor: Predictor, features: NDArray[np.float32]) -> NDArray[np.float32]:
-    if features.shape[0] == 1:
-        # onnxruntime computes a batch of one on another kernel path, whose sums can differ from a
-        # larger batch's in the last bit: a lone user is scored beside a zero row, as /predict/batch
-        # would score them among others
-        return predictor.predict(np.concatenate([features, np.zeros_like(features)]))[:1]
-    return predictor.predict(features)
-
-
-def score_frame(chunk: pa.Table, predictor: Predictor, as_of: int, *, batch_users: int) -> pa.Table:
-    """Every user of ``chunk`` scored at ``as_of``: ``user_id, probability (float32), will_purchase``,
-    sorted by user id.
-
-    ``chunk`` holds :data:`model_export.reader.EVENTS` rows and *all* rows of each of its users (a
-    user-partitioned chunk); a row without a timestamp only names its user. Users are encoded with
-    the shared encoder ``batch_users`` at a time, as the service encodes a ``/predict/batch``
-    request, and scored by ``predictor``: the answers are the service's, bit for bit.
-    """
-    users = chunk.column("user_id").combine_chunks()
-    encoded = users.dictionary_encode()
-    ids = encoded.dictionary
-    by_id = pc.sort_indices(ids).to_numpy()
-    rank = np.empty(len(ids), dtype=np.int64)
-    rank[by_id] = np.arange(len(ids))
-    user = rank[encoded.indices.to_numpy(zero_copy_only=False)]  # per row, the user's place by id
-    n = len(ids)
-
-    stamps = chunk.column("timestamp").combine_chunks()
-    event = ~np.asarray(stamps.is_null().to_numpy(zero_copy_only=False), dtype=np.bool_)
-    # stable: each user's events stay in the log's order, the order the service is sent them in,
-    # so the encoder's float sums run in the same order
-    rows = np.flatnonzero(event)[np.argsort(user[event], kind="stable")]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user[event], minlength=n), out=offsets[1:])
-
-    def _column(array: pa.Array, dtype: type[np.generic]) -> NDArray[Any]:
-        return np.asarray(array.fill_null(0).to_numpy(zero_copy_only=False), dtype=dtype)[rows]
-
-    columns = EventColumns(
-        timestamps=_column(stamps, np.int64),
-        amounts=_column(chunk.column("amount").combine_chunks(), np.float64),
-        quantities=_column(chunk.column("quantity").combine_chunks(), np.float64),
-        offsets=offsets,
-        as_of=np.full(n, as_of, dtype=np.int64),
-    )
-    meta = predictor.metadata
-    probabilities = np.empty(n, dtype=np.float32)
-    for start in range(0, n, batch_users):
-        stop = min(n, start + batch_users)
-        part = _slice(columns, start, stop)
-        features = encode_batch(
-            part.timestamps, part.amounts, part.quantities, part.offsets, part.as_of, meta.feature_spec
-        )
-        probabilities[start:stop] = _predict(predictor, features)
-    if not np.all(np.isfinite(probabilities)):
-        raise RuntimeError("the model returned a non-finite probability")  # as the service refuses
-    return pa.table(
-        {
-            "user_id": ids.take(pa.array(by_id)),
-            "probability": pa.array(probabilities, type=pa.float32()),
-            # the service's rule: the float32 probability widened to float64, then compared
-            "will_purchase": pa.array(probabilities.astype(np.float64) >= meta.threshold),
-        }
-    )
-
-
-def score_partition(chunk: pa.Table, predictor: Predictor, as_of: int, *, batch_users: int) -> pa.Table:
-    """:func:`score_frame` with the output file's columns (:func:`output_schema`, without its
-    metadata): the rows one user-partitioned chunk adds to the output, whatever the engine."""
-    scores = score_frame(chunk, predictor, as_of, batch_users=batch_users)
-    n = scores.num_rows
-    scores = scores.add_column(1, "as_of", pa.repeat(pa.scalar(as_of * 1000, type=_AS_OF_TYPE), n))
-    return scores.append_column("model_version", pa.repeat(pa.scalar(predictor.metadata.model_version), n))
 
 
 def output_schema(predictor: Predictor, as_of: int) -> pa.Schema:
@@ -239,7 +153,7 @@ def output_schema(predictor: Predictor, as_of: int) -> pa.Schema:
     return pa.schema(
         [
             ("user_id", pa.string()),
-            ("as_of", _AS_OF_TYPE),
+            ("as_of", AS_OF_TYPE),
             ("probability", pa.float32()),
             ("will_purchase", pa.bool_()),
             ("model_version", pa.string()),

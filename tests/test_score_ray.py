@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pyarrow as pa
+import pyarrow.ipc
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -22,13 +23,19 @@ from onnx import TensorProto, helper
 
 from model_export.__main__ import main
 from model_export.data import DataError
+from model_export.partition import SpillScorer, score_partition
 from model_export.ray_engine import score_log_ray
-from model_export.score import ScoreReport, open_model, parse_as_of, partition_of, score_log
+from model_export.score import (
+    ScoreReport,
+    open_model,
+    parse_as_of,
+    partition_of,
+    score_log,
+    session_settings,
+)
 from tests.conftest import TinyModel
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
-
-pytestmark = pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
 
 HEADER = "user_id,timestamp,amount,quantity\n"
 BATCH_USERS = 4  # many batches per block, odd tails: the padded paths too
@@ -115,6 +122,7 @@ def _foreign_peers() -> set[str]:
     return {str(p) for p in peers - ours if not (p.is_loopback or p.is_unspecified)}
 
 
+@pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
 def test_the_ray_engine_writes_the_local_engines_file(tmp_path: Path, model: Path, cluster: None) -> None:
     log = _log(tmp_path / "log.csv")
     as_of = parse_as_of("2023-11-30")  # some rows lie after it
@@ -144,6 +152,7 @@ def test_the_ray_engine_writes_the_local_engines_file(tmp_path: Path, model: Pat
     assert not _foreign_peers()
 
 
+@pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
 def test_partitions_are_rounded_up_to_a_multiple_of_the_actors(
     tmp_path: Path, model: Path, cluster: None
 ) -> None:
@@ -163,6 +172,7 @@ def test_partitions_are_rounded_up_to_a_multiple_of_the_actors(
         assert users.to_pylist() == sorted(users.to_pylist())
 
 
+@pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
 def test_bad_input_fails_before_any_ray_work_or_output(tmp_path: Path, model: Path, cluster: None) -> None:
     log = tmp_path / "log.csv"
     log.write_text(HEADER + "a,2024-01-01,1,1\nb,2024-01-02,ten,1\n")
@@ -199,6 +209,7 @@ def _nan_model(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
 def test_a_failing_actor_leaves_no_output_and_the_old_file_intact(tmp_path: Path, cluster: None) -> None:
     model = _nan_model(tmp_path / "nan.onnx")
     log = _log(tmp_path / "log.csv")
@@ -210,6 +221,7 @@ def test_a_failing_actor_leaves_no_output_and_the_old_file_intact(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "nan.onnx", "s.parquet"]
 
 
+@pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
 def test_cli_engine_ray(
     tmp_path: Path, model: Path, cluster: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -226,6 +238,7 @@ def test_cli_engine_ray(
     assert pq.read_table(out).equals(pq.read_table(local))
 
 
+@pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
 def test_every_cdnow_user_scored_by_ray_as_by_the_local_engine(
     tiny_model_dir: TinyModel, tmp_path: Path, cluster: None
 ) -> None:
@@ -239,3 +252,26 @@ def test_every_cdnow_user_scored_by_ray_as_by_the_local_engine(
     assert a.num_rows == 23_570
     assert b.equals(a)
     assert b.column("probability").type == pa.float32()
+
+
+def test_a_spill_scorer_scores_files_by_path_and_names_a_missing_one(tmp_path: Path, model: Path) -> None:
+    """The actor's class without Ray: a spill file's users, as score_partition scores them."""
+    chunk = pa.table(
+        {
+            "user_id": ["b", "a", "b"],
+            "timestamp": [86_400, 0, None],
+            "amount": [1.0, 2.0, 0.0],
+            "quantity": [1.0] * 3,
+        }
+    )
+    path = tmp_path / "part-00000.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, chunk.schema) as writer:
+        writer.write_table(chunk)
+    settings = session_settings(batch_users=BATCH_USERS)
+    scorer = SpillScorer(model.read_bytes(), settings, 10 * 86_400, BATCH_USERS)
+    want = score_partition(
+        chunk, open_model(model, batch_users=BATCH_USERS), 10 * 86_400, batch_users=BATCH_USERS
+    )
+    assert scorer(pa.table({"path": [str(path), str(path)]})).equals(pa.concat_tables([want, want]))
+    with pytest.raises(FileNotFoundError, match="--spill-dir must be a directory every node mounts"):
+        scorer(pa.table({"path": [str(tmp_path / "gone.arrow")]}))
