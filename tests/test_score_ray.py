@@ -21,6 +21,7 @@ import pytest
 import ray
 from onnx import TensorProto, helper
 
+from bench.processes import descendants
 from model_export.__main__ import main
 from model_export.data import DataError
 from model_export.partition import SpillScorer, score_partition
@@ -91,19 +92,7 @@ def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 def _foreign_peers() -> set[str]:
     """The peers of TCP sockets held by this process and its descendants (Ray's raylet, GCS and
     workers) that are not this machine: empty when every connection stayed on it."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        parent = int(text.rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
-        children.setdefault(parent, []).append(int(text.split(" ", 1)[0]))
-    tree, todo = set(), [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo += children.get(pid, [])
+    tree = [os.getpid(), *descendants(os.getpid())]
     sockets: set[str] = set()
     for pid in tree:
         try:
