@@ -314,7 +314,7 @@ def run(options: Options, say: Say) -> Report:
             (workdir / "by_id.json").write_bytes(bodies.by_id_body())
             by_id = wrk.write_post_script(workdir / "by_id.lua", workdir / "by_id.json")
             _check_answers(service.url + "/predict", bodies.by_id_body(), "service")
-        with processes.RssSampler(service.process.pid) as rss:
+        with processes.RssSampler(pid=service.process.pid) as rss:
             http += _load(service, scripts, options, say, bulk=True)
             if options.phases == "all":
                 phase = _http_phase(service, "/predict", by_id, max(options.connections), 1, options, say)

@@ -8,11 +8,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from model_export.config import DEFAULT_PROTOCOL, PROTOCOL_DEFAULTS, EvaluationProtocol, TrainConfig
 from model_export.data import DataError
 from service.features import ALL_CHANNELS, DEFAULT_CHANNELS
+
+if TYPE_CHECKING:
+    from model_export.score import ScoreReport
 
 
 def _columns(value: str) -> dict[str, str]:
@@ -161,7 +166,20 @@ def _score_options(p: argparse.ArgumentParser) -> None:
         "--batch-users", type=_positive, help="users per onnxruntime call (default: the service's)"
     )
     p.add_argument(
-        "--threads", type=_positive, help="onnxruntime intra-op threads (default: PI_INTRA_OP_THREADS or 1)"
+        "--threads",
+        type=_positive,
+        help="onnxruntime intra-op threads (default: PI_INTRA_OP_THREADS or 1); "
+        "with --engine ray, each actor's CPUs and threads (default 1)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: Ray Data, on the cluster RAY_ADDRESS names or a local one "
+        "(needs the [ray] extra)",
+    )
+    p.add_argument(
+        "--actors", type=_positive, help="with --engine ray: scoring actors (default: the cluster's CPUs)"
     )
     p.add_argument("--spill-dir", type=Path, help="where pass 1 spills the log (default: beside --out)")
     p.add_argument("--report", type=Path, help="also write the run's summary here, as JSON")
@@ -175,20 +193,24 @@ def _score(args: argparse.Namespace) -> int:
     from service.artifact import ArtifactError
     from service.predictor import ProviderError
 
+    if args.engine == "ray" and find_spec("ray") is None:
+        print("error: --engine ray needs the ray extra: pip install 'purchase-intent[ray]'", file=sys.stderr)
+        return 2
     batch = args.batch_users or BATCH_USERS
+    job: dict[str, Any] = {
+        "as_of": args.as_of,
+        "columns": args.columns,
+        "chunk_rows": args.chunk_rows or CHUNK_ROWS,
+        "batch_users": batch,
+        "spill_dir": args.spill_dir,
+        "progress": args.progress,
+    }
     try:
-        predictor = open_model(args.model, batch_users=batch, threads=args.threads)
-        report = score_log(
-            predictor,
-            args.data,
-            args.out,
-            as_of=args.as_of,
-            columns=args.columns,
-            chunk_rows=args.chunk_rows or CHUNK_ROWS,
-            batch_users=batch,
-            spill_dir=args.spill_dir,
-            progress=args.progress,
-        )
+        if args.engine == "ray":
+            report = _score_ray(args, job)
+        else:
+            predictor = open_model(args.model, batch_users=batch, threads=args.threads)
+            report = score_log(predictor, args.data, args.out, **job)
     except (DataError, ArtifactError, ProviderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -202,6 +224,21 @@ def _score(args: argparse.Namespace) -> int:
         f"{report.seconds:.1f} s, {report.users_per_s:,.0f} users/s"
     )
     return 0
+
+
+def _score_ray(args: argparse.Namespace, job: dict[str, Any]) -> ScoreReport:
+    import ray
+
+    from model_export.ray_engine import connect, score_log_ray
+
+    started = connect()
+    try:
+        return score_log_ray(
+            args.model, args.data, args.out, cpus_per_actor=args.threads or 1, actors=args.actors, **job
+        )
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
