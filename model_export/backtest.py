@@ -32,8 +32,9 @@ from model_export import metrics
 from model_export.baselines import BASELINES
 from model_export.config import TrainConfig
 from model_export.data import Transactions, end_of_day
+from model_export.examples import SECONDS_PER_WEEK
 from model_export.files import write_atomic
-from model_export.train import SECONDS_PER_WEEK, Fitted, fit, latest_cutoff, load
+from model_export.train import Fitted, fit, latest_cutoff, load
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def monthly_cutoffs(tx: Transactions, horizon_weeks: int, step_months: int = 1) 
     first model has customers with some past to learn from.
     """
     last = pd.Timestamp(latest_cutoff(tx, horizon_weeks))
-    first_day = int(tx.frame["timestamp"].min()) // 86_400
+    first_day = tx.first_timestamp // 86_400
     earliest = pd.Timestamp(_day((first_day + 2 * 7 * horizon_weeks) * 86_400))
     out: list[str] = []
     k = 0
@@ -190,9 +191,14 @@ def _validation_signals(fitted: Fitted) -> dict[str, float]:
         for name in ("cln", *BASELINES)
     }
     out["cln_log_loss"] = metrics.binary_metrics(va.y, fitted.scores["cln"]["validation"], 0.5).log_loss
-    half = va.X.shape[1] // 2
+    half = va.spec.lookback_bins // 2
     with torch.no_grad():
-        cropped = fitted.ensemble(torch.from_numpy(np.ascontiguousarray(va.X[:, -half:, :]))).double().numpy()
+        cropped = np.concatenate(
+            [
+                fitted.ensemble(torch.from_numpy(np.ascontiguousarray(x[:, -half:, :]))).double().numpy()
+                for x in va.slices()
+            ]
+        )
     out["cln_auc_half_window"] = metrics.roc_auc(va.y, cropped)
     out["cln_log_loss_half_window"] = metrics.binary_metrics(va.y, cropped, 0.5).log_loss
     return out
