@@ -228,14 +228,14 @@ def run_cutoff(
     y = test.y
     scores = _test_scores(fitted)
     models = {name: _scores(y, p, name != RECENCY) for name, p in scores.items()}
-    replicates: dict[str, NDArray[np.float64]] = {}
-    boot: dict[str, dict[str, Any]] = {}
-    for name in MODELS[1:]:
-        diffs = metrics.bootstrap_auc_diffs(y, scores["cln"], scores[name], n_boot=n_boot, seed=cfg.seed)
-        replicates[name] = diffs
-        boot[f"cln_vs_{name}"] = asdict(
-            metrics.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, diffs)
+    against = {name: scores[name] for name in MODELS[1:]}
+    replicates = metrics.bootstrap_auc_diffs_against(y, scores["cln"], against, n_boot=n_boot, seed=cfg.seed)
+    boot = {
+        f"cln_vs_{name}": asdict(
+            metrics.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, replicates[name])
         )
+        for name in MODELS[1:]
+    }
     window_days = cfg.lookback_bins * cfg.bin_days
     buckets = [
         _bucket(name, y[mask], {m: p[mask] for m, p in scores.items()}, n_boot, cfg.seed)

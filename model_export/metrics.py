@@ -10,7 +10,7 @@ number sklearn's ``roc_auc_score`` reports.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -184,34 +184,45 @@ def bootstrap_auc_diffs(
     The same ``seed`` and user count give the same draws whatever the scores, so replicate ``k`` of
     several comparisons (or several evaluation dates) can be combined, e.g. averaged across dates.
     """
+    return bootstrap_auc_diffs_against(y, p_a, {"b": p_b}, n_boot, seed)["b"]
+
+
+def bootstrap_auc_diffs_against(
+    y: ArrayLike,
+    p_a: ArrayLike,
+    others: Mapping[str, ArrayLike],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, NDArray[np.float64]]:
+    """:func:`bootstrap_auc_diffs` of ``a`` against each of ``others``, equal to one call per
+    comparison (the draws depend on the seed and the user count only), but the users are drawn once
+    and ``a`` is scored once per replicate for all of them."""
     labels = as_labels(y)
-    a = as_scores(p_a, labels.size)
-    b = as_scores(p_b, labels.size)
+    models = [as_scores(p_a, labels.size), *(as_scores(p, labels.size) for p in others.values())]
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     n = labels.size
-    group_a, n_a = _tie_groups(a)
-    group_b, n_b = _tie_groups(b)
+    groups = [_tie_groups(p) for p in models]
     # A replicate is a count per user; resampling users only changes the counts, so each model's
-    # AUC is per-group class counts (two bincounts) and a cumsum, with no re-sorting.
-    pos_w = labels.astype(np.float64)
+    # AUC is per-group class counts (two bincounts) and a cumsum, with no re-sorting. The positives'
+    # count is a bincount of the positive draws alone: a weighted bincount is several times slower.
+    positive = labels.astype(np.bool_)
     rng = np.random.default_rng(seed)
-    diffs: list[NDArray[np.float64]] = []
+    aucs: list[list[NDArray[np.float64]]] = [[] for _ in models]
     chunk = max(1, _BOOT_CHUNK_DRAWS // max(n, 1))
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
         idx = rng.integers(0, n, size=(rows, n))  # [rows, n] users drawn per replicate
         row_of = np.arange(rows, dtype=np.int64)[:, None]
-        is_pos = pos_w[idx].ravel()
-        auc_per_model = []
-        for group, n_groups in ((group_a, n_a), (group_b, n_b)):
+        drew_positive = positive[idx].ravel()
+        for (group, n_groups), out in zip(groups, aucs, strict=True):
             key = (row_of * n_groups + group[idx]).ravel()
             total = np.bincount(key, minlength=rows * n_groups).astype(np.float64)
-            pos = np.bincount(key, weights=is_pos, minlength=rows * n_groups).astype(np.float64)
+            pos = np.bincount(key[drew_positive], minlength=rows * n_groups).astype(np.float64)
             total, pos = total.reshape(rows, n_groups), pos.reshape(rows, n_groups)
-            auc_per_model.append(_auc_from_groups(pos, total - pos))
-        diffs.append(auc_per_model[0] - auc_per_model[1])
-    return np.concatenate(diffs)
+            out.append(_auc_from_groups(pos, total - pos))
+    a = np.concatenate(aucs[0])
+    return {name: a - np.concatenate(b) for name, b in zip(others, aucs[1:], strict=True)}
 
 
 def summarise_diffs(point: float, diffs: NDArray[np.float64]) -> AucDiff:
@@ -241,8 +252,20 @@ def paired_bootstrap_auc(
     (replicates that drew a single class are skipped) and the one-sided p-value: the fraction of
     replicates where model a is not better (diff <= 0).
     """
-    diffs = bootstrap_auc_diffs(y, p_a, p_b, n_boot, seed)
-    return summarise_diffs(roc_auc(y, p_a) - roc_auc(y, p_b), diffs)
+    return paired_bootstrap_aucs(y, p_a, {"b": p_b}, n_boot, seed)["b"]
+
+
+def paired_bootstrap_aucs(
+    y: ArrayLike,
+    p_a: ArrayLike,
+    others: Mapping[str, ArrayLike],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, AucDiff]:
+    """:func:`paired_bootstrap_auc` of ``a`` against each of ``others``, from one set of draws."""
+    diffs = bootstrap_auc_diffs_against(y, p_a, others, n_boot, seed)
+    auc_a = roc_auc(y, p_a)
+    return {name: summarise_diffs(auc_a - roc_auc(y, p), diffs[name]) for name, p in others.items()}
 
 
 def reliability_table(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> list[ReliabilityBin]:
