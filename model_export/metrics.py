@@ -202,11 +202,13 @@ def bootstrap_auc_diffs_against(
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     n = labels.size
-    groups = [_tie_groups(p) for p in models]
     # A replicate is a count per user; resampling users only changes the counts, so each model's
-    # AUC is per-group class counts (two bincounts) and a cumsum, with no re-sorting. The positives'
-    # count is a bincount of the positive draws alone: a weighted bincount is several times slower.
-    positive = labels.astype(np.bool_)
+    # AUC is per-group class counts and a cumsum, with no re-sorting. Tie group and class share one
+    # code (2 * group + label): one gather and one bincount per model and replicate.
+    codes = []
+    for p in models:
+        group, n_groups = _tie_groups(p)
+        codes.append((2 * group + labels, 2 * n_groups))
     rng = np.random.default_rng(seed)
     aucs: list[list[NDArray[np.float64]]] = [[] for _ in models]
     chunk = max(1, _BOOT_CHUNK_DRAWS // max(n, 1))
@@ -214,13 +216,12 @@ def bootstrap_auc_diffs_against(
         rows = min(chunk, n_boot - start)
         idx = rng.integers(0, n, size=(rows, n))  # [rows, n] users drawn per replicate
         row_of = np.arange(rows, dtype=np.int64)[:, None]
-        drew_positive = positive[idx].ravel()
-        for (group, n_groups), out in zip(groups, aucs, strict=True):
-            key = (row_of * n_groups + group[idx]).ravel()
-            total = np.bincount(key, minlength=rows * n_groups).astype(np.float64)
-            pos = np.bincount(key[drew_positive], minlength=rows * n_groups).astype(np.float64)
-            total, pos = total.reshape(rows, n_groups), pos.reshape(rows, n_groups)
-            out.append(_auc_from_groups(pos, total - pos))
+        for (code, n_codes), out in zip(codes, aucs, strict=True):
+            drawn = code[idx] if rows == 1 else row_of * n_codes + code[idx]
+            counts = np.bincount(drawn.ravel(), minlength=rows * n_codes).reshape(rows, n_codes // 2, 2)
+            neg = np.ascontiguousarray(counts[:, :, 0], dtype=np.float64)
+            pos = np.ascontiguousarray(counts[:, :, 1], dtype=np.float64)
+            out.append(_auc_from_groups(pos, neg))
     a = np.concatenate(aucs[0])
     return {name: a - np.concatenate(b) for name, b in zip(others, aucs[1:], strict=True)}
 

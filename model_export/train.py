@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -127,7 +128,12 @@ def _baseline_scores(
         gbm = baselines.LightGBMRFM(seed=cfg.seed).fit(
             mat["train"], splits.train.y, mat["validation"], splits.validation.y
         )
-        return out | {"lightgbm": {s: gbm.predict_proba(mat[s]) for s in ("validation", "test")}}
+        # scoring, unlike fitting, has no barriers to spin at: more threads cost little even while
+        # the network still trains, and at scale it has finished by now
+        cores = len(os.sched_getaffinity(0))
+        return out | {
+            "lightgbm": {s: gbm.predict_proba(mat[s], threads=cores) for s in ("validation", "test")}
+        }
 
     return pool.submit(with_lightgbm)
 
@@ -218,7 +224,9 @@ def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> Repo
     splits = fitted.splits
     models, boot = _test_metrics(cfg, fitted)
 
-    proto, parity_diff = export_ensemble(fitted.ensemble, splits.test.slices(), cfg.opset)
+    proto, parity_diff = export_ensemble(
+        fitted.ensemble, splits.test.slices(), cfg.opset, expected=fitted.scores["cln"]["test"]
+    )
     hyper = fitted.net_cfg.to_dict() | {
         k: v for k, v in cfg.to_dict().items() if k not in ("data", "columns", "progress")
     }

@@ -20,6 +20,7 @@ from model_export.metrics import (
     binary_metrics,
     expected_calibration_error,
     paired_bootstrap_auc,
+    paired_bootstrap_aucs,
     reliability_table,
     roc_auc,
 )
@@ -153,6 +154,17 @@ def test_bootstrap_matches_a_naive_resampling_loop() -> None:
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     assert fast.ci95 == pytest.approx((lo, hi), abs=1e-12)
     assert fast.p_value_one_sided == pytest.approx(np.mean(np.array(diffs) <= 0))
+
+
+def test_one_set_of_draws_for_several_comparisons_gives_each_comparison_alone() -> None:
+    """The network against every baseline from one set of draws: each result is the single
+    comparison's, bit for bit, small (several replicates per chunk) or large (one per chunk)."""
+    for n, n_boot in ((400, 300), (400_000, 5)):
+        y, good, noise = synthetic(n, separation=1.0, seed=9)
+        others = {"noise": noise, "rounded": np.round(good, 2), "coarse": np.round(noise, 1)}
+        together = paired_bootstrap_aucs(y, good, others, n_boot=n_boot, seed=3)
+        for name, p in others.items():
+            assert together[name] == paired_bootstrap_auc(y, good, p, n_boot=n_boot, seed=3), name
 
 
 def test_bootstrap_skips_single_class_replicates() -> None:
