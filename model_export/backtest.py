@@ -222,14 +222,14 @@ def run_cutoff(
 ) -> tuple[CutoffResult, dict[str, NDArray[np.float64]]]:
     """One cutoff: fit, score, compare. Also returns the bootstrap replicates of cln - each model."""
     started = time.perf_counter()
-    run_cfg = replace(cfg, protocol="out-of-time", cutoff=cutoff, progress=False)
+    run_cfg = replace(cfg, protocol="out-of-time", cutoff=cutoff, progress=False, bootstrap=n_boot)
     fitted = fit(run_cfg, tx)
     test = fitted.splits.test
     y = test.y
     scores = _test_scores(fitted)
     models = {name: _scores(y, p, name != RECENCY) for name, p in scores.items()}
-    against = {name: scores[name] for name in MODELS[1:]}
-    replicates = metrics.bootstrap_auc_diffs_against(y, scores["cln"], against, n_boot=n_boot, seed=cfg.seed)
+    aucs = fitted.test_replicates | metrics.bootstrap_aucs(y, {RECENCY: scores[RECENCY]}, n_boot, cfg.seed)
+    replicates = {name: aucs["cln"] - aucs[name] for name in MODELS[1:]}
     boot = {
         f"cln_vs_{name}": asdict(
             metrics.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, replicates[name])

@@ -184,21 +184,21 @@ def bootstrap_auc_diffs(
     The same ``seed`` and user count give the same draws whatever the scores, so replicate ``k`` of
     several comparisons (or several evaluation dates) can be combined, e.g. averaged across dates.
     """
-    return bootstrap_auc_diffs_against(y, p_a, {"b": p_b}, n_boot, seed)["b"]
+    aucs = bootstrap_aucs(y, {"a": p_a, "b": p_b}, n_boot, seed)
+    return aucs["a"] - aucs["b"]
 
 
-def bootstrap_auc_diffs_against(
-    y: ArrayLike,
-    p_a: ArrayLike,
-    others: Mapping[str, ArrayLike],
-    n_boot: int = 2000,
-    seed: int = 0,
+def bootstrap_aucs(
+    y: ArrayLike, scores: Mapping[str, ArrayLike], n_boot: int = 2000, seed: int = 0
 ) -> dict[str, NDArray[np.float64]]:
-    """:func:`bootstrap_auc_diffs` of ``a`` against each of ``others``, equal to one call per
-    comparison (the draws depend on the seed and the user count only), but the users are drawn once
-    and ``a`` is scored once per replicate for all of them."""
+    """Each model's AUC on ``n_boot`` resamples of the users (NaN where a draw has one class).
+
+    The draws depend on ``seed`` and the user count only, so replicate ``k`` of any two calls is the
+    same sample: ``a - b`` of two models' results is their paired bootstrap, whether they were
+    scored in one call or in two (the models' scores may come at different times).
+    """
     labels = as_labels(y)
-    models = [as_scores(p_a, labels.size), *(as_scores(p, labels.size) for p in others.values())]
+    models = [as_scores(p, labels.size) for p in scores.values()]
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     n = labels.size
@@ -222,8 +222,7 @@ def bootstrap_auc_diffs_against(
             neg = np.ascontiguousarray(counts[:, :, 0], dtype=np.float64)
             pos = np.ascontiguousarray(counts[:, :, 1], dtype=np.float64)
             out.append(_auc_from_groups(pos, neg))
-    a = np.concatenate(aucs[0])
-    return {name: a - np.concatenate(b) for name, b in zip(others, aucs[1:], strict=True)}
+    return {name: np.concatenate(out) for name, out in zip(scores, aucs, strict=True)}
 
 
 def summarise_diffs(point: float, diffs: NDArray[np.float64]) -> AucDiff:
@@ -253,20 +252,8 @@ def paired_bootstrap_auc(
     (replicates that drew a single class are skipped) and the one-sided p-value: the fraction of
     replicates where model a is not better (diff <= 0).
     """
-    return paired_bootstrap_aucs(y, p_a, {"b": p_b}, n_boot, seed)["b"]
-
-
-def paired_bootstrap_aucs(
-    y: ArrayLike,
-    p_a: ArrayLike,
-    others: Mapping[str, ArrayLike],
-    n_boot: int = 2000,
-    seed: int = 0,
-) -> dict[str, AucDiff]:
-    """:func:`paired_bootstrap_auc` of ``a`` against each of ``others``, from one set of draws."""
-    diffs = bootstrap_auc_diffs_against(y, p_a, others, n_boot, seed)
-    auc_a = roc_auc(y, p_a)
-    return {name: summarise_diffs(auc_a - roc_auc(y, p), diffs[name]) for name, p in others.items()}
+    diffs = bootstrap_auc_diffs(y, p_a, p_b, n_boot, seed)
+    return summarise_diffs(roc_auc(y, p_a) - roc_auc(y, p_b), diffs)
 
 
 def reliability_table(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> list[ReliabilityBin]:

@@ -103,10 +103,12 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _baseline_scores(
-    cfg: TrainConfig, splits: Splits, pool: Executor
-) -> Future[dict[str, dict[str, NDArray[np.float64]]]]:
-    """Validation and test probabilities of every baseline, fitted on the training customers.
+Scores = dict[str, dict[str, NDArray[np.float64]]]  # model -> "validation" / "test" -> probabilities
+
+
+def _baseline_scores(cfg: TrainConfig, splits: Splits, pool: Executor) -> tuple[Scores, Future[Scores]]:
+    """Validation and test probabilities of every baseline, fitted on the training customers: BG/NBD
+    and the regression's now, LightGBM's to come.
 
     LightGBM, by far the slowest, fits on ``pool``'s thread: one OpenMP thread in C++ that mostly
     runs without the GIL, so it takes the core the network's single torch thread leaves free. BG/NBD
@@ -118,24 +120,22 @@ def _baseline_scores(
         for name in ("train", "validation", "test")
     }
     mat = {name: baselines.rfm_matrix(r) for name, r in rfm.items()}
-    out: dict[str, dict[str, NDArray[np.float64]]] = {}
+    out: Scores = {}
     bg = baselines.BGNBD().fit(rfm["train"])
     out["bgnbd"] = {s: bg.predict_proba(rfm[s], cfg.horizon_weeks) for s in ("validation", "test")}
     lr = baselines.LogRegRFM().fit(mat["train"], splits.train.y)
     out["logreg_rfm"] = {s: lr.predict_proba(mat[s]) for s in ("validation", "test")}
 
-    def with_lightgbm() -> dict[str, dict[str, NDArray[np.float64]]]:
+    def lightgbm() -> Scores:
         gbm = baselines.LightGBMRFM(seed=cfg.seed).fit(
             mat["train"], splits.train.y, mat["validation"], splits.validation.y
         )
         # scoring, unlike fitting, has no barriers to spin at: more threads cost little even while
         # the network still trains, and at scale it has finished by now
         cores = len(os.sched_getaffinity(0))
-        return out | {
-            "lightgbm": {s: gbm.predict_proba(mat[s], threads=cores) for s in ("validation", "test")}
-        }
+        return {"lightgbm": {s: gbm.predict_proba(mat[s], threads=cores) for s in ("validation", "test")}}
 
-    return pool.submit(with_lightgbm)
+    return out, pool.submit(lightgbm)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,10 @@ class Fitted:
     std: NDArray[np.float32]
     members: list[MemberResult]
     ensemble: Ensemble
-    scores: dict[str, dict[str, NDArray[np.float64]]]  # model -> "validation" / "test" -> probabilities
+    scores: Scores
+    # model -> its test AUC on each of cfg.bootstrap resamples of the test customers (seed cfg.seed):
+    # the same resamples for every model, so differences are paired (metrics.bootstrap_aucs)
+    test_replicates: dict[str, NDArray[np.float64]]
     train_seconds: float
 
 
@@ -194,17 +197,24 @@ def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
         pool_last=cfg.pool_last,
         wide=cfg.wide,
     )
+    y_test = splits.test.y
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgbm") as pool:
-        baseline_scores = _baseline_scores(cfg, splits, pool)
+        scores, lightgbm = _baseline_scores(cfg, splits, pool)
         mean, std = normalisation(splits.train)
         started = time.perf_counter()
         tr, va = splits.train, splits.validation
         members = [train_member(cfg, net_cfg, tr, va, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
         train_seconds = time.perf_counter() - started
         ensemble = Ensemble([m.model for m in members]).eval()
-        p = {s: predict(ensemble, getattr(splits, s)) for s in ("validation", "test")}
-        scores = {"cln": p} | baseline_scores.result()
-    return Fitted(splits, net_cfg, mean, std, members, ensemble, scores, train_seconds)
+        scores = {"cln": {s: predict(ensemble, getattr(splits, s)) for s in ("validation", "test")}} | scores
+        # the bootstrap of the models scored so far, while LightGBM may still be fitting
+        test = {name: s["test"] for name, s in scores.items()}
+        replicates = metrics.bootstrap_aucs(y_test, test, cfg.bootstrap, cfg.seed)
+        scores |= lightgbm.result()
+    replicates |= metrics.bootstrap_aucs(
+        y_test, {"lightgbm": scores["lightgbm"]["test"]}, cfg.bootstrap, cfg.seed
+    )
+    return Fitted(splits, net_cfg, mean, std, members, ensemble, scores, replicates, train_seconds)
 
 
 def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> Report:
@@ -301,10 +311,14 @@ def _test_metrics(cfg: TrainConfig, fitted: Fitted) -> tuple[dict[str, BinaryMet
         name: metrics.binary_metrics(y_te, s["test"], metrics.best_f1_threshold(y_va, s["validation"]))
         for name, s in fitted.scores.items()
     }
-    p_cln = fitted.scores["cln"]["test"]
-    against = {b: fitted.scores[b]["test"] for b in BASELINES}
-    boot = metrics.paired_bootstrap_aucs(y_te, p_cln, against, n_boot=cfg.bootstrap, seed=cfg.seed)
-    return models, {f"cln_vs_{b}": d for b, d in boot.items()}
+    reps = fitted.test_replicates
+    boot = {
+        f"cln_vs_{b}": metrics.summarise_diffs(
+            models["cln"].roc_auc - models[b].roc_auc, reps["cln"] - reps[b]
+        )
+        for b in BASELINES
+    }
+    return models, boot
 
 
 def _metadata(
