@@ -110,6 +110,15 @@ BENCH_SCORE_ARGS ?=
 bench-score: $(VENV)/.stamp-ray $(filter $(MODEL),$(BENCH_MODEL))
 	$(BIN)/python -m bench.score --model $(BENCH_MODEL) $(BENCH_SCORE_ARGS)
 
+# Training on CDNOW made 1 and 40 times larger (built in a temporary folder): peak RSS and wall of
+# `train --seeds 1 --epochs 2` at each, judged at 40x (bench/README.md, "Training at scale", which
+# says where the wall target's reference, --today-wall-s, comes from).
+# E.g. make bench-train-scale BENCH_TRAIN_SCALE_ARGS='--scales 1,10 --workdir /tmp/logs'.
+.PHONY: bench-train-scale
+BENCH_TRAIN_SCALE_ARGS ?= --today-wall-s 480
+bench-train-scale: $(VENV)/.stamp-train
+	$(BIN)/python -m bench.train_scale $(BENCH_TRAIN_SCALE_ARGS)
+
 # Everything, end-to-end tests included: what CI runs.
 test: $(VENV)/.stamp-dev system-deps
 	$(BIN)/python -m pytest

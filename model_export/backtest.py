@@ -32,8 +32,9 @@ from model_export import metrics
 from model_export.baselines import BASELINES
 from model_export.config import TrainConfig
 from model_export.data import Transactions, end_of_day
+from model_export.examples import SECONDS_PER_WEEK
 from model_export.files import write_atomic
-from model_export.train import SECONDS_PER_WEEK, Fitted, fit, latest_cutoff, load
+from model_export.train import Fitted, fit, latest_cutoff, load
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def monthly_cutoffs(tx: Transactions, horizon_weeks: int, step_months: int = 1) 
     first model has customers with some past to learn from.
     """
     last = pd.Timestamp(latest_cutoff(tx, horizon_weeks))
-    first_day = int(tx.frame["timestamp"].min()) // 86_400
+    first_day = tx.first_timestamp // 86_400
     earliest = pd.Timestamp(_day((first_day + 2 * 7 * horizon_weeks) * 86_400))
     out: list[str] = []
     k = 0
@@ -190,9 +191,14 @@ def _validation_signals(fitted: Fitted) -> dict[str, float]:
         for name in ("cln", *BASELINES)
     }
     out["cln_log_loss"] = metrics.binary_metrics(va.y, fitted.scores["cln"]["validation"], 0.5).log_loss
-    half = va.X.shape[1] // 2
+    half = va.spec.lookback_bins // 2
     with torch.no_grad():
-        cropped = fitted.ensemble(torch.from_numpy(np.ascontiguousarray(va.X[:, -half:, :]))).double().numpy()
+        cropped = np.concatenate(
+            [
+                fitted.ensemble(torch.from_numpy(np.ascontiguousarray(x[:, -half:, :]))).double().numpy()
+                for x in va.slices()
+            ]
+        )
     out["cln_auc_half_window"] = metrics.roc_auc(va.y, cropped)
     out["cln_log_loss_half_window"] = metrics.binary_metrics(va.y, cropped, 0.5).log_loss
     return out
@@ -216,20 +222,20 @@ def run_cutoff(
 ) -> tuple[CutoffResult, dict[str, NDArray[np.float64]]]:
     """One cutoff: fit, score, compare. Also returns the bootstrap replicates of cln - each model."""
     started = time.perf_counter()
-    run_cfg = replace(cfg, protocol="out-of-time", cutoff=cutoff, progress=False)
+    run_cfg = replace(cfg, protocol="out-of-time", cutoff=cutoff, progress=False, bootstrap=n_boot)
     fitted = fit(run_cfg, tx)
     test = fitted.splits.test
     y = test.y
     scores = _test_scores(fitted)
     models = {name: _scores(y, p, name != RECENCY) for name, p in scores.items()}
-    replicates: dict[str, NDArray[np.float64]] = {}
-    boot: dict[str, dict[str, Any]] = {}
-    for name in MODELS[1:]:
-        diffs = metrics.bootstrap_auc_diffs(y, scores["cln"], scores[name], n_boot=n_boot, seed=cfg.seed)
-        replicates[name] = diffs
-        boot[f"cln_vs_{name}"] = asdict(
-            metrics.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, diffs)
+    aucs = fitted.test_replicates | metrics.bootstrap_aucs(y, {RECENCY: scores[RECENCY]}, n_boot, cfg.seed)
+    replicates = {name: aucs["cln"] - aucs[name] for name in MODELS[1:]}
+    boot = {
+        f"cln_vs_{name}": asdict(
+            metrics.summarise_diffs(models["cln"].roc_auc - models[name].roc_auc, replicates[name])
         )
+        for name in MODELS[1:]
+    }
     window_days = cfg.lookback_bins * cfg.bin_days
     buckets = [
         _bucket(name, y[mask], {m: p[mask] for m, p in scores.items()}, n_boot, cfg.seed)

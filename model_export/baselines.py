@@ -282,9 +282,14 @@ class LightGBMRFM:
         self._model = model
         return self
 
-    def predict_proba(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
-        """Probability of the positive class at the best iteration, clipped to ``[1e-7, 1 - 1e-7]``."""
+    def predict_proba(self, X: NDArray[np.float64], *, threads: int | None = None) -> NDArray[np.float64]:
+        """Probability of the positive class at the best iteration, clipped to ``[1e-7, 1 - 1e-7]``.
+
+        ``threads``: OpenMP threads for this call (default: the fit's). Each row is scored on its
+        own, so the count changes the time, never the numbers.
+        """
         if self._model is None:
             raise RuntimeError("LightGBMRFM is not fitted; call fit() first")
-        proba = self._model.predict_proba(np.asarray(X, dtype=np.float64))[:, 1]
+        more = {} if threads is None else {"num_threads": threads}
+        proba = self._model.predict_proba(np.asarray(X, dtype=np.float64), **more)[:, 1]
         return _clip(np.asarray(proba, dtype=np.float64))

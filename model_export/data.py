@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from service.cleaning import exact_duplicates
@@ -63,18 +66,90 @@ class CleaningReport:
 
 @dataclass(frozen=True)
 class Transactions:
-    """A cleaned log: one row per user-day purchase, sorted by user then time.
+    """A cleaned log: one row per user-day purchase, held as columns grouped by user.
 
-    ``frame`` columns: user_id (str), timestamp (int64 epoch seconds, UTC), amount, quantity.
+    User ``i`` of ``user_ids`` (sorted) owns rows ``[offsets[i], offsets[i + 1])`` of the event
+    columns, in time order: 24 bytes a row and an id and an offset a user, no Python object per row.
+    ``timestamps`` are int64 epoch seconds (UTC).
     """
 
-    frame: pd.DataFrame
+    user_ids: NDArray[np.str_]
+    offsets: NDArray[np.int64]  # [n_users + 1]
+    timestamps: NDArray[np.int64]
+    amounts: NDArray[np.float64]
+    quantities: NDArray[np.float64]
     report: CleaningReport
     fingerprint: str  # sha256 of the cleaned rows: identifies the training data in the model file
 
     @property
+    def n_users(self) -> int:
+        return int(self.offsets.size - 1)
+
+    @property
+    def first_timestamp(self) -> int:
+        return int(self.timestamps.min())
+
+    @property
     def last_timestamp(self) -> int:
-        return int(self.frame["timestamp"].max())
+        return int(self.timestamps.max())
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The rows as one pandas frame (user_id, timestamp, amount, quantity; ids as ``str``), built
+        on each call: for a look at a small log, not for training."""
+        return pd.DataFrame(
+            {
+                "user_id": np.repeat(self.user_ids, np.diff(self.offsets)).astype(object),
+                "timestamp": self.timestamps,
+                "amount": self.amounts,
+                "quantity": self.quantities,
+            }
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, report: CleaningReport, fingerprint: str) -> Transactions:
+        """Cleaned rows (user_id, timestamp, amount, quantity) in any order, grouped by user, each
+        user's rows in time order (a stable sort, so rows of one second keep theirs)."""
+        ordered = frame.sort_values(["user_id", "timestamp"], kind="stable")
+        ids, codes = np.unique(ordered["user_id"].to_numpy(dtype=str), return_inverse=True)
+        return cls(
+            user_ids=ids,
+            offsets=_offsets(np.bincount(codes, minlength=ids.size)),
+            timestamps=ordered["timestamp"].to_numpy(np.int64),
+            amounts=ordered["amount"].to_numpy(np.float64),
+            quantities=ordered["quantity"].to_numpy(np.float64),
+            report=report,
+            fingerprint=fingerprint,
+        )
+
+    def take(self, users: NDArray[np.int64]) -> Transactions:
+        """These users (ascending indices) with their rows; the report and fingerprint stay the
+        whole log's."""
+        rows, offsets = user_rows(self.offsets, users)
+        return replace(
+            self,
+            user_ids=self.user_ids[users],
+            offsets=offsets,
+            timestamps=self.timestamps[rows],
+            amounts=self.amounts[rows],
+            quantities=self.quantities[rows],
+        )
+
+
+def user_rows(
+    offsets: NDArray[np.int64], users: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The rows of ``users`` (in the order given, each user's rows in order) and their offsets."""
+    counts = offsets[users + 1] - offsets[users]
+    out = _offsets(counts)
+    rows = np.repeat(offsets[users] - out[:-1], counts) + np.arange(out[-1], dtype=np.int64)
+    return rows, out
+
+
+def _offsets(counts: NDArray[np.int64]) -> NDArray[np.int64]:
+    out = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
 
 
 def cdnow_path() -> Path:
@@ -169,69 +244,108 @@ def rows_to_drop(
 
 
 def load_transactions(source: str | Path, columns: dict[str, str] | None = None) -> Transactions:
-    """Read, validate and clean a log; ``source`` is a CSV/Parquet path or ``"cdnow"``."""
-    if str(source) == CDNOW_NAME:
-        path = cdnow_path()
-        columns = CDNOW_COLUMNS
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"input file not found: {path}")
-    frame, first_line = read_raw(path, columns or {})
-    report = CleaningReport(source=str(source), rows_read=len(frame))
+    """Read, validate and clean a log; ``source`` is a CSV/Parquet path or ``"cdnow"``.
 
-    user = frame["user_id"].str.strip()
-    timestamp = parse_timestamps(frame["timestamp"], path, first_line)
-    amount = parse_number(frame["amount"], "amount", path, first_line)
-    quantity = parse_number(frame["quantity"], "quantity", path, first_line)
+    The log is read block by block with its own types (:mod:`model_export.reader`, the scoring
+    job's reader: the same failures and drops); only the kept rows' typed columns are gathered.
+    """
+    # the reader is built on this module's parsers and rules, so it is imported here, not above
+    from model_export.reader import open_log
 
-    df = pd.DataFrame({"user_id": user, "timestamp": timestamp, "amount": amount, "quantity": quantity})
-    missing_value = (amount.isna() & frame["amount"].isna()) | (quantity.isna() & frame["quantity"].isna())
-    drops = rows_to_drop(
-        (user.isna() | (user == "")).to_numpy(np.bool_),
-        timestamp.isna().to_numpy(np.bool_),
-        missing_value.to_numpy(np.bool_),
-        amount.to_numpy(np.float64),
-        quantity.to_numpy(np.float64),
-    )
-    for rule, rows in drops.items():
-        setattr(report, f"dropped_{rule}", int(rows.sum()))
-    df = df[~np.logical_or.reduce(list(drops.values()))]
+    log = open_log(source, columns or {}, {}, required=REQUIRED)
+    users: list[pa.Array] = []
+    stamps: list[NDArray[np.int64]] = []
+    amounts: list[NDArray[np.float64]] = []
+    quantities: list[NDArray[np.float64]] = []
+    for block in log.blocks():
+        # the reader keeps a dropped row's user (the scoring job scores them); training drops it
+        block = block.filter(block.column("timestamp").is_valid())
+        users.append(block.column("user_id"))
+        stamps.append(_numpy(block.column("timestamp"), np.int64))
+        amounts.append(_numpy(block.column("amount"), np.float64))
+        quantities.append(_numpy(block.column("quantity"), np.float64))
+    c = log.counts
+    report = CleaningReport(source=str(source), rows_read=c.rows_read)
+    for rule, count in c.dropped.items():
+        setattr(report, f"dropped_{rule}", count)
+    if not c.rows_kept:
+        raise DataError(f"{log.path}: no usable rows after cleaning ({report.to_dict()})")
 
-    # pandas may hold datetimes at s/ms/us/ns resolution: convert explicitly to epoch seconds
-    df = df.assign(timestamp=df["timestamp"].dt.as_unit("s").astype("int64"))
-    user_code = pd.factorize(df["user_id"])[0]
-    repeated = exact_duplicates(
-        user_code, df["timestamp"].to_numpy(), df["amount"].to_numpy(), df["quantity"].to_numpy()
-    )
+    user_ids, user = _sorted_codes(pa.chunked_array(users, pa.string()).combine_chunks())
+    ts, amt, qty = np.concatenate(stamps), np.concatenate(amounts), np.concatenate(quantities)
+    del users, stamps, amounts, quantities
+    repeated = exact_duplicates(user, ts, amt, qty)
     report.dropped_exact_duplicates = int(repeated.sum())
-    df = df[~repeated]
-
-    day = df["timestamp"] // 86_400
-    n_before = len(df)
-    df = (
-        df.assign(day=day)
-        .groupby(["user_id", "day"], sort=True, as_index=False)
-        .agg(timestamp=("timestamp", "min"), amount=("amount", "sum"), quantity=("quantity", "sum"))
-        .drop(columns="day")
+    kept = ~repeated
+    rows = pd.DataFrame(
+        {
+            "user": user[kept],
+            "day": ts[kept] // 86_400,
+            "timestamp": ts[kept],
+            "amount": amt[kept],
+            "quantity": qty[kept],
+        }
     )
-    report.merged_same_day = n_before - len(df)
-    df = df.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
-    df["user_id"] = df["user_id"].astype(str)
-    if df.empty:
-        raise DataError(f"{path}: no usable rows after cleaning ({report.to_dict()})")
-    report.rows_kept = len(df)
-    report.users = int(df["user_id"].nunique())
-    report.first_timestamp = pd.Timestamp(int(df["timestamp"].min()), unit="s", tz="UTC").isoformat()
-    report.last_timestamp = pd.Timestamp(int(df["timestamp"].max()), unit="s", tz="UTC").isoformat()
-    return Transactions(frame=df, report=report, fingerprint=fingerprint(df))
+    del user, ts, amt, qty, repeated, kept
+    # codes follow the sorted ids, so this is the order of user id then day. pandas sums each group
+    # in row (file) order with compensation: the sums are those a frame keyed by the ids gives.
+    daily = rows.groupby(["user", "day"], sort=True).agg(
+        timestamp=("timestamp", "min"), amount=("amount", "sum"), quantity=("quantity", "sum")
+    )
+    report.merged_same_day = len(rows) - len(daily)
+    del rows
+    # one row a user-day, days ascending: the minimum timestamps of a user ascend with them
+    offsets = _offsets(np.bincount(daily.index.get_level_values("user"), minlength=user_ids.size))
+    timestamps = daily["timestamp"].to_numpy(np.int64)
+    amount = daily["amount"].to_numpy(np.float64)
+    quantity = daily["quantity"].to_numpy(np.float64)
+    report.rows_kept = int(timestamps.size)
+    report.users = int(user_ids.size)
+    report.first_timestamp = _iso(int(timestamps.min()))
+    report.last_timestamp = _iso(int(timestamps.max()))
+    digest = fingerprint(user_ids, offsets, timestamps, amount, quantity)
+    return Transactions(user_ids, offsets, timestamps, amount, quantity, report, digest)
 
 
-def fingerprint(df: pd.DataFrame) -> str:
+def _numpy(column: pa.Array, dtype: type[np.generic]) -> NDArray[Any]:
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _sorted_codes(users: pa.Array) -> tuple[NDArray[np.str_], NDArray[np.int64]]:
+    """The distinct ids sorted (code point order, as Python sorts ``str``) and each row's index
+    into them: hashed once by Arrow, and only the distinct ids sorted."""
+    encoded = pc.dictionary_encode(users)
+    order = np.asarray(pc.array_sort_indices(encoded.dictionary), dtype=np.int64)
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size, dtype=np.int64)
+    ids = np.asarray(encoded.dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False), dtype=str)
+    return ids, rank[np.asarray(encoded.indices, dtype=np.int64)]
+
+
+def _iso(seconds: int) -> str:
+    return pd.Timestamp(seconds, unit="s", tz="UTC").isoformat()
+
+
+#: Users per piece when hashing the ids row by row: bounds the repeated ids held at once.
+_FINGERPRINT_USERS = 1 << 16
+
+
+def fingerprint(
+    user_ids: NDArray[np.str_],
+    offsets: NDArray[np.int64],
+    timestamps: NDArray[np.int64],
+    amounts: NDArray[np.float64],
+    quantities: NDArray[np.float64],
+) -> str:
+    """sha256 of the rows: each row's id (fixed-width UTF-32, as numpy lays out ``str`` arrays), then
+    the timestamps, amounts and quantities as int64 / float64 bytes."""
     digest = hashlib.sha256()
-    digest.update(df["user_id"].to_numpy().astype(str).astype("U").tobytes())
-    for col in ("timestamp", "amount", "quantity"):
-        digest.update(np.ascontiguousarray(df[col].to_numpy()).tobytes())
+    counts = np.diff(offsets)
+    for start in range(0, user_ids.size, _FINGERPRINT_USERS):
+        stop = start + _FINGERPRINT_USERS
+        digest.update(np.repeat(user_ids[start:stop], counts[start:stop]).tobytes())
+    for column in (timestamps, amounts, quantities):
+        digest.update(np.ascontiguousarray(column).tobytes())
     return digest.hexdigest()
 
 

@@ -6,7 +6,9 @@ against onnxruntime, metadata inside the one file, and an atomic write.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+from collections.abc import Iterable, Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -57,21 +59,46 @@ def to_onnx(model: torch.nn.Module, example: NDArray[np.float32], opset: int) ->
     return proto
 
 
-def run_onnx(proto: onnx.ModelProto, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Score ``inputs`` with onnxruntime on CPU: the numbers the service will produce."""
+def run_onnx(
+    proto: onnx.ModelProto, inputs: NDArray[np.float32] | Iterable[NDArray[np.float32]]
+) -> NDArray[np.float32]:
+    """Score ``inputs`` (one array, or several scored in turn) with onnxruntime on CPU: the numbers
+    the service will produce."""
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    out: NDArray[np.float32] = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
-    return out
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: x})[0] for x in _parts(inputs)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def parity(model: torch.nn.Module, proto: onnx.ModelProto, inputs: NDArray[np.float32]) -> float:
-    """Max absolute difference between PyTorch and onnxruntime (CPU) on ``inputs``."""
-    got = run_onnx(proto, inputs)
-    with torch.no_grad():
-        want = model(torch.from_numpy(inputs)).numpy()
-    if got.shape != want.shape:
-        raise ExportError(f"onnxruntime output shape {got.shape} != PyTorch {want.shape}")
-    return float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if inputs.size else 0.0
+def _parts(inputs: NDArray[np.float32] | Iterable[NDArray[np.float32]]) -> Iterator[NDArray[np.float32]]:
+    return iter([inputs]) if isinstance(inputs, np.ndarray) else iter(inputs)
+
+
+def parity(
+    model: torch.nn.Module,
+    proto: onnx.ModelProto,
+    inputs: NDArray[np.float32] | Iterable[NDArray[np.float32]],
+    expected: NDArray[np.float64] | None = None,
+) -> float:
+    """Max absolute difference between PyTorch and onnxruntime (CPU) on ``inputs`` (one array, or
+    several compared in turn: a whole test set's activations at once would be many times its size).
+    ``expected``: ``model``'s outputs on all of ``inputs`` when the caller has them already."""
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    worst, done = 0.0, 0
+    for x in _parts(inputs):
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        if expected is None:
+            with torch.no_grad():
+                want = model(torch.from_numpy(x)).numpy()
+        else:
+            want = expected[done : done + x.shape[0]]
+        done += x.shape[0]
+        if got.shape != want.shape:
+            raise ExportError(f"onnxruntime output shape {got.shape} != PyTorch {want.shape}")
+        if x.size:
+            worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))))
+    if expected is not None and done != expected.size:
+        raise ExportError(f"{expected.size} expected outputs for {done} inputs")
+    return worst
 
 
 def with_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> onnx.ModelProto:
@@ -90,13 +117,20 @@ def with_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> onnx.Model
 
 
 def export_ensemble(
-    ensemble: Ensemble, inputs: NDArray[np.float32], opset: int
+    ensemble: Ensemble,
+    inputs: NDArray[np.float32] | Iterable[NDArray[np.float32]],
+    opset: int,
+    *,
+    expected: NDArray[np.float64] | None = None,
 ) -> tuple[onnx.ModelProto, float]:
     """Trace the fused serving form of ``ensemble`` and check it against the trained ensemble (not
-    against itself) on ``inputs``; returns the graph without metadata and the parity."""
+    against itself) on ``inputs`` (one array or slices; ``expected``: the ensemble's outputs on them,
+    when already computed); returns the graph without metadata and the parity."""
     served = FusedEnsemble(ensemble).eval()
-    proto = to_onnx(served, inputs[: min(8, inputs.shape[0])], opset)
-    diff = parity(ensemble, proto, inputs)
+    parts = _parts(inputs)
+    first = next(parts)
+    proto = to_onnx(served, first[: min(8, first.shape[0])], opset)
+    diff = parity(ensemble, proto, itertools.chain([first], parts), expected)
     if not diff <= PARITY_TOLERANCE:
         raise ExportError(f"onnxruntime disagrees with PyTorch by {diff:.3g} > {PARITY_TOLERANCE}")
     return proto, diff

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from model_export import metrics
 from model_export.config import TrainConfig
+from model_export.examples import Examples
 from model_export.model import CLN, CLNConfig
 
 
@@ -25,12 +26,14 @@ class MemberResult:
     val_auc: float
 
 
-def _predict_logits(model: CLN, X: NDArray[np.float32], batch: int = 4096) -> NDArray[np.float64]:
+def predict(model: torch.nn.Module, ex: Examples) -> NDArray[np.float64]:
+    """The model's output for every example, a slice at a time (a whole set's activations would be
+    many times its features)."""
     model.eval()
     out = []
     with torch.no_grad():
-        for i in range(0, X.shape[0], batch):
-            out.append(model(torch.from_numpy(X[i : i + batch])).double().numpy())
+        for x in ex.slices():
+            out.append(model(torch.from_numpy(x)).double().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -41,46 +44,46 @@ def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
 def train_member(
     cfg: TrainConfig,
     net_cfg: CLNConfig,
-    train: tuple[NDArray[np.float32], NDArray[np.int64]],
-    validation: tuple[NDArray[np.float32], NDArray[np.int64]],
+    train: Examples,
+    validation: Examples,
     mean: NDArray[np.float32],
     std: NDArray[np.float32],
     seed: int,
 ) -> MemberResult:
-    """One seed on ``train`` (features, labels): AdamW on BCE, early stopping on the validation log
-    loss (a proper score, so the probabilities stay calibrated), the best epoch's weights restored."""
+    """One seed on ``train``: AdamW on BCE, early stopping on the validation log loss (a proper
+    score, so the probabilities stay calibrated), the best epoch's weights restored. Each batch is
+    encoded when it is drawn."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = CLN(net_cfg)
     model.set_normalisation(torch.from_numpy(mean), torch.from_numpy(std))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    X_tr = torch.from_numpy(train[0])
-    y_tr = torch.from_numpy(train[1].astype(np.float32))
-    X_va, y_va = validation
+    y_tr = torch.from_numpy(train.y.astype(np.float32))
+    y_va = validation.y
     best_loss, best_auc, best_epoch, bad = float("inf"), float("nan"), 0, 0
     best_state = copy.deepcopy(model.state_dict())
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"seed {seed}", disable=not cfg.progress, leave=True)
     epoch = 0
     for epoch in bar:
         model.train()
-        order = torch.from_numpy(rng.permutation(X_tr.shape[0]))
+        order = rng.permutation(len(train))
         total, count = 0.0, 0
-        for i in range(0, order.numel(), cfg.batch_size):
+        for i in range(0, order.size, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            xb = X_tr[idx]
+            xb = torch.from_numpy(train.encode(idx))
             if cfg.crop_share > 0 and rng.random() < cfg.crop_share:
                 # the latest L bins are exactly the encoding with an L-bin window: every channel
                 # of a bin depends only on events up to it and the whole-history summaries
                 keep = int(rng.integers(cfg.crop_min_bins, xb.shape[1]))
                 xb = xb[:, -keep:, :]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), y_tr[idx])
+            loss = loss_fn(model(xb), y_tr[torch.from_numpy(idx)])
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * idx.numel()
-            count += idx.numel()
-        p_va = _sigmoid(_predict_logits(model, X_va))
+            total += float(loss.detach()) * idx.size
+            count += idx.size
+        p_va = _sigmoid(predict(model, validation))
         val_loss = metrics.binary_metrics(y_va, p_va, 0.5).log_loss
         val_auc = metrics.roc_auc(y_va, p_va)
         bar.set_postfix(

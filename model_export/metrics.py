@@ -10,7 +10,7 @@ number sklearn's ``roc_auc_score`` reports.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -184,34 +184,45 @@ def bootstrap_auc_diffs(
     The same ``seed`` and user count give the same draws whatever the scores, so replicate ``k`` of
     several comparisons (or several evaluation dates) can be combined, e.g. averaged across dates.
     """
+    aucs = bootstrap_aucs(y, {"a": p_a, "b": p_b}, n_boot, seed)
+    return aucs["a"] - aucs["b"]
+
+
+def bootstrap_aucs(
+    y: ArrayLike, scores: Mapping[str, ArrayLike], n_boot: int = 2000, seed: int = 0
+) -> dict[str, NDArray[np.float64]]:
+    """Each model's AUC on ``n_boot`` resamples of the users (NaN where a draw has one class).
+
+    The draws depend on ``seed`` and the user count only, so replicate ``k`` of any two calls is the
+    same sample: ``a - b`` of two models' results is their paired bootstrap, whether they were
+    scored in one call or in two (the models' scores may come at different times).
+    """
     labels = as_labels(y)
-    a = as_scores(p_a, labels.size)
-    b = as_scores(p_b, labels.size)
+    models = [as_scores(p, labels.size) for p in scores.values()]
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     n = labels.size
-    group_a, n_a = _tie_groups(a)
-    group_b, n_b = _tie_groups(b)
     # A replicate is a count per user; resampling users only changes the counts, so each model's
-    # AUC is per-group class counts (two bincounts) and a cumsum, with no re-sorting.
-    pos_w = labels.astype(np.float64)
+    # AUC is per-group class counts and a cumsum, with no re-sorting. Tie group and class share one
+    # code (2 * group + label): one gather and one bincount per model and replicate.
+    codes = []
+    for p in models:
+        group, n_groups = _tie_groups(p)
+        codes.append((2 * group + labels, 2 * n_groups))
     rng = np.random.default_rng(seed)
-    diffs: list[NDArray[np.float64]] = []
+    aucs: list[list[NDArray[np.float64]]] = [[] for _ in models]
     chunk = max(1, _BOOT_CHUNK_DRAWS // max(n, 1))
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
         idx = rng.integers(0, n, size=(rows, n))  # [rows, n] users drawn per replicate
         row_of = np.arange(rows, dtype=np.int64)[:, None]
-        is_pos = pos_w[idx].ravel()
-        auc_per_model = []
-        for group, n_groups in ((group_a, n_a), (group_b, n_b)):
-            key = (row_of * n_groups + group[idx]).ravel()
-            total = np.bincount(key, minlength=rows * n_groups).astype(np.float64)
-            pos = np.bincount(key, weights=is_pos, minlength=rows * n_groups).astype(np.float64)
-            total, pos = total.reshape(rows, n_groups), pos.reshape(rows, n_groups)
-            auc_per_model.append(_auc_from_groups(pos, total - pos))
-        diffs.append(auc_per_model[0] - auc_per_model[1])
-    return np.concatenate(diffs)
+        for (code, n_codes), out in zip(codes, aucs, strict=True):
+            drawn = code[idx] if rows == 1 else row_of * n_codes + code[idx]
+            counts = np.bincount(drawn.ravel(), minlength=rows * n_codes).reshape(rows, n_codes // 2, 2)
+            neg = np.ascontiguousarray(counts[:, :, 0], dtype=np.float64)
+            pos = np.ascontiguousarray(counts[:, :, 1], dtype=np.float64)
+            out.append(_auc_from_groups(pos, neg))
+    return {name: np.concatenate(out) for name, out in zip(scores, aucs, strict=True)}
 
 
 def summarise_diffs(point: float, diffs: NDArray[np.float64]) -> AucDiff:

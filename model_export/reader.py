@@ -223,12 +223,18 @@ def _arrow_timestamps(text: pa.Array) -> pa.Array | None:
         return None
 
 
-def open_log(source: str | Path, columns: Mapping[str, str], reads: Mapping[str, Collection[str]]) -> Log:
+def open_log(
+    source: str | Path,
+    columns: Mapping[str, str],
+    reads: Mapping[str, Collection[str]],
+    *,
+    required: Collection[str] = ("user_id", "timestamp"),
+) -> Log:
     """Open ``source`` (a CSV/Parquet path or ``"cdnow"``) and check its header.
 
     ``columns`` maps our names to the file's; ``reads`` is what the model reads besides timestamps
-    (column -> the channels reading it, ``FeatureSpec.columns_read``). A missing ``user_id`` or
-    ``timestamp``, or a column the model reads, is a :class:`DataError` naming it.
+    (column -> the channels reading it, ``FeatureSpec.columns_read``). A missing ``required`` column
+    (training needs all four), or a column the model reads, is a :class:`DataError` naming it.
     """
     if str(source) == CDNOW_NAME:
         path = cdnow_path()
@@ -254,7 +260,7 @@ def open_log(source: str | Path, columns: Mapping[str, str], reads: Mapping[str,
         theirs = columns.get(ours, ours)
         if theirs in found:
             names[ours] = found[theirs]
-        elif ours in ("user_id", "timestamp") or ours in reads:
+        elif ours in ("user_id", "timestamp", *required) or ours in reads:
             missing.append(ours)
     if missing:
         wanted = ", ".join(

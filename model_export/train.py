@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,64 +27,19 @@ from sklearn.model_selection import train_test_split
 from model_export import baselines, metrics
 from model_export.baselines import BASELINES
 from model_export.config import LATEST, TrainConfig
-from model_export.data import Transactions, columns_from_frame, end_of_day, load_transactions
-from model_export.export import export_ensemble, run_onnx, save_checkpoint, with_metadata
+from model_export.data import Transactions, end_of_day, load_transactions
+from model_export.examples import SECONDS_PER_WEEK, Examples, build_examples, normalisation, stack
+from model_export.export import PARITY_ROWS, export_ensemble, run_onnx, save_checkpoint, with_metadata
 from model_export.files import write_atomic
-from model_export.loop import MemberResult, train_member
+from model_export.loop import MemberResult, predict, train_member
 from model_export.metrics import AucDiff, BinaryMetrics
 from model_export.model import CLNConfig, Ensemble, n_parameters
 from model_export.plots import plot_calibration, plot_roc
 from model_export.report import BacktestQuote, DataSummary, Report, SeedRun, SplitSizes, Target, write_report
 from service.artifact import ModelMetadata
-from service.features import FeatureSpec, UserSummary, encode_batch, summarise
+from service.features import FeatureSpec
 
 log = logging.getLogger(__name__)
-
-SECONDS_PER_WEEK = 7 * 86_400
-
-
-@dataclass(frozen=True)
-class Examples:
-    """Customers known at ``as_of`` with their features and labels."""
-
-    user_ids: NDArray[np.str_]
-    as_of: int
-    X: NDArray[np.float32]  # [N, T, C]
-    y: NDArray[np.int64]  # [N]
-    summary: UserSummary
-
-    def take(self, idx: NDArray[np.int64]) -> Examples:
-        s = self.summary
-        return Examples(
-            user_ids=self.user_ids[idx],
-            as_of=self.as_of,
-            X=self.X[idx],
-            y=self.y[idx],
-            summary=UserSummary(
-                purchase_days=s.purchase_days[idx],
-                first_age_days=s.first_age_days[idx],
-                last_age_days=s.last_age_days[idx],
-                total_amount=s.total_amount[idx],
-                total_quantity=s.total_quantity[idx],
-            ),
-        )
-
-
-def build_examples(tx: Transactions, as_of: int, horizon_weeks: int, spec: FeatureSpec) -> Examples:
-    """Features from events up to ``as_of``; label from events in ``(as_of, as_of + horizon]``.
-
-    Leakage guard: the encoder itself drops every event after ``as_of``, so label-window events
-    cannot reach the features whatever the caller passes.
-    """
-    cols = columns_from_frame(tx.frame, as_of)
-    summary = summarise(cols.timestamps, cols.amounts, cols.quantities, cols.offsets, as_of)
-    known = np.flatnonzero(summary.purchase_days > 0)
-    X = encode_batch(cols.timestamps, cols.amounts, cols.quantities, cols.offsets, as_of, spec)
-    user = np.repeat(np.arange(cols.n_users), np.diff(cols.offsets))
-    in_label = (cols.timestamps > as_of) & (cols.timestamps <= as_of + horizon_weeks * SECONDS_PER_WEEK)
-    y = (np.bincount(user[in_label], minlength=cols.n_users) > 0).astype(np.int64)
-    full = Examples(np.asarray(cols.user_ids, dtype=str), as_of, X, y, summary)
-    return full.take(known)
 
 
 @dataclass(frozen=True)
@@ -100,18 +57,6 @@ def _stratified(
     return np.sort(rest), np.sort(held)
 
 
-def _stack(parts: list[Examples]) -> Examples:
-    """Examples of several origins as one training set (``as_of`` is the latest origin's)."""
-    fields = ("purchase_days", "first_age_days", "last_age_days", "total_amount", "total_quantity")
-    return Examples(
-        user_ids=np.concatenate([p.user_ids for p in parts]),
-        as_of=parts[0].as_of,
-        X=np.concatenate([p.X for p in parts]),
-        y=np.concatenate([p.y for p in parts]),
-        summary=UserSummary(*(np.concatenate([getattr(p.summary, f) for p in parts]) for f in fields)),
-    )
-
-
 def _with_earlier_origins(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec, train: Examples) -> Examples:
     """Add the same training customers at earlier cutoffs (``--origins``, every ``--origin-step-weeks``).
 
@@ -123,8 +68,8 @@ def _with_earlier_origins(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec,
         ex = build_examples(
             tx, train.as_of - k * cfg.origin_step_weeks * SECONDS_PER_WEEK, cfg.horizon_weeks, spec
         )
-        parts.append(ex.take(np.flatnonzero(np.isin(ex.user_ids, train.user_ids))))
-    return _stack(parts) if len(parts) > 1 else train
+        parts.append(ex.take(np.flatnonzero(np.isin(ex.users, train.users))))
+    return stack(parts) if len(parts) > 1 else train
 
 
 def make_splits(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec) -> Splits:
@@ -144,20 +89,10 @@ def make_splits(cfg: TrainConfig, tx: Transactions, spec: FeatureSpec) -> Splits
 
 
 def _subsample(tx: Transactions, max_users: int, seed: int) -> Transactions:
-    users = np.sort(tx.frame["user_id"].unique())
-    if users.size <= max_users:
+    if tx.n_users <= max_users:
         return tx
-    chosen = np.random.default_rng(seed).choice(users, size=max_users, replace=False)
-    frame = tx.frame[tx.frame["user_id"].isin(chosen)].reset_index(drop=True)
-    return Transactions(frame=frame, report=tx.report, fingerprint=tx.fingerprint)
-
-
-def _normalisation(X: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    flat = X.reshape(-1, X.shape[-1]).astype(np.float64)
-    mean = flat.mean(axis=0)
-    std = flat.std(axis=0)
-    std = np.where(std < 1e-6, 1.0, std)  # a constant channel passes through centred, not divided by 0
-    return mean.astype(np.float32), std.astype(np.float32)
+    chosen = np.random.default_rng(seed).choice(tx.n_users, size=max_users, replace=False)
+    return tx.take(np.sort(chosen))
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
@@ -168,23 +103,39 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _baseline_scores(cfg: TrainConfig, splits: Splits) -> dict[str, dict[str, NDArray[np.float64]]]:
-    """Validation and test probabilities of every baseline, fitted on the training customers."""
+Scores = dict[str, dict[str, NDArray[np.float64]]]  # model -> "validation" / "test" -> probabilities
+
+
+def _baseline_scores(cfg: TrainConfig, splits: Splits, pool: Executor) -> tuple[Scores, Future[Scores]]:
+    """Validation and test probabilities of every baseline, fitted on the training customers: BG/NBD
+    and the regression's now, LightGBM's to come.
+
+    LightGBM, by far the slowest, fits on ``pool``'s thread: one OpenMP thread in C++ that mostly
+    runs without the GIL, so it takes the core the network's single torch thread leaves free. BG/NBD
+    and the regression fit here first: lifetimes and sklearn swap the process-wide warning filters,
+    which two threads must not do at once.
+    """
     rfm = {
         name: baselines.rfm_from_summary(getattr(splits, name).summary)
         for name in ("train", "validation", "test")
     }
     mat = {name: baselines.rfm_matrix(r) for name, r in rfm.items()}
-    out: dict[str, dict[str, NDArray[np.float64]]] = {}
+    out: Scores = {}
     bg = baselines.BGNBD().fit(rfm["train"])
     out["bgnbd"] = {s: bg.predict_proba(rfm[s], cfg.horizon_weeks) for s in ("validation", "test")}
     lr = baselines.LogRegRFM().fit(mat["train"], splits.train.y)
     out["logreg_rfm"] = {s: lr.predict_proba(mat[s]) for s in ("validation", "test")}
-    gbm = baselines.LightGBMRFM(seed=cfg.seed).fit(
-        mat["train"], splits.train.y, mat["validation"], splits.validation.y
-    )
-    out["lightgbm"] = {s: gbm.predict_proba(mat[s]) for s in ("validation", "test")}
-    return out
+
+    def lightgbm() -> Scores:
+        gbm = baselines.LightGBMRFM(seed=cfg.seed).fit(
+            mat["train"], splits.train.y, mat["validation"], splits.validation.y
+        )
+        # scoring, unlike fitting, has no barriers to spin at: more threads cost little even while
+        # the network still trains, and at scale it has finished by now
+        cores = len(os.sched_getaffinity(0))
+        return {"lightgbm": {s: gbm.predict_proba(mat[s], threads=cores) for s in ("validation", "test")}}
+
+    return out, pool.submit(lightgbm)
 
 
 @dataclass(frozen=True)
@@ -197,7 +148,10 @@ class Fitted:
     std: NDArray[np.float32]
     members: list[MemberResult]
     ensemble: Ensemble
-    scores: dict[str, dict[str, NDArray[np.float64]]]  # model -> "validation" / "test" -> probabilities
+    scores: Scores
+    # model -> its test AUC on each of cfg.bootstrap resamples of the test customers (seed cfg.seed):
+    # the same resamples for every model, so differences are paired (metrics.bootstrap_aucs)
+    test_replicates: dict[str, NDArray[np.float64]]
     train_seconds: float
 
 
@@ -233,7 +187,6 @@ def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
                 f"the {name} split has {ex.y.size} customers and one class only: cannot train or evaluate"
             )
 
-    mean, std = _normalisation(splits.train.X)
     net_cfg = CLNConfig(
         n_channels=spec.n_channels,
         lookback_bins=spec.lookback_bins,
@@ -244,18 +197,24 @@ def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
         pool_last=cfg.pool_last,
         wide=cfg.wide,
     )
-    started = time.perf_counter()
-    tr, va = (splits.train.X, splits.train.y), (splits.validation.X, splits.validation.y)
-    members = [train_member(cfg, net_cfg, tr, va, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
-    train_seconds = time.perf_counter() - started
-    ensemble = Ensemble([m.model for m in members]).eval()
-    with torch.no_grad():
-        p = {
-            s: ensemble(torch.from_numpy(getattr(splits, s).X)).double().numpy()
-            for s in ("validation", "test")
-        }
-    scores = {"cln": p} | _baseline_scores(cfg, splits)
-    return Fitted(splits, net_cfg, mean, std, members, ensemble, scores, train_seconds)
+    y_test = splits.test.y
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgbm") as pool:
+        scores, lightgbm = _baseline_scores(cfg, splits, pool)
+        mean, std = normalisation(splits.train)
+        started = time.perf_counter()
+        tr, va = splits.train, splits.validation
+        members = [train_member(cfg, net_cfg, tr, va, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
+        train_seconds = time.perf_counter() - started
+        ensemble = Ensemble([m.model for m in members]).eval()
+        scores = {"cln": {s: predict(ensemble, getattr(splits, s)) for s in ("validation", "test")}} | scores
+        # the bootstrap of the models scored so far, while LightGBM may still be fitting
+        test = {name: s["test"] for name, s in scores.items()}
+        replicates = metrics.bootstrap_aucs(y_test, test, cfg.bootstrap, cfg.seed)
+        scores |= lightgbm.result()
+    replicates |= metrics.bootstrap_aucs(
+        y_test, {"lightgbm": scores["lightgbm"]["test"]}, cfg.bootstrap, cfg.seed
+    )
+    return Fitted(splits, net_cfg, mean, std, members, ensemble, scores, replicates, train_seconds)
 
 
 def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> Report:
@@ -275,24 +234,25 @@ def train(cfg: TrainConfig, out_dir: Path, backtest: Path | None = None) -> Repo
     splits = fitted.splits
     models, boot = _test_metrics(cfg, fitted)
 
-    proto, parity_diff = export_ensemble(fitted.ensemble, splits.test.X, cfg.opset)
+    proto, parity_diff = export_ensemble(
+        fitted.ensemble, splits.test.slices(), cfg.opset, expected=fitted.scores["cln"]["test"]
+    )
     hyper = fitted.net_cfg.to_dict() | {
         k: v for k, v in cfg.to_dict().items() if k not in ("data", "columns", "progress")
     }
     metadata = _metadata(cfg, tx, fitted, models, parity_diff, hyper)
     final = with_metadata(proto, metadata)
     write_atomic(final.SerializeToString(), out_dir / "model.onnx")
-    _write_scores(out_dir / "scores.csv", splits.test, run_onnx(final, splits.test.X))
-    save_checkpoint(
-        out_dir / "checkpoint.pt", fitted.ensemble, fitted.net_cfg, metadata, hyper, splits.test.X
-    )
+    _write_scores(out_dir / "scores.csv", splits.test, run_onnx(final, splits.test.slices()))
+    held_out = splits.test.encode(slice(0, PARITY_ROWS))
+    save_checkpoint(out_dir / "checkpoint.pt", fitted.ensemble, fitted.net_cfg, metadata, hyper, held_out)
 
     plots = {"roc": "roc.png", "calibration": "calibration.png"}
     y_te, p_te = splits.test.y, {k: v["test"] for k, v in fitted.scores.items()}
     plot_roc(y_te, p_te, out_dir / plots["roc"])
     plot_calibration(y_te, p_te, out_dir / plots["calibration"])
 
-    n_train = int(np.unique(splits.train.user_ids).size)
+    n_train = int(np.unique(splits.train.users).size)
     report = Report(
         protocol=cfg.protocol,
         cutoff=cfg.cutoff,
@@ -351,10 +311,10 @@ def _test_metrics(cfg: TrainConfig, fitted: Fitted) -> tuple[dict[str, BinaryMet
         name: metrics.binary_metrics(y_te, s["test"], metrics.best_f1_threshold(y_va, s["validation"]))
         for name, s in fitted.scores.items()
     }
-    p_cln = fitted.scores["cln"]["test"]
+    reps = fitted.test_replicates
     boot = {
-        f"cln_vs_{b}": metrics.paired_bootstrap_auc(
-            y_te, p_cln, fitted.scores[b]["test"], n_boot=cfg.bootstrap, seed=cfg.seed
+        f"cln_vs_{b}": metrics.summarise_diffs(
+            models["cln"].roc_auc - models[b].roc_auc, reps["cln"] - reps[b]
         )
         for b in BASELINES
     }

@@ -146,11 +146,12 @@ def test_a_cutoff_sees_nothing_after_it(slice_csv: Path) -> None:
         origins=2, epochs=2, conv_channels=4, hidden=8, progress=False,
     )  # fmt: skip
     cutoff = end_of_day(cfg.cutoff)
-    frame = tx.frame.copy()
-    later = frame["timestamp"] > cutoff
-    frame.loc[later, "amount"] = frame.loc[later, "amount"] * 10.0 + 1.0
-    frame.loc[later, "quantity"] = frame.loc[later, "quantity"] + 5.0
-    changed = dataclasses.replace(tx, frame=frame)
+    later = tx.timestamps > cutoff
+    changed = dataclasses.replace(
+        tx,
+        amounts=np.where(later, tx.amounts * 10.0 + 1.0, tx.amounts),
+        quantities=np.where(later, tx.quantities + 5.0, tx.quantities),
+    )
     a, b = fit(cfg, tx), fit(cfg, changed)
     for model in a.scores:
         np.testing.assert_array_equal(a.scores[model]["test"], b.scores[model]["test"])

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from model_export.config import PROTOCOL_DEFAULTS, TrainConfig
-from model_export.data import end_of_day, load_transactions
+from model_export.data import Transactions, end_of_day, load_transactions
+from model_export.examples import build_examples
 from model_export.export import read_metadata
 from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, CorrelationPooling, Ensemble
 from model_export.report import Report, render_markdown
-from model_export.train import build_examples, latest_cutoff, make_splits, train
+from model_export.train import latest_cutoff, make_splits, train
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ModelMetadata
 from service.features import FeatureSpec, encode_batch
 from tests.conftest import TinyModel, run_cli, write_cdnow_slice
@@ -172,10 +173,10 @@ def test_no_leakage_across_the_cutoff(tmp_path: Path) -> None:
     late = pd.DataFrame(
         {"user_id": before.user_ids, "timestamp": cutoff + 1, "amount": 1e6, "quantity": 100.0}
     )
-    tx2 = dataclasses.replace(tx, frame=pd.concat([tx.frame, late], ignore_index=True))
+    tx2 = Transactions.from_frame(pd.concat([tx.frame, late], ignore_index=True), tx.report, tx.fingerprint)
     after = build_examples(tx2, cutoff, 39, spec)
     np.testing.assert_array_equal(before.user_ids, after.user_ids)
-    np.testing.assert_array_equal(before.X, after.X)
+    np.testing.assert_array_equal(before.encode(), after.encode())
     assert after.y.all()
     assert not before.y.all()
     # customers whose first purchase is after the cutoff are not examples at that cutoff
@@ -192,7 +193,7 @@ def test_earlier_origins_add_only_training_customers(tmp_path: Path) -> None:
         three = make_splits(dataclasses.replace(cfg, origins=3), tx, spec)
         base = one.train.y.size
         # the latest origin is the one-origin training set, unchanged; validation and test too
-        np.testing.assert_array_equal(three.train.X[:base], one.train.X)
+        np.testing.assert_array_equal(three.train.encode(slice(0, base)), one.train.encode())
         np.testing.assert_array_equal(three.validation.user_ids, one.validation.user_ids)
         np.testing.assert_array_equal(three.test.user_ids, one.test.user_ids)
         assert three.train.y.size > base
@@ -210,7 +211,7 @@ def test_earlier_origins_add_only_training_customers(tmp_path: Path) -> None:
                 tx, one.train.as_of - k * cfg.origin_step_weeks * 7 * 86_400, cfg.horizon_weeks, spec
             )
             expected.append(ex.take(np.flatnonzero(np.isin(ex.user_ids, one.train.user_ids))))
-        np.testing.assert_array_equal(three.train.X, np.concatenate([e.X for e in expected]))
+        np.testing.assert_array_equal(three.train.encode(), np.concatenate([e.encode() for e in expected]))
         np.testing.assert_array_equal(three.train.y, np.concatenate([e.y for e in expected]))
 
 
