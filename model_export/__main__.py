@@ -5,6 +5,7 @@ score every user of a log with a model file."""
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from model_export.config import DEFAULT_PROTOCOL, PROTOCOL_DEFAULTS, EvaluationProtocol, TrainConfig
 from model_export.data import DataError
+from service.drift import ScoreReference
 from service.features import ALL_CHANNELS, DEFAULT_CHANNELS
 
 
@@ -118,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--checkpoint", type=Path, required=True, help="DIR/checkpoint.pt written by train")
     e.add_argument("--out", type=Path, required=True, help="the ONNX file to write")
+    e.add_argument(
+        "--reference-scores",
+        type=Path,
+        help="the run's scores.csv: write the distribution of its probabilities into the file as the "
+        "drift reference (for checkpoints from before references were written; same graph)",
+    )
     _score_options(
         sub.add_parser(
             "score", help="score every user of a log at one as_of: a Parquet file of probabilities"
@@ -238,14 +246,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _export(checkpoint: Path, out: Path) -> int:
+def _reference(scores: Path) -> ScoreReference:
+    """The drift reference of a ``scores.csv`` (its ``probability`` column)."""
+    with scores.open(newline="") as fh:
+        probabilities = [float(row["probability"]) for row in csv.DictReader(fh)]
+    return ScoreReference.of(probabilities)
+
+
+def _export(checkpoint: Path, out: Path, reference_scores: Path | None) -> int:
     from model_export.export import ExportError, export_checkpoint, read_metadata
 
     if not checkpoint.is_file():
         print(f"error: checkpoint not found: {checkpoint}", file=sys.stderr)
         return 2
     try:
-        diff = export_checkpoint(checkpoint, out)
+        reference = None if reference_scores is None else _reference(reference_scores)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"error: cannot read the reference scores {reference_scores}: {exc!r}", file=sys.stderr)
+        return 2
+    try:
+        diff = export_checkpoint(checkpoint, out, reference)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -280,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "export":
-        return _export(args.checkpoint, args.out)
+        return _export(args.checkpoint, args.out, args.reference_scores)
     if args.command == "score":
         return _score(args)
     cfg = config_from_args(args)

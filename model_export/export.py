@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from numpy.typing import NDArray
 from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, Ensemble, FusedEnsemble
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from service.drift import ScoreReference
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +139,14 @@ def load_checkpoint(path: Path) -> tuple[Ensemble, ModelMetadata, NDArray[np.flo
     return ensemble.eval(), meta, inputs.numpy()
 
 
-def export_checkpoint(path: Path, out: Path) -> float:
-    """Rebuild the ONNX file from ``checkpoint.pt`` (same graph, same metadata); returns the parity."""
+def export_checkpoint(path: Path, out: Path, reference: ScoreReference | None = None) -> float:
+    """Rebuild the ONNX file from ``checkpoint.pt`` (same graph, same metadata); returns the parity.
+
+    ``reference`` replaces the metadata's score reference (a checkpoint written before references
+    existed has none); the graph, and so every answer, stays the same."""
     ensemble, meta, inputs = load_checkpoint(path)
+    if reference is not None:
+        meta = replace(meta, score_reference=reference)
     proto, diff = export_ensemble(ensemble, inputs, meta.opset)
     write_atomic(with_metadata(proto, meta).SerializeToString(), out)
     return diff
