@@ -118,13 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export", help="rebuild model.onnx from a training run's checkpoint.pt (same graph and metadata)"
     )
-    e.add_argument("--checkpoint", type=Path, required=True, help="DIR/checkpoint.pt written by train")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="DIR/checkpoint.pt written by train")
+    source.add_argument(
+        "--model",
+        type=Path,
+        help="an exported model.onnx to write again with --reference-scores (same graph), where its "
+        "checkpoint cannot be exported",
+    )
     e.add_argument("--out", type=Path, required=True, help="the ONNX file to write")
     e.add_argument(
         "--reference-scores",
         type=Path,
-        help="the run's scores.csv: write the distribution of its probabilities into the file as the "
-        "drift reference (for checkpoints from before references were written; same graph)",
+        help="the run's scores.csv: its probabilities become the file's drift reference (files "
+        "trained before references were written have none)",
     )
     _score_options(
         sub.add_parser(
@@ -253,23 +260,34 @@ def _reference(scores: Path) -> ScoreReference:
     return ScoreReference.of(probabilities)
 
 
-def _export(checkpoint: Path, out: Path, reference_scores: Path | None) -> int:
-    from model_export.export import ExportError, export_checkpoint, read_metadata
+def _export(args: argparse.Namespace) -> int:
+    from model_export.export import ExportError, add_reference, export_checkpoint, read_metadata
 
-    if not checkpoint.is_file():
-        print(f"error: checkpoint not found: {checkpoint}", file=sys.stderr)
+    source: Path = args.checkpoint if args.checkpoint is not None else args.model
+    if not source.is_file():
+        print(f"error: {'checkpoint' if args.checkpoint else 'model'} not found: {source}", file=sys.stderr)
+        return 2
+    if args.model is not None and args.reference_scores is None:
+        print("error: --model rewrites a file with --reference-scores; give them both", file=sys.stderr)
         return 2
     try:
-        reference = None if reference_scores is None else _reference(reference_scores)
+        reference = None if args.reference_scores is None else _reference(args.reference_scores)
     except (OSError, KeyError, ValueError) as exc:
-        print(f"error: cannot read the reference scores {reference_scores}: {exc!r}", file=sys.stderr)
+        print(f"error: cannot read the reference scores {args.reference_scores}: {exc!r}", file=sys.stderr)
         return 2
     try:
-        diff = export_checkpoint(checkpoint, out, reference)
+        if args.model is not None:
+            assert reference is not None
+            add_reference(args.model, args.out, reference)
+            version = read_metadata(args.out).model_version
+            print(f"wrote {args.out} ({version}): the same graph, with a reference")
+            return 0
+        diff = export_checkpoint(args.checkpoint, args.out, reference)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({read_metadata(out).model_version}); parity against the checkpoint {diff:.2g}")
+    version = read_metadata(args.out).model_version
+    print(f"wrote {args.out} ({version}); parity against the checkpoint {diff:.2g}")
     return 0
 
 
@@ -300,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "export":
-        return _export(args.checkpoint, args.out, args.reference_scores)
+        return _export(args)
     if args.command == "score":
         return _score(args)
     cfg = config_from_args(args)

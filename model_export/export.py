@@ -152,6 +152,17 @@ def export_checkpoint(path: Path, out: Path, reference: ScoreReference | None = 
     return diff
 
 
+def add_reference(model: Path, out: Path, reference: ScoreReference) -> None:
+    """Write ``model`` again with ``reference`` in its metadata, for a file whose checkpoint cannot
+    be exported again: the same graph (checked byte for byte), so the same answers."""
+    proto = onnx.load(str(model))
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    stamped = with_metadata(proto, replace(meta, score_reference=reference))
+    if stamped.graph.SerializeToString() != proto.graph.SerializeToString():
+        raise ExportError("the graph changed while the metadata was rewritten")
+    write_atomic(stamped.SerializeToString(), out)
+
+
 def read_metadata(path: Path) -> ModelMetadata:
     """Metadata of an exported file, read the way the service reads it (through onnxruntime)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

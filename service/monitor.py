@@ -125,6 +125,8 @@ class Monitor:
 
     def scored(self, meta: ModelMetadata, columns: EventColumns, probabilities: NDArray[np.float32]) -> None:
         """Hand over one scoring call (called for every inference; keep it cheap)."""
+        if meta.model_version not in self._models:
+            self.track(meta)
         if self.settings.drift:
             with self._lock:
                 if self._pending_scores < self._max_pending_scores:
@@ -195,6 +197,9 @@ class Monitor:
             if len(state.window) >= self.settings.drift_min_scores:
                 window = state.window.values()
                 state.psi, state.ks = psi(reference, window), ks(reference, window)
+        with self._lock:  # versions evicted meanwhile keep no window
+            for version in [v for v in self._drift if v not in self._models]:
+                del self._drift[version]
 
     def flush(self, store: GuardedStore) -> None:
         """Write the buffered predictions (sampled, one per user, version and day) in one call."""
@@ -461,9 +466,11 @@ class MonitorCollector(Collector):
         yield reference
 
 
-def report_versions(monitor: Monitor, only: str | None) -> list[str] | None:
-    """The versions ``GET /v1/model/performance`` reports: tracked ones, then any other with
-    settled predictions in the window; ``None`` when ``only`` is neither."""
+def report_versions(monitor: Monitor, only: str | None, served: ModelMetadata | None) -> list[str] | None:
+    """The versions ``GET /v1/model/performance`` reports: the served one, the tracked ones, then
+    any other with settled predictions in the window; ``None`` when ``only`` is none of them."""
+    if served is not None:
+        monitor.track(served)
     versions = [meta.model_version for meta in monitor.models()]
     versions += [v for v in sorted(monitor.live.quality) if v not in versions]
     if only is None:

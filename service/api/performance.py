@@ -217,7 +217,8 @@ async def performance(
 ) -> Response:
     monitor = ctx.monitor
     assert monitor is not None
-    versions = report_versions(monitor, model_version)
+    served = ctx.slot.served
+    versions = report_versions(monitor, model_version, None if served is None else served.predictor.metadata)
     if versions is None:
         raise UnknownModelVersionError(
             "no such model version here",
@@ -231,7 +232,6 @@ async def performance(
         )
     s = ctx.settings
     live = monitor.live
-    served = ctx.slot.served
     current = None if served is None else served.predictor.metadata.model_version
     body = PerformanceResponse(
         outcomes=OutcomesState(
