@@ -6,6 +6,7 @@ same predictions, outcomes and reference."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ DAY = 86_400
 AS_OF = int(datetime(1997, 9, 30, 23, 59, 59, tzinfo=UTC).timestamp())
 HORIZON = 28 * DAY  # the fake model's 4 weeks
 VERSION = "fake-1"
+OFFLINE = {"test": {"roc_auc": 0.75, "brier": 0.125}, "n_test": 100}
 
 
 def rfc3339(t: int) -> str:
@@ -57,7 +59,8 @@ def reference() -> ScoreReference:
 def client_for(
     settings: Settings, reference: ScoreReference | None, registry: CollectorRegistry
 ) -> TestClient:
-    meta = make_metadata(version=VERSION, score_reference=reference)
+    # the offline figures where the exporter writes them
+    meta = replace(make_metadata(version=VERSION, score_reference=reference), training_metrics=OFFLINE)
     app = create_app(settings, predictor=FakePredictor(metadata=meta, max_batch=MAX_USERS), registry=registry)
     return TestClient(app, raise_server_exceptions=False)
 
@@ -88,6 +91,29 @@ def performance(client: TestClient, **params: str) -> dict[str, Any]:
 def model_of(body: dict[str, Any], version: str = VERSION) -> dict[str, Any]:
     found: dict[str, Any] = next(m for m in body["models"] if m["model_version"] == version)
     return found
+
+
+def mature_predictions(client: TestClient, users: int = 4) -> dict[str, Any]:
+    """Store purchases, predict by id at AS_OF, store what followed and a purchase past the horizon:
+    returns the performance answer once they have matured (the drift window fills on the way)."""
+    ids = [f"m{k}" for k in range(users)]
+    before = [event(u, AS_OF - (k + 1) * 7 * DAY, 3.0 + k) for k, u in enumerate(ids)]
+    assert client.post("/events", json={"events": before}).status_code == 200
+    answer = client.post(
+        "/predict/batch", json={"users": [{"user_id": u, "as_of": rfc3339(AS_OF)} for u in ids]}
+    )
+    assert answer.status_code == 200, answer.text
+    waiting.wait_until(
+        lambda: performance(client)["outcomes"]["unsettled"] >= users, timeout=10, message="not recorded"
+    )
+    after = [event(u, AS_OF + DAY) for u in ids[::2]] + [event("clock", AS_OF + HORIZON + DAY)]
+    assert client.post("/events", json={"events": after}).status_code == 200
+
+    def matured() -> dict[str, Any] | None:
+        body = performance(client)
+        return body if body["models"] and (model_of(body)["live"] or {}).get("matured") == users else None
+
+    return waiting.wait_until(matured, timeout=10, message=lambda: f"nothing matured: {performance(client)}")
 
 
 def test_matured_predictions_are_scored_against_the_purchases_that_followed(
@@ -140,7 +166,9 @@ def test_matured_predictions_are_scored_against_the_purchases_that_followed(
     assert registry.get_sample_value("purchase_intent_live_brier_score", labels_of) == want.brier
     assert registry.get_sample_value("purchase_intent_live_matured_predictions", labels_of) == 8
     assert registry.get_sample_value("purchase_intent_outcome_settled_total", {"outcome": "positive"}) == 3
-    assert registry.get_sample_value("purchase_intent_model_offline_roc_auc", labels_of) == 0.5
+    assert registry.get_sample_value("purchase_intent_model_offline_roc_auc", labels_of) == 0.75
+    assert registry.get_sample_value("purchase_intent_model_offline_brier_score", labels_of) == 0.125
+    assert model_of(body)["offline"] == {"roc_auc": 0.75, "brier": 0.125}
     decile = {"model_version": VERSION, "decile": "1"}
     assert registry.get_sample_value("purchase_intent_live_calibration_observed_rate", decile) == (
         want.calibration[0].observed_rate
