@@ -243,8 +243,9 @@ class Settings(BaseSettings):
     drift_min_scores: int = Field(default=1_000, ge=1)
     """PSI and KS are reported once a version's window holds at least this many scores."""
 
-    drift_interval_seconds: float = Field(default=10.0, gt=0)
-    """Seconds between drift updates (new scores into the windows, PSI and KS recomputed)."""
+    drift_interval_seconds: float = Field(default=1.0, gt=0)
+    """Seconds between drift updates (new scores into the windows and the decile histogram, PSI
+    and KS recomputed). Scores wait in memory until then, so keep it short."""
 
     drift_psi_threshold: float = Field(default=0.2, gt=0)
     """PSI above which the drift alert in deploy/rules.yml fires (exported as a gauge)."""

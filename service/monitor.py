@@ -86,6 +86,9 @@ class Monitor:
         self._models: OrderedDict[str, ModelMetadata] = OrderedDict()  # most recently served last
         self._scores: deque[tuple[str, NDArray[np.float32]]] = deque()
         self._pending_scores = 0
+        self._drift_on = settings.drift
+        # a drift round that falls behind loses scores (counted) rather than memory
+        self._max_pending_scores = max(100 * settings.drift_window_scores, 1_000_000)
         self._drift: dict[str, Drift] = {}
         self.live = Live()
         self.recorder = (
@@ -125,26 +128,20 @@ class Monitor:
 
     def scored(self, meta: ModelMetadata, columns: EventColumns, probabilities: NDArray[np.float32]) -> None:
         """Hand over one scoring call (called for every inference; keep it cheap)."""
-        if meta.model_version not in self._models:
+        version = meta.model_version
+        if version not in self._models:
             self.track(meta)
-        if self.settings.drift:
+        if self._drift_on:
             with self._lock:
                 if self._pending_scores < self._max_pending_scores:
-                    self._scores.append((meta.model_version, probabilities))
+                    self._scores.append((version, probabilities))
                     self._pending_scores += probabilities.size
                 else:
                     self.dropped_scores.inc(probabilities.size)
         if self.recorder is not None:
-            dropped = self.recorder.add(
-                meta.model_version, meta.horizon_days, columns, probabilities, time.time()
-            )
+            dropped = self.recorder.add(version, meta.horizon_days, columns, probabilities, time.time())
             if dropped:
                 self.recorded.labels("dropped").inc(dropped)
-
-    @property
-    def _max_pending_scores(self) -> int:
-        # a drift round that falls behind loses scores rather than memory; one window is all it uses
-        return 4 * self.settings.drift_window_scores
 
     # ---- model versions ---------------------------------------------------------------------
 

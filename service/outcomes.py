@@ -15,7 +15,8 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -64,8 +65,7 @@ def outcome_of(prediction: Prediction, history: History | None) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class _Served:
+class _Served(NamedTuple):
     """One scoring call's answers, as handed over by the scorer (no per-user work on its path)."""
 
     model_version: str
@@ -115,7 +115,7 @@ class Recorder:
         return 0
 
     def _sampled(self, user_id: str) -> bool:
-        return self._all or zlib.crc32(user_id.encode()) < self._threshold
+        return zlib.crc32(user_id.encode()) < self._threshold
 
     def drain(self) -> Drained:
         """Everything queued: the predictions to record (the first of each user, version and day)."""
@@ -124,20 +124,18 @@ class Recorder:
             self._users = 0
         kept: dict[tuple[str, str, int], Prediction] = {}
         sampled_out = repeats = 0
-        for call in calls:
-            as_of = call.as_of.tolist()
-            probabilities = call.probabilities.tolist()
-            for user_id, t, p in zip(call.user_ids, as_of, probabilities, strict=True):
-                if not self._sampled(user_id):
+        for version, horizon_days, user_ids, as_of, probabilities, requested_at in calls:
+            days = (as_of // SECONDS_PER_DAY).tolist()
+            rows = zip(user_ids, days, as_of.tolist(), probabilities.tolist(), strict=True)
+            for user_id, day, t, p in rows:
+                if not (self._all or self._sampled(user_id)):
                     sampled_out += 1
                     continue
-                key = (user_id, call.model_version, t // SECONDS_PER_DAY)
+                key = (user_id, version, day)
                 if key in kept:
                     repeats += 1
                 else:
-                    kept[key] = Prediction(
-                        user_id, call.model_version, t, call.horizon_days, p, call.requested_at
-                    )
+                    kept[key] = Prediction(user_id, version, t, horizon_days, p, requested_at)
         return Drained(list(kept.values()), sampled_out, repeats)
 
 
@@ -158,7 +156,7 @@ def settle_due(store: GuardedStore, settled_by: int) -> dict[int, int]:
         if not due:
             break
         histories = store.histories(list(dict.fromkeys(p.user_id for p in due)))
-        settled = [replace(p, outcome=outcome_of(p, histories.get(p.user_id))) for p in due]
+        settled = [p._replace(outcome=outcome_of(p, histories.get(p.user_id))) for p in due]
         store.settle(settled)
         for p in settled:
             assert p.outcome is not None

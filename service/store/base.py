@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from service.columns import Folded
 
@@ -99,10 +99,9 @@ UNOBSERVED = -1  # the store knows nothing of the user: "did not buy" cannot be 
 COMPACTED = -2  # purchases that may lie in the horizon were folded into counters
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):
     """A served prediction, kept until its outcome is known. Unique per ``(user_id, model_version,
-    as_of day)``."""
+    as_of day)``. A named tuple: one is made per recorded user, and a backend can bind it as is."""
 
     user_id: str
     model_version: str

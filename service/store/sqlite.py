@@ -81,6 +81,12 @@ _ADVANCE_CLOCK = (
     "ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)"
 )
 _PREDICTION_COLUMNS = "user_id, model_version, as_of, horizon_days, probability, requested_at, outcome"
+# ?1..?7 are a Prediction's fields in order; the day and the horizon's end are derived from them.
+_RECORD = (
+    "INSERT INTO predictions (user_id, model_version, day, as_of, horizon_days, matures_at, probability, "
+    "requested_at, outcome) VALUES (?1, ?2, ?3 / 86400, ?3, ?4, ?3 + ?4 * 86400, ?5, ?6, ?7) "
+    "ON CONFLICT DO NOTHING"
+)
 # Compaction folds whole user-days (a day is due once every event of it is old enough), so a day
 # never ends up half folded and half raw, and it folds by service.cleaning's rule: identical events
 # (same second, amount, quantity; say, one purchase sent under two event ids) count once.
@@ -264,28 +270,11 @@ class SQLiteStore:
         return Compacted(users=int(users), events=int(events))
 
     def record(self, predictions: Sequence[Prediction]) -> Appended:
-        rows = [
-            (
-                p.user_id,
-                p.model_version,
-                p.day,
-                p.as_of,
-                p.horizon_days,
-                p.matures_at,
-                p.probability,
-                p.requested_at,
-            )
-            for p in predictions
-        ]
         with self._write() as conn:
             before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO predictions (user_id, model_version, day, as_of, horizon_days, matures_at, "
-                "probability, requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                rows,
-            )
+            conn.executemany(_RECORD, predictions)  # the named tuples bind as they are
             stored = conn.total_changes - before
-        return Appended(stored=stored, duplicates=len(rows) - stored)
+        return Appended(stored=stored, duplicates=len(predictions) - stored)
 
     def event_clock(self) -> int | None:
         with self._read() as conn:

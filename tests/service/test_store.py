@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -306,7 +305,7 @@ def test_due_predictions_are_settled_once_and_windowed_by_horizon_end(store: Eve
     assert [p.user_id for p in due] == ["w", "u0", "u1", "u2"]  # oldest horizon first
     assert [p.user_id for p in store.due(end + 2 * DAY, 2)] == ["w", "u0"]
     outcomes = {"w": 1, "u0": 1, "u1": 0, "u2": UNOBSERVED}
-    store.settle([replace(p, outcome=outcomes[p.user_id]) for p in due])
+    store.settle([p._replace(outcome=outcomes[p.user_id]) for p in due])
     assert [p.user_id for p in store.due(end + 10 * DAY, 100)] == ["u3", "u4"]
     window = store.settled(end - 10 * DAY, end + 2 * DAY)
     assert sorted(zip(window.probabilities["v1"], window.outcomes["v1"], strict=True)) == [(0.0, 1), (0.1, 0)]
@@ -320,7 +319,7 @@ def test_due_predictions_are_settled_once_and_windowed_by_horizon_end(store: Eve
 def test_pruning_forgets_old_settled_and_long_recorded_predictions(store: EventStore) -> None:
     store.record([pred("old", NOW - 30 * DAY, at=NOW - 30 * DAY), pred("new", NOW, at=NOW)])
     store.record([pred("stale", NOW - 100 * DAY, at=NOW - 100 * DAY, horizon=1000)])  # never due
-    store.settle([replace(p, outcome=0) for p in store.due(NOW, 100)])  # "old" only
+    store.settle([p._replace(outcome=0) for p in store.due(NOW, 100)])  # "old" only
     assert store.prune(settled_before=NOW - 20 * DAY, recorded_before=NOW - 50 * DAY) == 2
     assert store.settled(0, NOW * 2).outcomes == {}
     assert [p.user_id for p in store.due(NOW * 2, 100)] == ["new"]
@@ -334,7 +333,7 @@ def test_erasure_forgets_recorded_predictions_and_settling_does_not_bring_them_b
     store.append([ev("gone", NOW + DAY)], NOW)
     due = store.due(NOW + 30 * DAY, 100)
     store.erase("gone")
-    store.settle([replace(p, outcome=1) for p in due])  # settled after the erasure: nothing comes back
+    store.settle([p._replace(outcome=1) for p in due])  # settled after the erasure: nothing comes back
     window = store.settled(0, NOW * 2)
     assert window.outcomes == {"v1": [1]}
     assert store.due(NOW * 2, 100) == []
