@@ -152,7 +152,8 @@ class OutcomeStore(Protocol):
         ...
 
     def settle(self, settled: Sequence[Prediction]) -> None:
-        """Store the outcomes of ``settled`` (predictions erased meanwhile stay erased)."""
+        """Store the outcomes of ``settled`` and forget those whose outcome is unknown (they never
+        count); predictions erased meanwhile stay erased."""
         ...
 
     def settled(self, matured_after: int, matured_by: int) -> Settled:

@@ -53,10 +53,15 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
 end
 return 0
 """
-# KEYS: the user's prediction hash, the unsettled index, the settled index.
-# ARGV: field, value, index member, horizon end.
+# KEYS: the user's prediction hash, the unsettled index, the settled index, the recording index.
+# ARGV: field, value, index member, horizon end, "1" when the outcome is known (else: forget it).
 _SETTLE = """
 redis.call('ZREM', KEYS[2], ARGV[3])
+if ARGV[5] ~= '1' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[3])
+  return 0
+end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
@@ -308,9 +313,10 @@ class RedisStore:
 
     def settle(self, settled: Sequence[Prediction]) -> None:
         pipe = self._client.pipeline(transaction=True)
-        keys = (self._due_key, self._settled_key)
+        keys = (self._due_key, self._settled_key, self._recorded_key)
         for p in settled:
-            args = (_field(p), _value(p), _member(p), p.matures_at)
+            known = "1" if p.outcome is not None and p.outcome >= 0 else "0"
+            args = (_field(p), _value(p), _member(p), p.matures_at, known)
             self._settle_script(keys=(self._predictions_key(p.user_id), *keys), args=args, client=pipe)
         pipe.execute()
 

@@ -81,6 +81,12 @@ _ADVANCE_CLOCK = (
     "ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)"
 )
 _PREDICTION_COLUMNS = "user_id, model_version, as_of, horizon_days, probability, requested_at, outcome"
+
+
+def _known(p: Prediction) -> bool:
+    return p.outcome is not None and p.outcome >= 0
+
+
 # ?1..?7 are a Prediction's fields in order; the day and the horizon's end are derived from them.
 _RECORD = (
     "INSERT INTO predictions (user_id, model_version, day, as_of, horizon_days, matures_at, probability, "
@@ -291,10 +297,15 @@ class SQLiteStore:
         return [Prediction(*row) for row in rows]
 
     def settle(self, settled: Sequence[Prediction]) -> None:
-        rows = [(p.outcome, p.user_id, p.model_version, p.day) for p in settled]
+        known = [(p.outcome, p.user_id, p.model_version, p.day) for p in settled if _known(p)]
+        unknown = [(p.user_id, p.model_version, p.day) for p in settled if not _known(p)]
         with self._write() as conn:
             conn.executemany(
-                "UPDATE predictions SET outcome = ? WHERE user_id = ? AND model_version = ? AND day = ?", rows
+                "UPDATE predictions SET outcome = ? WHERE user_id = ? AND model_version = ? AND day = ?",
+                known,
+            )
+            conn.executemany(
+                "DELETE FROM predictions WHERE user_id = ? AND model_version = ? AND day = ?", unknown
             )
 
     def settled(self, matured_after: int, matured_by: int) -> Settled:
@@ -302,7 +313,7 @@ class SQLiteStore:
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT model_version, probability, outcome FROM predictions "
-                "WHERE outcome IS NOT NULL AND matures_at > ? AND matures_at <= ? AND outcome >= 0",
+                "WHERE outcome IS NOT NULL AND matures_at > ? AND matures_at <= ?",
                 (matured_after, matured_by),
             ).fetchall()
         for version, probability, outcome in rows:

@@ -314,6 +314,8 @@ def test_due_predictions_are_settled_once_and_windowed_by_horizon_end(store: Eve
     assert store.settled(end, end + 2 * DAY).outcomes == {"v1": [0]}
     backlog = store.backlog(end + 3 * DAY)
     assert (backlog.unsettled, backlog.overdue) == (2, 1)
+    # an unknown outcome never counts, so it is not kept: u2 is gone, not merely left out
+    assert store.prune(settled_before=end + 100 * DAY, recorded_before=0) == 3
 
 
 def test_pruning_forgets_old_settled_and_long_recorded_predictions(store: EventStore) -> None:
