@@ -221,6 +221,10 @@ class SQLiteStore:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
+        # sqlite3 caches a prepared statement per SQL text (128 per connection, a 2,000-id one about
+        # half a MB): one per distinct count would fill it with large ones. Padding the list to a
+        # power of two with a repeated id keeps it to a dozen shapes and the same answer.
+        ids += ids[-1:] * ((1 << (len(ids) - 1).bit_length()) - len(ids))
         marks = ",".join("?" * len(ids))
         # one statement: raw events and folded counters from the same snapshot
         sql = (
