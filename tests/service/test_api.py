@@ -330,6 +330,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> N
         "/readyz",
         "/metrics",
         "/v1/model",
+        "/v1/model/performance",
     }
     for path in ("/predict", "/predict/batch"):
         body = paths[path]["post"]["requestBody"]["content"]["application/json"]

@@ -269,3 +269,18 @@ def test_with_a_store_events_may_be_left_out(spec: dict[str, Any]) -> None:
     request = _schemas(spec)["PredictRequest"]
     assert "events" not in request["required"]
     assert {b["type"] for b in request["properties"]["events"]["anyOf"]} == {"array", "null"}
+
+
+def test_the_performance_route_documents_the_version_limit_it_enforces(
+    spec: dict[str, Any], admin: TestClient
+) -> None:
+    operation = spec["paths"]["/v1/model/performance"]["get"]
+    (param,) = operation["parameters"]
+    declared = next(b for b in _branches(param["schema"]) if b.get("type") == "string")
+    assert (param["name"], param["required"]) == ("model_version", False)
+    assert (declared["minLength"], declared["maxLength"]) == (1, 256)
+    assert {"404", "422"} <= set(operation["responses"])
+    assert admin.get("/v1/model/performance", params={"model_version": "v" * 256}).status_code == 404
+    assert admin.get("/v1/model/performance", params={"model_version": "v" * 257}).status_code == 422
+    assert admin.get("/v1/model/performance", params={"model_version": ""}).status_code == 422
+    assert admin.get("/v1/model/performance").status_code == 200

@@ -104,6 +104,8 @@ OPERATIONS = [
     ("GET", "/healthz", GenerationMode.POSITIVE),
     ("GET", "/readyz", GenerationMode.POSITIVE),
     ("GET", "/v1/model", GenerationMode.POSITIVE),
+    ("GET", "/v1/model/performance", GenerationMode.POSITIVE),
+    ("GET", "/v1/model/performance", GenerationMode.NEGATIVE),
     ("GET", "/metrics", GenerationMode.POSITIVE),
 ]
 ROUTES = list(dict.fromkeys((method, path) for method, path, _ in OPERATIONS))
