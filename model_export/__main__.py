@@ -208,6 +208,9 @@ def _score(args: argparse.Namespace) -> int:
     from service.artifact import ArtifactError
     from service.predictor import ProviderError
 
+    if args.actors is not None and args.engine != "ray":
+        print("error: --actors is for --engine ray", file=sys.stderr)
+        return 2
     if args.engine == "ray" and find_spec("ray") is None:
         print("error: --engine ray needs the ray extra: pip install 'purchase-intent[ray]'", file=sys.stderr)
         return 2

@@ -225,6 +225,8 @@ def test_cli_engine_ray(
     local = tmp_path / "local.parquet"
     assert main([*args[:6], str(local), "--no-progress"]) == 0
     assert pq.read_table(out).equals(pq.read_table(local))
+    assert main([*args, "--actors", "2"]) == 2  # the local engine has no actors
+    assert "--actors is for --engine ray" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a Ray cluster: seconds to start, seconds per actor pool
