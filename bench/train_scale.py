@@ -126,8 +126,15 @@ _COLUMNS = (
     "wall s",
     "network training s",
     "peak RSS MB",
-    "MB per 1k customers",
+    "KB per customer over the smallest",
 )
+
+
+def _per_customer_kb(run: TrainRun, smallest: TrainRun) -> str:
+    """The peak's growth per added customer: what one more customer costs, the fixed part aside."""
+    if run.users <= smallest.users:
+        return "-"
+    return f"{(run.peak_rss_mb - smallest.peak_rss_mb) * 1024 / (run.users - smallest.users):.2f}"
 
 
 def markdown(bench: TrainScaleBench) -> str:
@@ -141,7 +148,7 @@ def markdown(bench: TrainScaleBench) -> str:
             f"{r.wall_s:.1f}",
             "-" if r.train_s is None else f"{r.train_s:.1f}",
             f"{r.peak_rss_mb:,.0f}",
-            f"{1000 * r.peak_rss_mb / r.users:.1f}",
+            _per_customer_kb(r, bench.runs[0]),
         )
         for r in bench.runs
     ]

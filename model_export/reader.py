@@ -1,4 +1,4 @@
-"""A transaction log read block by block, typed and cleaned by training's rules (the scoring job's input).
+"""A transaction log read block by block, typed and cleaned by training's rules (for training and scoring).
 
 CSV goes through pyarrow's streaming reader and Parquet record batch by record batch, so memory
 follows the block, not the file; the bundled CDNOW file (whitespace-separated, small) goes through

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model_export.data import DataError, columns_from_frame, end_of_day, load_transactions
+from model_export.data import DataError, cdnow_path, columns_from_frame, end_of_day, load_transactions
 from service.features import ALL_CHANNELS, FeatureSpec, encode_batch
 
 
@@ -126,6 +126,41 @@ def test_parquet_input(tmp_path: Path) -> None:
     tx = load_transactions(path)
     assert tx.report.rows_kept == 2
     assert sorted(tx.frame["user_id"]) == ["u1", "u2"]
+
+
+def test_typed_parquet_cleans_as_its_text(tmp_path: Path) -> None:
+    """A Parquet log keeps its types (timestamps, floats, integers): the cleaned rows and the
+    fingerprint are those of the same log written as text."""
+    raw = pd.read_csv(cdnow_path(), sep=r"\s+", dtype=str).head(3000)
+    frame = pd.DataFrame(
+        {
+            "user_id": raw["customer_id"],
+            "timestamp": pd.to_datetime(raw["date"], format="%Y%m%d", utc=True),
+            "amount": raw["dollar_value"].astype(np.float64),
+            "quantity": raw["number_of_cds"].astype(np.int64),
+        }
+    )
+    frame.to_parquet(tmp_path / "log.parquet")
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    typed, text = load_transactions(tmp_path / "log.parquet"), load_transactions(tmp_path / "log.csv")
+    assert typed.fingerprint == text.fingerprint
+    pd.testing.assert_frame_equal(typed.frame, text.frame)
+    assert typed.report.to_dict() | {"source": ""} == text.report.to_dict() | {"source": ""}
+
+
+def test_a_bad_parquet_value_names_column_and_row(tmp_path: Path) -> None:
+    path = tmp_path / "log.parquet"
+    good = ["2024-01-01", "2024-01-02", "2024-01-03"]
+    pd.DataFrame(
+        {"user_id": ["a", "b", "c", "d"], "timestamp": [*good, "soon"], "amount": 1.0, "quantity": 1}
+    ).to_parquet(path)
+    with pytest.raises(DataError, match=r"'timestamp'.*line 4: 'soon'"):
+        load_transactions(path)
+    pd.DataFrame(
+        {"user_id": ["a", "b", "c"], "timestamp": good, "amount": ["1", "2$", "3"], "quantity": 1}
+    ).to_parquet(path)
+    with pytest.raises(DataError, match=r"'amount'.*line 2"):
+        load_transactions(path)
 
 
 def test_empty_after_cleaning_fails(tmp_path: Path) -> None:
