@@ -115,9 +115,7 @@ def score_log_ray(
             SpillScorer,
             batch_size=1,  # one spill file a call: all of its users' rows, and only theirs
             batch_format="pyarrow",
-            # an actor is handed its next spill file when it finishes one, so a slower node or a
-            # busier core takes fewer, instead of each actor being sent several up front
-            compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1),
+            compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=cpus_per_actor,
             fn_constructor_kwargs={
                 "model": model.read_bytes(),
