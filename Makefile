@@ -26,8 +26,14 @@ $(VENV)/.stamp-train: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[train]'
 	touch $@
 
-$(VENV)/.stamp-dev: $(VENV)/.stamp-train
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[train,dev]'
+# The scoring job's Ray engine (--engine ray), for make bench-score and the tests.
+$(VENV)/.stamp-ray: $(VENV)/.stamp-train
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[train,ray]'
+	touch $@
+
+# The ray extra too: `make test` runs the scoring job's Ray engine on a local Ray.
+$(VENV)/.stamp-dev: $(VENV)/.stamp-ray
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[train,dev,ray]'
 	touch $@
 
 # Re-resolve the runtime dependencies in a scratch venv (no torch, no extras) and pin them.
@@ -96,11 +102,12 @@ BENCH_ARGS ?=
 bench: $(VENV)/.stamp-train system-deps $(filter $(MODEL),$(BENCH_MODEL))
 	$(BIN)/python -m bench --model $(BENCH_MODEL) $(BENCH_ARGS)
 
-# The scoring job on CDNOW made 1, 10 and 40 times larger (built in a temporary folder) against raw
-# onnxruntime, with each run's peak RSS (bench/README.md, "Scoring job"). Needs no wrk: the job is a
-# process of its own. E.g. make bench-score BENCH_SCORE_ARGS='--scales 1,10 --workdir /tmp/logs'.
+# The scoring job, local engine and Ray engine, on CDNOW made 1, 10 and 40 times larger (built in a
+# temporary folder) against raw onnxruntime, with each run's memory (bench/README.md, "Scoring job").
+# Needs no wrk: the job is a process of its own. E.g. make bench-score BENCH_SCORE_ARGS='--scales
+# 1,10 --workdir /tmp/logs' or BENCH_SCORE_ARGS='--engines local'.
 BENCH_SCORE_ARGS ?=
-bench-score: $(VENV)/.stamp-train $(filter $(MODEL),$(BENCH_MODEL))
+bench-score: $(VENV)/.stamp-ray $(filter $(MODEL),$(BENCH_MODEL))
 	$(BIN)/python -m bench.score --model $(BENCH_MODEL) $(BENCH_SCORE_ARGS)
 
 # Training on CDNOW made 1 and 40 times larger (built in a temporary folder): peak RSS and wall of

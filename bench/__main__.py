@@ -64,9 +64,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep bodies, Lua scripts and server logs here")
     parser.add_argument(
         "--only",
-        choices=("predict",),
+        choices=("predict", "monitoring"),
         help="predict: only the /predict phases (raw onnxruntime batch 1, constant FastAPI, "
-        "the service with and without micro-batching), for a quick A/B",
+        "the service with and without micro-batching), for a quick A/B; monitoring: only /predict "
+        "with model monitoring on and off",
+    )
+    parser.add_argument(
+        "--monitoring-rounds",
+        type=int,
+        default=3,
+        help="alternating rounds of /predict with model monitoring on and off (default 3; 0 = none)",
     )
     return parser.parse_args(argv)
 
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             wrk_threads=args.wrk_threads,
             batch_users=args.batch_users,
             phases="all" if args.only is None else args.only,
+            monitoring_rounds=args.monitoring_rounds,
         )
         try:
             result = harness.run(options, _say)

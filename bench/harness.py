@@ -2,7 +2,8 @@
 
 Order: raw onnxruntime floors (nothing else running), then the constant FastAPI floor, then the
 service, then a second service with micro-batching off for its ``/predict`` phases, so the
-default is judged against the alternative in the same run on the same machine (MLServer#1826).
+default is judged against the alternative in the same run on the same machine (MLServer#1826);
+last, ``/predict`` with model monitoring on and off, in alternating rounds of fresh servers.
 One server runs at a time, so they never compete with each other for the two cores; wrk does share
 the machine with the server it loads, as it does for every row alike.
 """
@@ -22,7 +23,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import bodies, floors, machine, processes, wrk
-from bench.report import BY_ID_PATH, UNBATCHED_SERVER, HttpPhase, Phases, Report, RunSettings
+from bench.report import (
+    BY_ID_PATH,
+    MONITORED_SERVER,
+    NEW_USER_PATH,
+    UNBATCHED_SERVER,
+    UNMONITORED_SERVER,
+    HttpPhase,
+    MonitoringCheck,
+    Phases,
+    Report,
+    RunSettings,
+)
 from service.bulk import ARROW_MEDIA_TYPE
 from service.config import Settings
 from service.schemas import BatchPredictRequest, PredictRequest
@@ -44,6 +56,16 @@ class Options:
     batch_users: int = bodies.BATCH_USERS
     events: int = bodies.EVENTS_PER_USER
     phases: Phases = "all"
+    monitoring_rounds: int = 3
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The service's RSS over its phases: the kernel's peak and the sampled one."""
+
+    peak_mb: float
+    sampled_peak_mb: float
+    samples: int
 
 
 class BenchError(RuntimeError):
@@ -67,14 +89,29 @@ def _check_answers(url: str, body: bytes, what: str, content_type: str = "applic
     return answer
 
 
-def _metric(server: processes.Server, name: str) -> float | None:
-    """One unlabelled sample from the service's ``/metrics``, if it is there."""
+def _metrics_text(server: processes.Server) -> str:
     try:
         with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
-            text = response.read().decode()
+            return str(response.read().decode())
     except OSError as exc:
         raise _gone(server, f"GET /metrics failed ({exc})") from exc
-    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")), None)
+
+
+def _metric(server: processes.Server, name: str) -> float | None:
+    """One unlabelled sample from the service's ``/metrics``, if it is there."""
+    lines = _metrics_text(server).splitlines()
+    return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), None)
+
+
+def _metric_sum(server: processes.Server, name: str) -> float | None:
+    """The sum of every sample of ``name`` (``name{...}`` may pin labels), if there is one."""
+    prefix = name if "{" in name else name + "{"
+    values = [
+        float(line.split()[-1])
+        for line in _metrics_text(server).splitlines()
+        if line.startswith(prefix) or line.startswith(name + " ")
+    ]
+    return sum(values) if values else None
 
 
 def _gone(server: processes.Server, what: str) -> BenchError:
@@ -206,11 +243,13 @@ def _service_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("PI_")}
 
 
-def _start_service(name: str, options: Options, env: dict[str, str]) -> processes.Server:
+def _start_service(
+    name: str, options: Options, env: dict[str, str], log: str | None = None
+) -> processes.Server:
     port = processes.free_port()
     argv = [sys.executable, "-m", "service", "--model", str(options.model)]
     argv += ["--host", processes.HOST, "--port", str(port)]
-    return processes.start(name, argv, port, options.workdir / f"{name}.log", cwd=REPO, env=env)
+    return processes.start(name, argv, port, options.workdir / f"{log or name}.log", cwd=REPO, env=env)
 
 
 def _probability(answer: bytes) -> float:
@@ -246,6 +285,63 @@ def _measure_unbatched(
     return phases
 
 
+#: Predictions written for their outcome, and scores held for drift, by a monitored service.
+RECORDED_METRIC = 'purchase_intent_outcome_predictions_total{result="recorded"}'
+DRIFT_WINDOW_METRIC = "purchase_intent_score_window_size"
+#: A monitored service flushes what it recorded and updates drift every second
+#: (PI_OUTCOMES_FLUSH_SECONDS, PI_DRIFT_INTERVAL_SECONDS): wait that long before checking both.
+_MONITOR_SETTLE_S = 2.0
+
+
+def _monitoring_env(store: Path, on: bool) -> dict[str, str]:
+    flag = "true" if on else "false"
+    return {"PI_OUTCOMES": flag, "PI_DRIFT": flag, "PI_STORE_BACKEND": "sqlite", "PI_STORE_PATH": str(store)}
+
+
+def _measure_monitoring(
+    script: Path, predict_body: bytes, reference: bool, options: Options, say: Say
+) -> tuple[list[HttpPhase], MonitoringCheck]:
+    """``/predict`` at the highest connection count, a new user id on every request, from fresh
+    servers with model monitoring on (outcome recording and drift, as by default) and off, in
+    alternating rounds, so a machine that gets busier during the run weighs on both alike.
+
+    Afterwards each monitored server must have recorded predictions (and, for a model with a score
+    reference, filled its drift window) and each unmonitored one neither: a comparison with a
+    setting that did not take effect would be no comparison.
+    """
+    connections = max(options.connections)
+    phases: list[HttpPhase] = []
+    recorded = drift_scores = 0.0
+    for k in range(options.monitoring_rounds):
+        for name, on in ((MONITORED_SERVER, True), (UNMONITORED_SERVER, False)):
+            # a store of its own each round: the user ids start again, and would all be duplicates
+            env = _monitoring_env(options.workdir / f"{name}-{k + 1}.sqlite3", on)
+            server = _start_service(name, options, env, log=f"{name}-{k + 1}")
+            with _running(server, say):
+                _check_answers(server.url + "/predict", predict_body, name)
+                _warm_up(server, script, options, say)
+                phase = _http_phase(server, "/predict", script, connections, 1, options, say)
+                phases.append(dataclasses.replace(phase, path=NEW_USER_PATH))
+                time.sleep(_MONITOR_SETTLE_S if on else 0.0)
+                written = _metric_sum(server, RECORDED_METRIC) or 0.0
+                held = _metric_sum(server, DRIFT_WINDOW_METRIC) or 0.0
+            if on and (written <= 0 or (reference and held <= 0)):
+                raise BenchError(
+                    f"{name}: {written:.0f} predictions recorded, {held:.0f} scores held for drift"
+                )
+            if not on and (written or held):
+                raise BenchError(f"{name} recorded or held scores although monitoring was off")
+            recorded += written
+            drift_scores = max(drift_scores, held)
+    check = MonitoringCheck(
+        rounds=options.monitoring_rounds,
+        reference=reference,
+        recorded=int(recorded),
+        drift_window=int(drift_scores),
+    )
+    return phases, check
+
+
 def run(options: Options, say: Say) -> Report:
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     facts = machine.describe()
@@ -275,6 +371,10 @@ def run(options: Options, say: Say) -> Report:
     floor_users = [[PredictRequest.model_validate_json(predict_body)]]
     if options.phases == "all":
         floor_users.append(BatchPredictRequest.model_validate_json(batch_body).users)
+    if options.phases == "monitoring":
+        floor_users = []
+    reference = session.metadata.score_reference is not None
+    version = session.metadata.model_version
     for users in floor_users:
         features = floors.features_of(users, session.metadata)
         say(f"raw onnxruntime: batch {features.shape[0]} for {options.duration_s} s")
@@ -284,6 +384,14 @@ def run(options: Options, say: Say) -> Report:
 
     python = sys.executable
     http: list[HttpPhase] = []
+    new_users = wrk.write_new_user_script(workdir / "new_user.lua", workdir / "predict.json", "bench-0")
+    if options.phases == "monitoring":
+        phases, only = _measure_monitoring(new_users, predict_body, reference, options, say)
+        ready: dict[str, object] = {"model_version": version, "provider": floor_provider}
+        none = Memory(0.0, 0.0, 0)
+        return _report(
+            options, settings, facts, started_at, floor_provider, ready, ort_floors, phases, none, only
+        )
 
     port = processes.free_port()
     constant = processes.start(
@@ -314,12 +422,12 @@ def run(options: Options, say: Say) -> Report:
             (workdir / "by_id.json").write_bytes(bodies.by_id_body())
             by_id = wrk.write_post_script(workdir / "by_id.lua", workdir / "by_id.json")
             _check_answers(service.url + "/predict", bodies.by_id_body(), "service")
-        with processes.RssSampler(service.process.pid) as rss:
+        with processes.RssSampler(pid=service.process.pid) as rss:
             http += _load(service, scripts, options, say, bulk=True)
             if options.phases == "all":
                 phase = _http_phase(service, "/predict", by_id, max(options.connections), 1, options, say)
                 http.append(dataclasses.replace(phase, path=BY_ID_PATH))
-            hwm_kib = rss.high_water_mark_kib() or 0
+            memory = Memory((rss.high_water_mark_kib() or 0) / 1024, rss.peak_kib / 1024, rss.samples)
 
     if settings.microbatch:
         http += _measure_unbatched(scripts["/predict"], predict_body, batched_answer, options, say)
@@ -328,7 +436,27 @@ def run(options: Options, say: Say) -> Report:
             "PI_MICROBATCH is false in this environment: the service rows are already without "
             "micro-batching, so no second service is started"
         )
+    check: MonitoringCheck | None = None
+    if options.phases == "all" and options.monitoring_rounds > 0:
+        phases, check = _measure_monitoring(new_users, predict_body, reference, options, say)
+        http += phases
+    return _report(
+        options, settings, facts, started_at, floor_provider, ready, ort_floors, http, memory, check
+    )
 
+
+def _report(
+    options: Options,
+    settings: Settings,
+    facts: machine.Machine,
+    started_at: str,
+    floor_provider: str,
+    ready: dict[str, object],
+    ort_floors: list[floors.OrtFloor],
+    http: list[HttpPhase],
+    memory: Memory,
+    monitoring: MonitoringCheck | None,
+) -> Report:
     return Report(
         started_at=started_at,
         settings=RunSettings(
@@ -351,7 +479,8 @@ def run(options: Options, say: Say) -> Report:
         load_average_after=machine.load_average(),
         ort=ort_floors,
         http=http,
-        peak_rss_mb=hwm_kib / 1024,
-        sampled_peak_rss_mb=rss.peak_kib / 1024,
-        rss_samples=rss.samples,
+        peak_rss_mb=memory.peak_mb,
+        sampled_peak_rss_mb=memory.sampled_peak_mb,
+        rss_samples=memory.samples,
+        monitoring=monitoring,
     )

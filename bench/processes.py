@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 HOST = "127.0.0.1"
 
@@ -116,18 +117,16 @@ def _status_kib(pid: int, key: str) -> int | None:
 
 
 @dataclass
-class RssSampler:
-    """Samples a process's ``VmRSS`` from /proc in a thread; ``VmHWM`` is the kernel's own peak."""
+class _Sampler:
+    """Calls :meth:`_sample` every ``interval_s`` in a thread, from ``with`` to its end."""
 
-    pid: int
     interval_s: float = 0.05
-    peak_kib: int = 0
     samples: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def __enter__(self) -> RssSampler:
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+    def __enter__(self) -> Self:
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
         self._thread.start()
         return self
 
@@ -138,12 +137,82 @@ class RssSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            rss = _status_kib(self.pid, "VmRSS")
-            if rss is not None:
-                self.peak_kib = max(self.peak_kib, rss)
+            if self._sample():
                 self.samples += 1
             self._stop.wait(self.interval_s)
+
+    def _sample(self) -> bool:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class RssSampler(_Sampler):
+    """Samples a process's ``VmRSS`` from /proc in a thread; ``VmHWM`` is the kernel's own peak."""
+
+    pid: int
+    peak_kib: int = 0
+
+    def _sample(self) -> bool:
+        rss = _status_kib(self.pid, "VmRSS")
+        if rss is not None:
+            self.peak_kib = max(self.peak_kib, rss)
+        return rss is not None
 
     def high_water_mark_kib(self) -> int | None:
         """The kernel's peak RSS of the process so far (read it before the process exits)."""
         return _status_kib(self.pid, "VmHWM")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (children, theirs, and so on)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        parent = int(text.rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
+        children.setdefault(parent, []).append(int(text.split(" ", 1)[0]))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
+
+
+def _rollup_kib(pid: int) -> tuple[int, int] | None:
+    """``(Rss, Pss)`` of a process from ``smaps_rollup``."""
+    values: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    values[key] = int(rest.split()[0])
+    except (OSError, ValueError):
+        return None
+    return (values["Rss"], values["Pss"]) if len(values) == 2 else None
+
+
+@dataclass(kw_only=True)
+class TreeSampler(_Sampler):
+    """Samples the memory of every process below ``pid`` (a job and, for Ray, its raylet, GCS,
+    agents and workers). Σ PSS shares each page among the processes that map it, so a page shared
+    by several (libraries, Ray's object store) counts once; Σ RSS counts it in each."""
+
+    pid: int
+    interval_s: float = 0.25  # /proc walks cost CPU the job would use
+    peak_pss_kib: int = 0
+    peak_rss_kib: int = 0
+    most_processes: int = 0
+
+    def _sample(self) -> bool:
+        rollups = [r for r in map(_rollup_kib, descendants(self.pid)) if r is not None]
+        if not rollups:
+            return False
+        self.peak_rss_kib = max(self.peak_rss_kib, sum(rss for rss, _ in rollups))
+        self.peak_pss_kib = max(self.peak_pss_kib, sum(pss for _, pss in rollups))
+        self.most_processes = max(self.most_processes, len(rollups))
+        return True

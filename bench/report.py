@@ -3,7 +3,8 @@
 Every service row carries its ratio to its floor and, where the serving targets set one, the
 target and whether this run met it. A second, small table sets the service's ``/predict`` with micro-batching
 against the same service without it, connection count by connection count: the default should be
-the one that wins where it matters.
+the one that wins where it matters. A third sets ``/predict`` with model monitoring (outcome
+recording and drift, the default) against without it, round by round.
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ TARGET_PEAK_RSS_MB = 300.0
 #: (interleaved A/B rounds there differ by a few per cent).
 MICROBATCH_TIE = 0.05
 
-#: Which phases a run measures: all, or only those of ``/predict`` (``--only predict``).
-Phases = Literal["all", "predict"]
+#: Model monitoring on ÷ off at 64 connections: what recording and drift may cost.
+TARGET_MONITORING_RATIO_64 = 0.95
+
+#: Which phases a run measures: all, only those of ``/predict`` (``--only predict``), or only the
+#: monitoring comparison (``--only monitoring``).
+Phases = Literal["all", "predict", "monitoring"]
 #: The second service process, started with ``PI_MICROBATCH=false`` for ``/predict`` only.
 UNBATCHED_SERVER = "service-unbatched"
+#: The servers of the monitoring comparison: outcome recording and drift on, and both off.
+MONITORED_SERVER = "service-monitored"
+UNMONITORED_SERVER = "service-unmonitored"
+_MONITORING_SERVERS = (MONITORED_SERVER, UNMONITORED_SERVER)
+#: Their phase: ``/predict`` with a new user id on every request (recording keeps one per user and day).
+NEW_USER_PATH = "/predict, a new user each request"
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,16 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class MonitoringCheck:
+    """What the monitored servers did, so the comparison is known to compare something."""
+
+    rounds: int
+    reference: bool  # the model file has a score reference: drift really ran
+    recorded: int  # predictions the monitored servers wrote for their outcome, all rounds
+    drift_window: int  # scores the monitored server held for drift at the end of a round
+
+
+@dataclass(frozen=True)
 class Report:
     started_at: str
     settings: RunSettings
@@ -90,6 +111,7 @@ class Report:
     peak_rss_mb: float  # the kernel's VmHWM for the service process (not the unbatched one)
     sampled_peak_rss_mb: float  # the highest VmRSS sampled from /proc during the run
     rss_samples: int
+    monitoring: MonitoringCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +188,16 @@ def ratios(report: Report) -> dict[str, float]:
         batched = _find(report.http, "service", "/predict", c)
         if batched is not None and unbatched.requests_per_s > 0:
             out[f"microbatching_c{c}"] = batched.requests_per_s / unbatched.requests_per_s
+    on, off = (_monitoring_phases(report, server) for server in _MONITORING_SERVERS)
+    if on and off and sum(p.requests_per_s for p in off) > 0:
+        out[f"monitoring_c{on[0].connections}"] = sum(p.requests_per_s for p in on) / sum(
+            p.requests_per_s for p in off
+        )
     return out
+
+
+def _monitoring_phases(report: Report, server: str) -> list[HttpPhase]:
+    return [p for p in report.http if p.server == server and p.path == NEW_USER_PATH]
 
 
 def microbatching_verdict(ratio: float) -> str:
@@ -192,6 +223,8 @@ def targets(report: Report) -> dict[str, bool]:
     for body, key in _BATCH_KEYS.items():
         if key in r:
             out[f"{key}_ratio"] = r[key] >= _BATCH_TARGETS[body]
+    if "monitoring_c64" in r:
+        out["monitoring_c64_ratio"] = r["monitoring_c64"] >= TARGET_MONITORING_RATIO_64
     # the target is about the whole benchmark's load, bulk bodies included
     if report.settings.phases == "all":
         out["peak_rss"] = report.peak_rss_mb <= TARGET_PEAK_RSS_MB
@@ -216,8 +249,8 @@ def rows(report: Report) -> list[Row]:
             )
         )
     for phase in report.http:
-        if phase.server == UNBATCHED_SERVER:
-            continue  # after the service's peak RSS, which is not theirs
+        if phase.server in (UNBATCHED_SERVER, *_MONITORING_SERVERS):
+            continue  # after the service's peak RSS, which is not theirs, or a table of their own
         users = _num(phase.users_per_s) if phase.users_per_request > 1 else ""
         errors = _errors(phase)
         if phase.server == "constant":
@@ -269,6 +302,8 @@ def rows(report: Report) -> list[Row]:
                 target,
             )
         )
+    if report.settings.phases == "monitoring":
+        return table
     table.append(
         Row(
             f"service peak RSS: {report.peak_rss_mb:.0f} MB (VmHWM; sampled max "
@@ -339,6 +374,66 @@ def microbatching_rows(report: Report) -> list[tuple[str, ...]]:
     return out
 
 
+_MONITORING_COLUMNS = ("round", "on req/s", "on p99 ms", "off req/s", "off p99 ms", "on ÷ off", "target")
+
+
+def monitoring_rows(report: Report) -> list[tuple[str, ...]]:
+    """``/predict`` with monitoring on against off, round by round, then all rounds together."""
+    on, off = (_monitoring_phases(report, server) for server in _MONITORING_SERVERS)
+    out: list[tuple[str, ...]] = []
+    for k, (a, b) in enumerate(zip(on, off, strict=False)):
+        ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("nan")
+        out.append(
+            (
+                str(k + 1),
+                _num(a.requests_per_s) + _errors(a),
+                _ms(a.p99_ms),
+                _num(b.requests_per_s) + _errors(b),
+                _ms(b.p99_ms),
+                f"{ratio:.3f} x",
+                "",
+            )
+        )
+    r, met = ratios(report), targets(report)
+    if on and off:
+        c = on[0].connections
+        key = f"monitoring_c{c}"
+        target = (
+            f"≥ {TARGET_MONITORING_RATIO_64}x: {_verdict(met['monitoring_c64_ratio'])}"
+            if "monitoring_c64_ratio" in met
+            else "judged at 64 connections"
+        )
+        out.append(
+            (
+                "all (mean req/s)",
+                _num(sum(p.requests_per_s for p in on) / len(on)),
+                _ms(max(p.p99_ms for p in on)),
+                _num(sum(p.requests_per_s for p in off) / len(off)),
+                _ms(max(p.p99_ms for p in off)),
+                f"{r[key]:.3f} x" if key in r else "",
+                target,
+            )
+        )
+    return out
+
+
+def _monitoring_line(report: Report) -> str:
+    check = report.monitoring
+    on = _monitoring_phases(report, MONITORED_SERVER)
+    if check is None or not on:
+        return ""
+    drift = (
+        f"drift on (the model has a score reference; {check.drift_window:,} scores held)"
+        if check.reference
+        else "drift idle: the model file has no score reference"
+    )
+    return (
+        f"/predict at {on[0].connections} connections, a new user id each request, model monitoring on "
+        f"(PI_OUTCOMES=true PI_DRIFT=true: {check.recorded:,} predictions recorded in SQLite; {drift}) "
+        f"against off (PI_OUTCOMES=false PI_DRIFT=false), {check.rounds} alternating rounds of fresh servers:"
+    )
+
+
 def _microbatch_line(s: RunSettings) -> str:
     given = s.service_env.get("PI_MICROBATCH")
     source = "the default" if given is None else f"PI_MICROBATCH={given}"
@@ -346,6 +441,8 @@ def _microbatch_line(s: RunSettings) -> str:
         line = f"service micro-batching on ({source}); the no-micro-batching rows: PI_MICROBATCH=false"
     else:
         line = f"service micro-batching off ({source}), so no second service without it"
+    if s.phases == "monitoring":
+        return "the monitoring comparison only (--only monitoring)"
     return line + ("; /predict phases only (--only predict)" if s.phases == "predict" else "")
 
 
@@ -365,7 +462,8 @@ def markdown(report: Report) -> str:
         _microbatch_line(s),
         "",
     ]
-    lines = markdown_table(_COLUMNS, [dataclasses.astuple(row) for row in rows(report)])
+    main = [dataclasses.astuple(row) for row in rows(report)]
+    lines = markdown_table(_COLUMNS, main) if s.phases != "monitoring" else []
     comparison = microbatching_rows(report)
     if comparison:
         lines += [
@@ -374,6 +472,10 @@ def markdown(report: Report) -> str:
             "",
         ]
         lines += markdown_table(_MICROBATCH_COLUMNS, comparison)
+    monitoring = monitoring_rows(report)
+    if monitoring:
+        lines += ["", _monitoring_line(report), ""] if lines else [_monitoring_line(report), ""]
+        lines += markdown_table(_MONITORING_COLUMNS, monitoring)
     return "\n".join(header + lines) + "\n"
 
 

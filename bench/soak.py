@@ -3,10 +3,13 @@
     python -m bench.soak [--seconds 180] [--clients 4] [--model PATH]     (or: make soak)
 
 Single and batch predictions (rows, columnar JSON, Arrow), every kind of bad request, probes,
-scrapes and a model hot swap every few seconds. Any status other than the one expected for its
-kind, or a transport failure, is an error, and there must be none (exit 1). RSS is read from /proc
-every second, its growth counted from the end of the first tenth of the run (after warm-up).
-Not part of ``make test``.
+scrapes and a model hot swap every few seconds. Model monitoring runs as by default: each
+prediction names a new user, so outcome recording writes to the event store all along; purchases
+stored by ``POST /events``, some of them after the horizon, move the event clock, so the outcome
+job settles and scores predictions; the synthetic models carry a score reference, so drift runs.
+Any status other than the one expected for its kind, or a transport failure, is an error, and
+there must be none (exit 1). RSS is read from /proc every second, its growth counted from the end
+of the first tenth of the run (after warm-up). Not part of ``make test``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from service.drift import ScoreReference
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import start_service, wait_until
@@ -34,12 +38,29 @@ J = {"Content-Type": "application/json"}
 
 
 def _user(rng: random.Random, i: int) -> dict[str, Any]:
-    # varied histories, so batches and features take many shapes (arena growth would show)
+    # varied histories, so batches and features take many shapes (arena growth would show); a new
+    # user id each time, so outcome recording writes every prediction
     events = [
         {**_EVENT, "timestamp": f"1997-{rng.randint(1, 9):02d}-{rng.randint(1, 28):02d}T00:00:00Z"}
         for _ in range(rng.randint(0, 40))
     ]
-    return {"user_id": f"u-{i}", "as_of": "1997-09-30T00:00:00Z", "events": events}
+    return {"user_id": f"u-{i}-{rng.randrange(10**12)}", "as_of": "1997-09-30T00:00:00Z", "events": events}
+
+
+def _purchases(rng: random.Random) -> dict[str, Any]:
+    """Purchases of a few known users, some after the synthetic models' 4-week horizon (the event
+    clock moves on, so the predictions of 1997-09-30 settle) and up to a day later each time."""
+    day = 10 + rng.randint(0, 60)
+    return {
+        "events": [
+            {
+                **_EVENT,
+                "user_id": f"u-{k}",
+                "timestamp": f"1997-{9 + day // 30:02d}-{1 + day % 28:02d}T12:00:00Z",
+            }
+            for k in range(rng.randint(1, 5))
+        ]
+    }
 
 
 def _columns(users: list[dict[str, Any]]) -> dict[str, Any]:
@@ -123,10 +144,45 @@ def _requests(rng: random.Random) -> list[tuple[str, str, str, Any, dict[str, st
         ("too_large", "POST", "/predict", b"x" * (9 * 2**20), J, 413),
         ("media_type", "POST", "/predict", b"user_id=u", {"Content-Type": "text/plain"}, 415),
         ("not_found", "GET", "/nope", None, {}, 404),
+        ("events", "POST", "/events", _purchases(rng), {}, 200),
+        ("by_id", "POST", "/predict", {"user_id": "u-0", "as_of": "1997-09-30T00:00:00Z"}, {}, 200),
+        ("performance", "GET", "/v1/model/performance", None, {}, 200),
         ("healthz", "GET", "/healthz", None, {}, 200),
         ("readyz", "GET", "/readyz", None, {}, 200),
         ("metrics", "GET", "/metrics", None, {}, 200),
     ]
+
+
+_MONITORING = {
+    "recorded": ('purchase_intent_outcome_predictions_total{result="recorded"}',),
+    "settled": ("purchase_intent_outcome_settled_total{",),
+    "matured in the window": ("purchase_intent_live_matured_predictions{",),
+    "scores held for drift": ("purchase_intent_score_window_size{",),
+    "dropped": (
+        'purchase_intent_outcome_predictions_total{result="dropped"}',
+        "purchase_intent_drift_dropped_scores_total ",
+    ),
+}
+
+
+def _monitoring(text: str) -> dict[str, float]:
+    """What model monitoring did during the run, from the final scrape."""
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    return {
+        name: sum(float(line.split()[-1]) for line in lines if line.startswith(prefixes))
+        for name, prefixes in _MONITORING.items()
+    }
+
+
+def _slope(samples: list[tuple[float, int]]) -> float:
+    """Least-squares growth of RSS in bytes per second."""
+    if len(samples) < 2:
+        return 0.0
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    mean_r = sum(r for _, r in samples) / n
+    spread = sum((t - mean_t) ** 2 for t, _ in samples)
+    return sum((t - mean_t) * (r - mean_r) for t, r in samples) / spread if spread else 0.0
 
 
 def _rss(pid: int) -> int:
@@ -147,11 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     models = [args.model] if args.model else []
     if not models:
+        reference = ScoreReference.of([k / 1000 for k in range(200, 800)])
         models = [
-            write_model(workdir / f"m{i}.onnx", metadata=make_metadata(version=f"soak-{i}"), bias=b)
+            write_model(
+                workdir / f"m{i}.onnx",
+                metadata=make_metadata(version=f"soak-{i}", score_reference=reference),
+                bias=b,
+            )
             for i, b in enumerate((-0.5, 0.3))
         ]
-    env = {"PI_ADMIN_TOKEN": TOKEN, "PI_SHUTDOWN_DRAIN_SECONDS": "0"}
+    # the outcome job every few seconds rather than every minute: it runs often enough to show
+    env = {"PI_ADMIN_TOKEN": TOKEN, "PI_SHUTDOWN_DRAIN_SECONDS": "0", "PI_OUTCOMES_INTERVAL_SECONDS": "5"}
     server = start_service(models[0], workdir / "service.log", env=env)
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
@@ -165,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         def client(seed: int) -> None:
             rng = random.Random(seed)
             with httpx.Client(base_url=server.url, timeout=60) as c:
-                for kind, method, path, body, headers, want in itertools.cycle(_requests(rng)):
+                # bodies drawn afresh each round: new users for outcome recording, new shapes
+                rounds = (request for _ in itertools.count() for request in _requests(rng))
+                for kind, method, path, body, headers, want in rounds:
                     if time.monotonic() >= stop_at:
                         return
                     try:
@@ -207,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
+        monitoring = _monitoring(httpx.get(f"{server.url}/metrics", timeout=10).text)
     finally:
         server.stop()
 
@@ -221,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, n in sorted(counts.items()):
         print(f"| {kind} | {n} |")
     print(f"errors: {sum(errors.values())} {dict(errors) if errors else ''}")
+    print("monitoring: " + ", ".join(f"{name} {value:,.0f}" for name, value in monitoring.items()))
     growth = (end - warm) / mib
     per_minute = growth / max(elapsed / 60, 1e-9)
     print(
@@ -228,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         f"peak {peak / mib:.1f} MiB, end {end / mib:.1f} MiB, "
         f"growth after warm-up {growth:+.1f} MiB ({per_minute:+.2f} MiB/min)"
     )
+    after = [(t, r) for t, r in rss if t >= args.seconds / 10]
+    halves = (after[: len(after) // 2], after[len(after) // 2 :])
+    slopes = ", ".join(f"{_slope(part) * 60 / mib:+.2f}" for part in (after, *halves))
+    print(f"RSS slope after warm-up (least squares, MiB/min): {slopes} (all, first half, second half)")
     return 1 if errors else 0
 
 

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> TrainScaleBench:
             "--out", str(out),
         ]  # fmt: skip
         say(f"{copies}x: training on {log.users:,} customers ({log.rows:,} rows)")
-        code, wall, rss = run_job(argv, workdir)
+        job = run_job(argv, workdir)
+        code, wall, rss = job.code, job.seconds, job.peak_rss_mb
         report = out / "report.json"
         result = json.loads(report.read_text()) if code == 0 and report.is_file() else {}
         if code != 0:

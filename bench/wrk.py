@@ -117,6 +117,37 @@ def write_post_script(path: Path, body: Path, content_type: str = "application/j
     return path
 
 
+def write_new_user_script(path: Path, body: Path, user_id: str) -> Path:
+    """A wrk Lua script that POSTs ``body`` with ``user_id`` replaced by a new id on every request.
+
+    For the monitoring phases: outcome recording keeps one prediction per user and day, so a load
+    that repeats one user would write almost nothing. Ids are ``<thread>-<counter>``; the
+    ``request`` callback costs wrk the same whichever server it loads.
+    """
+    quoted = str(body.resolve()).replace("\\", "\\\\").replace('"', '\\"')
+    pattern = user_id.replace("-", "%-")
+    path.write_text(
+        f'local file = assert(io.open("{quoted}", "rb"))\n'
+        'local body = file:read("*a")\n'
+        "file:close()\n"
+        f'local head, tail = body:match("^(.-){pattern}(.*)$")\n'
+        'assert(head, "the body does not name the user")\n'
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "local threads = 0\n"
+        "function setup(thread)\n"
+        "  threads = threads + 1\n"
+        '  thread:set("tid", threads)\n'
+        "end\n"
+        "local n = 0\n"
+        "function request()\n"
+        "  n = n + 1\n"
+        '  return wrk.format(nil, nil, nil, head .. "u" .. tid .. "-" .. n .. tail)\n'
+        "end\n"
+    )
+    return path
+
+
 def wrk_binary() -> str:
     path = shutil.which("wrk")
     if path is None:

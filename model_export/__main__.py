@@ -5,14 +5,21 @@ score every user of a log with a model file."""
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from model_export.config import DEFAULT_PROTOCOL, PROTOCOL_DEFAULTS, EvaluationProtocol, TrainConfig
 from model_export.data import DataError
+from service.drift import ScoreReference
 from service.features import ALL_CHANNELS, DEFAULT_CHANNELS
+
+if TYPE_CHECKING:
+    from model_export.score import ScoreReport
 
 
 def _columns(value: str) -> dict[str, str]:
@@ -116,8 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export", help="rebuild model.onnx from a training run's checkpoint.pt (same graph and metadata)"
     )
-    e.add_argument("--checkpoint", type=Path, required=True, help="DIR/checkpoint.pt written by train")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="DIR/checkpoint.pt written by train")
+    source.add_argument(
+        "--model",
+        type=Path,
+        help="an exported model.onnx to write again with --reference-scores (same graph), where its "
+        "checkpoint cannot be exported",
+    )
     e.add_argument("--out", type=Path, required=True, help="the ONNX file to write")
+    e.add_argument(
+        "--reference-scores",
+        type=Path,
+        help="the run's scores.csv: its probabilities become the file's drift reference (files "
+        "trained before references were written have none)",
+    )
     _score_options(
         sub.add_parser(
             "score", help="score every user of a log at one as_of: a Parquet file of probabilities"
@@ -161,7 +181,20 @@ def _score_options(p: argparse.ArgumentParser) -> None:
         "--batch-users", type=_positive, help="users per onnxruntime call (default: the service's)"
     )
     p.add_argument(
-        "--threads", type=_positive, help="onnxruntime intra-op threads (default: PI_INTRA_OP_THREADS or 1)"
+        "--threads",
+        type=_positive,
+        help="onnxruntime intra-op threads (default: PI_INTRA_OP_THREADS or 1); "
+        "with --engine ray, each actor's CPUs and threads (default 1)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: Ray Data, on the cluster RAY_ADDRESS names or a local one "
+        "(needs the [ray] extra)",
+    )
+    p.add_argument(
+        "--actors", type=_positive, help="with --engine ray: scoring actors (default: the cluster's CPUs)"
     )
     p.add_argument("--spill-dir", type=Path, help="where pass 1 spills the log (default: beside --out)")
     p.add_argument("--report", type=Path, help="also write the run's summary here, as JSON")
@@ -175,20 +208,27 @@ def _score(args: argparse.Namespace) -> int:
     from service.artifact import ArtifactError
     from service.predictor import ProviderError
 
+    if args.actors is not None and args.engine != "ray":
+        print("error: --actors is for --engine ray", file=sys.stderr)
+        return 2
+    if args.engine == "ray" and find_spec("ray") is None:
+        print("error: --engine ray needs the ray extra: pip install 'purchase-intent[ray]'", file=sys.stderr)
+        return 2
     batch = args.batch_users or BATCH_USERS
+    job: dict[str, Any] = {
+        "as_of": args.as_of,
+        "columns": args.columns,
+        "chunk_rows": args.chunk_rows or CHUNK_ROWS,
+        "batch_users": batch,
+        "spill_dir": args.spill_dir,
+        "progress": args.progress,
+    }
     try:
-        predictor = open_model(args.model, batch_users=batch, threads=args.threads)
-        report = score_log(
-            predictor,
-            args.data,
-            args.out,
-            as_of=args.as_of,
-            columns=args.columns,
-            chunk_rows=args.chunk_rows or CHUNK_ROWS,
-            batch_users=batch,
-            spill_dir=args.spill_dir,
-            progress=args.progress,
-        )
+        if args.engine == "ray":
+            report = _score_ray(args, job)
+        else:
+            predictor = open_model(args.model, batch_users=batch, threads=args.threads)
+            report = score_log(predictor, args.data, args.out, **job)
     except (DataError, ArtifactError, ProviderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -202,6 +242,21 @@ def _score(args: argparse.Namespace) -> int:
         f"{report.seconds:.1f} s, {report.users_per_s:,.0f} users/s"
     )
     return 0
+
+
+def _score_ray(args: argparse.Namespace, job: dict[str, Any]) -> ScoreReport:
+    import ray
+
+    from model_export.ray_engine import connect, score_log_ray
+
+    started = connect()
+    try:
+        return score_log_ray(
+            args.model, args.data, args.out, cpus_per_actor=args.threads or 1, actors=args.actors, **job
+        )
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -238,18 +293,41 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _export(checkpoint: Path, out: Path) -> int:
-    from model_export.export import ExportError, export_checkpoint, read_metadata
+def _reference(scores: Path) -> ScoreReference:
+    """The drift reference of a ``scores.csv`` (its ``probability`` column)."""
+    with scores.open(newline="") as fh:
+        probabilities = [float(row["probability"]) for row in csv.DictReader(fh)]
+    return ScoreReference.of(probabilities)
 
-    if not checkpoint.is_file():
-        print(f"error: checkpoint not found: {checkpoint}", file=sys.stderr)
+
+def _export(args: argparse.Namespace) -> int:
+    from model_export.export import ExportError, add_reference, export_checkpoint, read_metadata
+
+    source: Path = args.checkpoint if args.checkpoint is not None else args.model
+    if not source.is_file():
+        print(f"error: {'checkpoint' if args.checkpoint else 'model'} not found: {source}", file=sys.stderr)
+        return 2
+    if args.model is not None and args.reference_scores is None:
+        print("error: --model rewrites a file with --reference-scores; give them both", file=sys.stderr)
         return 2
     try:
-        diff = export_checkpoint(checkpoint, out)
+        reference = None if args.reference_scores is None else _reference(args.reference_scores)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"error: cannot read the reference scores {args.reference_scores}: {exc!r}", file=sys.stderr)
+        return 2
+    try:
+        if args.model is not None:
+            assert reference is not None
+            add_reference(args.model, args.out, reference)
+            version = read_metadata(args.out).model_version
+            print(f"wrote {args.out} ({version}): the same graph, with a reference")
+            return 0
+        diff = export_checkpoint(args.checkpoint, args.out, reference)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({read_metadata(out).model_version}); parity against the checkpoint {diff:.2g}")
+    version = read_metadata(args.out).model_version
+    print(f"wrote {args.out} ({version}); parity against the checkpoint {diff:.2g}")
     return 0
 
 
@@ -280,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "export":
-        return _export(args.checkpoint, args.out)
+        return _export(args)
     if args.command == "score":
         return _score(args)
     cfg = config_from_args(args)

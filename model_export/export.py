@@ -10,6 +10,7 @@ import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from numpy.typing import NDArray
 from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, Ensemble, FusedEnsemble
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from service.drift import ScoreReference
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +173,28 @@ def load_checkpoint(path: Path) -> tuple[Ensemble, ModelMetadata, NDArray[np.flo
     return ensemble.eval(), meta, inputs.numpy()
 
 
-def export_checkpoint(path: Path, out: Path) -> float:
-    """Rebuild the ONNX file from ``checkpoint.pt`` (same graph, same metadata); returns the parity."""
+def export_checkpoint(path: Path, out: Path, reference: ScoreReference | None = None) -> float:
+    """Rebuild the ONNX file from ``checkpoint.pt`` (same graph, same metadata); returns the parity.
+
+    ``reference`` replaces the metadata's score reference (a checkpoint written before references
+    existed has none); the graph, and so every answer, stays the same."""
     ensemble, meta, inputs = load_checkpoint(path)
+    if reference is not None:
+        meta = replace(meta, score_reference=reference)
     proto, diff = export_ensemble(ensemble, inputs, meta.opset)
     write_atomic(with_metadata(proto, meta).SerializeToString(), out)
     return diff
+
+
+def add_reference(model: Path, out: Path, reference: ScoreReference) -> None:
+    """Write ``model`` again with ``reference`` in its metadata, for a file whose checkpoint cannot
+    be exported again: the same graph (checked byte for byte), so the same answers."""
+    proto = onnx.load(str(model))
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    stamped = with_metadata(proto, replace(meta, score_reference=reference))
+    if stamped.graph.SerializeToString() != proto.graph.SerializeToString():
+        raise ExportError("the graph changed while the metadata was rewritten")
+    write_atomic(stamped.SerializeToString(), out)
 
 
 def read_metadata(path: Path) -> ModelMetadata:

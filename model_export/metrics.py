@@ -17,9 +17,39 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-#: Keeps log loss finite (the baselines clip their probabilities to it too); the resolution of the
-#: network's float32 outputs near 1.
-PROBA_EPS = 1e-7
+# The measures the service also computes live are the service's own numpy code, so offline and
+# online numbers come from one implementation; so is the score reference written for drift.
+from service.drift import ScoreReference
+from service.quality import (
+    PROBA_EPS,
+    as_labels,
+    as_scores,
+    auc_from_groups,
+    brier,
+    log_loss,
+    roc_auc,
+    tie_groups,
+)
+
+__all__ = [
+    "METRIC_KEYS",
+    "PROBA_EPS",
+    "AucDiff",
+    "BinaryMetrics",
+    "ReliabilityBin",
+    "ScoreReference",
+    "as_labels",
+    "as_scores",
+    "best_f1_threshold",
+    "binary_metrics",
+    "bootstrap_auc_diffs",
+    "calibration_error",
+    "expected_calibration_error",
+    "paired_bootstrap_auc",
+    "reliability_table",
+    "roc_auc",
+    "summarise_diffs",
+]
 
 
 @dataclass(frozen=True)
@@ -65,58 +95,6 @@ class ReliabilityBin:
 _BOOT_CHUNK_DRAWS = 1_500_000
 
 
-def as_labels(y: ArrayLike) -> NDArray[np.int64]:
-    """``y`` as a flat 0/1 array; anything else is a ValueError."""
-    arr = np.asarray(y).reshape(-1)
-    if arr.size and not np.all((arr == 0) | (arr == 1)):
-        raise ValueError("labels must be 0/1")
-    return arr.astype(np.int64)
-
-
-def as_scores(p: ArrayLike, n: int) -> NDArray[np.float64]:
-    """``p`` as ``n`` finite float64 scores; anything else is a ValueError."""
-    arr = np.asarray(p, dtype=np.float64).reshape(-1)
-    if arr.size != n:
-        raise ValueError(f"got {arr.size} scores for {n} labels")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("scores must be finite")
-    return arr
-
-
-def _tie_groups(p: NDArray[np.float64]) -> tuple[NDArray[np.int64], int]:
-    """Group id per user, ascending in score; equal scores share a group."""
-    _, inverse = np.unique(p, return_inverse=True)
-    group = inverse.astype(np.int64).reshape(-1)
-    return group, int(group.max()) + 1 if group.size else 0
-
-
-def _auc_from_groups(pos: NDArray[np.float64], neg: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Mann-Whitney AUC from positive / negative counts per ascending tie group (last axis).
-
-    Each positive beats every negative in a lower group and ties with half of those in its own.
-    NaN where a row has no positive or no negative. Counts are integers (or halves), so the sums
-    are exact in float64 far beyond any realistic number of users.
-    """
-    neg_below = np.cumsum(neg, axis=-1) - neg
-    wins = np.sum(pos * (neg_below + 0.5 * neg), axis=-1)
-    pairs = np.sum(pos, axis=-1) * np.sum(neg, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
-    return np.asarray(auc, dtype=np.float64)
-
-
-def roc_auc(y: ArrayLike, p: ArrayLike) -> float:
-    """ROC AUC by ranks (ties count one half); equals sklearn's ``roc_auc_score``."""
-    labels = as_labels(y)
-    scores = as_scores(p, labels.size)
-    if labels.size == 0 or labels.min() == labels.max():
-        raise ValueError("ROC AUC needs both classes in y")
-    group, n_groups = _tie_groups(scores)
-    pos = np.bincount(group, weights=labels, minlength=n_groups).astype(np.float64)
-    neg = np.bincount(group, minlength=n_groups).astype(np.float64) - pos
-    return float(_auc_from_groups(pos, neg))
-
-
 def best_f1_threshold(y: ArrayLike, p: ArrayLike) -> float:
     """The score value ``t`` whose rule ``p >= t`` has the highest F1 (pick it on validation).
 
@@ -146,9 +124,6 @@ def binary_metrics(y: ArrayLike, p: ArrayLike, threshold: float) -> BinaryMetric
     n_pos = int(labels.sum())
     if n_pos == 0 or n_pos == labels.size:
         raise ValueError("metrics need both classes in y (AUC and average precision are undefined)")
-    clipped = np.clip(scores, PROBA_EPS, 1.0 - PROBA_EPS)
-    log_loss = -float(np.mean(labels * np.log(clipped) + (1 - labels) * np.log1p(-clipped)))
-    brier = float(np.mean((scores - labels) ** 2))
 
     predicted = scores >= threshold
     positive = labels == 1
@@ -162,8 +137,8 @@ def binary_metrics(y: ArrayLike, p: ArrayLike, threshold: float) -> BinaryMetric
     return BinaryMetrics(
         roc_auc=roc_auc(labels, scores),
         pr_auc=float(average_precision_score(labels, scores)),
-        log_loss=log_loss,
-        brier=brier,
+        log_loss=log_loss(labels, scores),
+        brier=brier(labels, scores),
         accuracy=(tp + tn) / labels.size,
         precision=precision,
         recall=recall,
@@ -207,7 +182,7 @@ def bootstrap_aucs(
     # code (2 * group + label): one gather and one bincount per model and replicate.
     codes = []
     for p in models:
-        group, n_groups = _tie_groups(p)
+        group, n_groups = tie_groups(p)
         codes.append((2 * group + labels, 2 * n_groups))
     rng = np.random.default_rng(seed)
     aucs: list[list[NDArray[np.float64]]] = [[] for _ in models]
@@ -221,7 +196,7 @@ def bootstrap_aucs(
             counts = np.bincount(drawn.ravel(), minlength=rows * n_codes).reshape(rows, n_codes // 2, 2)
             neg = np.ascontiguousarray(counts[:, :, 0], dtype=np.float64)
             pos = np.ascontiguousarray(counts[:, :, 1], dtype=np.float64)
-            out.append(_auc_from_groups(pos, neg))
+            out.append(auc_from_groups(pos, neg))
     return {name: np.concatenate(out) for name, out in zip(scores, aucs, strict=True)}
 
 

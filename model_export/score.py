@@ -2,10 +2,10 @@
 
 Two passes, so memory follows the chunk size, not the log. Pass 1 streams the log
 (:mod:`model_export.reader`: typed, checked, cleaned as training cleans) into spill files by a hash
-of the user id; pass 2 scores one spill file at a time with :func:`score_frame` and appends its rows
-to ``<out>.partial``, renamed to ``<out>`` once complete. Every check runs in pass 1, so bad input
-fails before any output exists. :func:`score_frame` is what another engine (Ray, Spark) maps over
-user-partitioned chunks. How it works and its memory model: docs/scoring.md.
+of the user id; pass 2 scores one spill file at a time (:mod:`model_export.partition`, what another
+engine maps over user-partitioned chunks: :mod:`model_export.ray_engine`, Spark) and appends its
+rows to ``<out>.partial``, renamed to ``<out>`` once complete. Every check runs in pass 1, so bad
+input fails before any output exists. How it works and its memory model: docs/scoring.md.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from model_export.data import DataError, end_of_day
+from model_export.partition import AS_OF_TYPE, read_spill, score_partition
 from model_export.reader import EVENTS, Log, RowCounts, open_log
-from service.columns import EventColumns
 from service.config import Settings
-from service.features import encode_batch
 from service.predictor import OnnxPredictor, Predictor, load_predictor
 from service.timestamps import check_range
 
@@ -44,8 +43,6 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 250_000
 #: Users per onnxruntime call: the service's own default slice (``PI_INFERENCE_BATCH_USERS``).
 BATCH_USERS: int = Settings.model_fields["inference_batch_users"].default
-
-_AS_OF_TYPE = pa.timestamp("ms", tz="UTC")  # Parquet has no seconds unit: it would store ms anyway
 
 
 @dataclass(frozen=True)
@@ -63,6 +60,8 @@ class ScoreReport:
     seconds: float  # from opening the log to renaming the output
     counts: RowCounts
     columns_filled: tuple[str, ...]  # missing from the log, not read by the model (reader.FILLERS)
+    engine: str = "local"  # "local" | "ray"
+    workers: int = 1  # processes that scored: the local engine's one, or Ray's actors
 
     @property
     def users_per_s(self) -> float:
@@ -111,7 +110,7 @@ def partition_of(users: pa.Array, k: int) -> NDArray[np.int64]:
     return (hashes % np.uint64(k)).astype(np.int64)
 
 
-class _Spill:
+class Spill:
     """Rows hash-partitioned by user into ``k`` Arrow IPC files: each user's rows in one file, in
     the log's order."""
 
@@ -132,6 +131,10 @@ class _Spill:
                 self._writers[i].write_batch(grouped.slice(start, count))
             start += count
 
+    @property
+    def paths(self) -> list[Path]:
+        return list(self._paths)
+
     def close(self) -> None:
         for writer, sink in zip(self._writers, self._sinks, strict=True):
             writer.close()
@@ -140,87 +143,9 @@ class _Spill:
     def tables(self) -> Iterator[pa.Table]:
         """Each partition in turn, its file removed once read."""
         for path in self._paths:
-            with pa.OSFile(str(path)) as source:
-                table = ipc.open_stream(source).read_all()
+            table = read_spill(path)
             path.unlink()
             yield table
-
-
-def _slice(columns: EventColumns, start: int, stop: int) -> EventColumns:
-    first, last = int(columns.offsets[start]), int(columns.offsets[stop])
-    return EventColumns(
-        timestamps=columns.timestamps[first:last],
-        amounts=columns.amounts[first:last],
-        quantities=columns.quantities[first:last],
-        offsets=columns.offsets[start : stop + 1] - first,
-        as_of=columns.as_of[start:stop],
-    )
-
-
-def _predict(predictor: Predictor, features: NDArray[np.float32]) -> NDArray[np.float32]:
-    if features.shape[0] == 1:
-        # onnxruntime computes a batch of one on another kernel path, whose sums can differ from a
-        # larger batch's in the last bit: a lone user is scored beside a zero row, as /predict/batch
-        # would score them among others
-        return predictor.predict(np.concatenate([features, np.zeros_like(features)]))[:1]
-    return predictor.predict(features)
-
-
-def score_frame(chunk: pa.Table, predictor: Predictor, as_of: int, *, batch_users: int) -> pa.Table:
-    """Every user of ``chunk`` scored at ``as_of``: ``user_id, probability (float32), will_purchase``,
-    sorted by user id.
-
-    ``chunk`` holds :data:`model_export.reader.EVENTS` rows and *all* rows of each of its users (a
-    user-partitioned chunk); a row without a timestamp only names its user. Users are encoded with
-    the shared encoder ``batch_users`` at a time, as the service encodes a ``/predict/batch``
-    request, and scored by ``predictor``: the answers are the service's, bit for bit.
-    """
-    users = chunk.column("user_id").combine_chunks()
-    encoded = users.dictionary_encode()
-    ids = encoded.dictionary
-    by_id = pc.sort_indices(ids).to_numpy()
-    rank = np.empty(len(ids), dtype=np.int64)
-    rank[by_id] = np.arange(len(ids))
-    user = rank[encoded.indices.to_numpy(zero_copy_only=False)]  # per row, the user's place by id
-    n = len(ids)
-
-    stamps = chunk.column("timestamp").combine_chunks()
-    event = ~np.asarray(stamps.is_null().to_numpy(zero_copy_only=False), dtype=np.bool_)
-    # stable: each user's events stay in the log's order, the order the service is sent them in,
-    # so the encoder's float sums run in the same order
-    rows = np.flatnonzero(event)[np.argsort(user[event], kind="stable")]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user[event], minlength=n), out=offsets[1:])
-
-    def _column(array: pa.Array, dtype: type[np.generic]) -> NDArray[Any]:
-        return np.asarray(array.fill_null(0).to_numpy(zero_copy_only=False), dtype=dtype)[rows]
-
-    columns = EventColumns(
-        timestamps=_column(stamps, np.int64),
-        amounts=_column(chunk.column("amount").combine_chunks(), np.float64),
-        quantities=_column(chunk.column("quantity").combine_chunks(), np.float64),
-        offsets=offsets,
-        as_of=np.full(n, as_of, dtype=np.int64),
-    )
-    meta = predictor.metadata
-    probabilities = np.empty(n, dtype=np.float32)
-    for start in range(0, n, batch_users):
-        stop = min(n, start + batch_users)
-        part = _slice(columns, start, stop)
-        features = encode_batch(
-            part.timestamps, part.amounts, part.quantities, part.offsets, part.as_of, meta.feature_spec
-        )
-        probabilities[start:stop] = _predict(predictor, features)
-    if not np.all(np.isfinite(probabilities)):
-        raise RuntimeError("the model returned a non-finite probability")  # as the service refuses
-    return pa.table(
-        {
-            "user_id": ids.take(pa.array(by_id)),
-            "probability": pa.array(probabilities, type=pa.float32()),
-            # the service's rule: the float32 probability widened to float64, then compared
-            "will_purchase": pa.array(probabilities.astype(np.float64) >= meta.threshold),
-        }
-    )
 
 
 def output_schema(predictor: Predictor, as_of: int) -> pa.Schema:
@@ -228,7 +153,7 @@ def output_schema(predictor: Predictor, as_of: int) -> pa.Schema:
     return pa.schema(
         [
             ("user_id", pa.string()),
-            ("as_of", _AS_OF_TYPE),
+            ("as_of", AS_OF_TYPE),
             ("probability", pa.float32()),
             ("will_purchase", pa.bool_()),
             ("model_version", pa.string()),
@@ -243,7 +168,7 @@ def output_schema(predictor: Predictor, as_of: int) -> pa.Schema:
 
 
 @contextmanager
-def _atomic_parquet(out: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+def atomic_parquet(out: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     """A Parquet writer on ``<out>.partial``, renamed to ``out`` if the block ends normally and
     removed if it raises; a killed run leaves only the ``.partial`` (whose footer is missing)."""
     partial = out.with_name(out.name + ".partial")
@@ -260,13 +185,18 @@ def _atomic_parquet(out: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
         raise
 
 
-def open_model(model: Path, *, batch_users: int = BATCH_USERS, threads: int | None = None) -> OnnxPredictor:
-    """The service's own loading, checks and warm-up, with ``batch_users`` as the largest batch
-    (``PI_*`` variables apply, as to the service; ``threads``: onnxruntime's intra-op threads)."""
+def session_settings(*, batch_users: int = BATCH_USERS, threads: int | None = None) -> Settings:
+    """The service's settings (``PI_*`` variables apply, as to the service) with ``batch_users`` as
+    the largest batch and ``threads`` as onnxruntime's intra-op threads."""
     overrides: dict[str, Any] = {"inference_batch_users": batch_users, "max_batch_users": batch_users}
     if threads is not None:
         overrides["intra_op_threads"] = threads
-    return load_predictor(Settings(**overrides), model)
+    return Settings(**overrides)
+
+
+def open_model(model: Path, *, batch_users: int = BATCH_USERS, threads: int | None = None) -> OnnxPredictor:
+    """The service's own loading, checks and warm-up, with :func:`session_settings`."""
+    return load_predictor(session_settings(batch_users=batch_users, threads=threads), model)
 
 
 def score_log(
@@ -288,17 +218,59 @@ def score_log(
     does not parse, cannot feed the model's channels, or has no user.
     """
     started = time.perf_counter()
+    with spilled(
+        predictor, source, out, columns=columns, chunk_rows=chunk_rows, spill_dir=spill_dir, progress=progress
+    ) as (log_file, spill):
+        as_of = as_of if as_of is not None else default_as_of(log_file)
+        tally = _score_spill(spill, predictor, as_of, out, batch_users, progress)
+    seconds = time.perf_counter() - started
+    return report(predictor, source, log_file, spill, out, as_of, tally, seconds)
+
+
+@contextmanager
+def spilled(
+    predictor: Predictor,
+    source: str | Path,
+    out: Path,
+    *,
+    columns: Mapping[str, str] | None,
+    chunk_rows: int,
+    spill_dir: Path | None,
+    progress: bool,
+    partitions_multiple_of: int = 1,
+) -> Iterator[tuple[Log, Spill]]:
+    """Pass 1 for either engine: ``source`` opened, checked against the model, read and cleaned
+    into spill files beside ``out`` (or in ``spill_dir``), removed when the block ends. The number
+    of spill files is rounded up to a multiple of ``partitions_multiple_of`` (an engine's workers)."""
     log_file = open_log(source, columns or {}, predictor.metadata.feature_spec.columns_read())
     out.parent.mkdir(parents=True, exist_ok=True)
     # next to the output by default: the disk meant for the results, not a /tmp that may be RAM
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.spill-", dir=spill_dir or out.parent) as scratch:
-        spill = _spill(log_file, Path(scratch), chunk_rows, progress)
-        counts = log_file.counts
-        if as_of is None:
-            if counts.last_timestamp is None:
-                raise DataError(f"{log_file.path}: no usable rows to take as_of from ({counts.to_dict()})")
-            as_of = end_of_day(datetime.fromtimestamp(counts.last_timestamp, UTC).date().isoformat())
-        tally = _score_spill(spill, predictor, as_of, out, batch_users, progress)
+        yield log_file, _spill(log_file, Path(scratch), chunk_rows, progress, partitions_multiple_of)
+
+
+def default_as_of(log_file: Log) -> int:
+    """The end of the UTC day of the log's newest usable event (known once pass 1 has run)."""
+    counts = log_file.counts
+    if counts.last_timestamp is None:
+        raise DataError(f"{log_file.path}: no usable rows to take as_of from ({counts.to_dict()})")
+    return end_of_day(datetime.fromtimestamp(counts.last_timestamp, UTC).date().isoformat())
+
+
+def report(
+    predictor: Predictor,
+    source: str | Path,
+    log_file: Log,
+    spill: Spill,
+    out: Path,
+    as_of: int,
+    tally: Tally,
+    seconds: float,
+    *,
+    engine: str = "local",
+    workers: int = 1,
+) -> ScoreReport:
+    """What a run of either engine did, once the output is in place."""
     return ScoreReport(
         out=str(out),
         source=str(source),
@@ -308,21 +280,24 @@ def score_log(
         users_without_history=tally.without_history,
         rows_after_as_of=tally.after_as_of,
         partitions=spill.k,
-        seconds=time.perf_counter() - started,
-        counts=counts,
+        seconds=seconds,
+        counts=log_file.counts,
         columns_filled=log_file.filled,
+        engine=engine,
+        workers=workers,
     )
 
 
-def _spill(log_file: Log, directory: Path, chunk_rows: int, progress: bool) -> _Spill:
+def _spill(log_file: Log, directory: Path, chunk_rows: int, progress: bool, multiple_of: int) -> Spill:
     """Pass 1: the whole log read, checked and cleaned into spill files of about ``chunk_rows`` rows."""
-    spill: _Spill | None = None
+    spill: Spill | None = None
     with tqdm(desc="read", unit=" rows", unit_scale=True, disable=not progress, leave=False) as bar:
         try:
             for block in log_file.blocks():
                 if spill is None:  # a CSV's size in rows is known from its first block on
                     bar.total = log_file.estimated_rows
-                    spill = _Spill(directory, max(1, math.ceil(log_file.estimated_rows / chunk_rows)))
+                    k = max(1, math.ceil(log_file.estimated_rows / chunk_rows))
+                    spill = Spill(directory, math.ceil(k / multiple_of) * multiple_of)
                 spill.write(block)
                 bar.update(log_file.counts.rows_read - bar.n)
         finally:
@@ -335,32 +310,34 @@ def _spill(log_file: Log, directory: Path, chunk_rows: int, progress: bool) -> _
 
 
 @dataclass
-class _Tally:
+class Tally:
+    """Who was scored, counted over the spill files as they are scored."""
+
     users: int = 0
     without_history: int = 0
     after_as_of: int = 0
 
+    def add(self, chunk: pa.Table, as_of: int) -> None:
+        users = chunk.column("user_id")
+        stamps = chunk.column("timestamp")
+        n = pc.count_distinct(users).as_py()
+        self.users += n
+        self.without_history += n - pc.count_distinct(pc.filter(users, pc.less_equal(stamps, as_of))).as_py()
+        self.after_as_of += pc.sum(pc.greater(stamps, as_of)).as_py() or 0
+
 
 def _score_spill(
-    spill: _Spill, predictor: Predictor, as_of: int, out: Path, batch_users: int, progress: bool
-) -> _Tally:
+    spill: Spill, predictor: Predictor, as_of: int, out: Path, batch_users: int, progress: bool
+) -> Tally:
     """Pass 2: each spill file scored and appended to ``out`` as one row group."""
-    tally = _Tally()
-    version = pa.scalar(predictor.metadata.model_version)
-    stamp = pa.scalar(as_of * 1000, type=_AS_OF_TYPE)
+    tally = Tally()
     with (
         tqdm(desc="score", unit=" users", unit_scale=True, disable=not progress) as bar,
-        _atomic_parquet(out, output_schema(predictor, as_of)) as writer,
+        atomic_parquet(out, output_schema(predictor, as_of)) as writer,
     ):
         for chunk in spill.tables():
-            scores = score_frame(chunk, predictor, as_of, batch_users=batch_users)
-            n = scores.num_rows
-            scores = scores.add_column(1, "as_of", pa.repeat(stamp, n))
-            writer.write_table(scores.append_column("model_version", pa.repeat(version, n)), max(n, 1))
-            stamps = chunk.column("timestamp")
-            with_history = pc.filter(chunk.column("user_id"), pc.less_equal(stamps, as_of))
-            tally.users += n
-            tally.without_history += n - pc.count_distinct(with_history).as_py()
-            tally.after_as_of += pc.sum(pc.greater(stamps, as_of)).as_py() or 0
-            bar.update(n)
+            scores = score_partition(chunk, predictor, as_of, batch_users=batch_users)
+            writer.write_table(scores, max(scores.num_rows, 1))
+            tally.add(chunk, as_of)
+            bar.update(scores.num_rows)
     return tally

@@ -369,6 +369,7 @@ def _metadata(
         hyperparameters=hyper,
         opset=cfg.opset,
         n_seeds=cfg.seeds,
+        score_reference=metrics.ScoreReference.of(fitted.scores["cln"]["test"]),
     )
 
 

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import admin, batch, events, health, model, predict, users
+from service.api import admin, batch, events, health, model, performance, predict, users
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
@@ -32,10 +32,17 @@ from service.lifecycle import ModelSlot, load_model
 from service.limits import Admission, LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
+from service.monitor import Monitor, watch
 from service.predictor import Predictor
-from service.schemas import BatchPredictRequest, ColumnarPredictRequest, PredictRequest, ReloadRequest
+from service.schemas import (
+    BatchPredictRequest,
+    ColumnarEvents,
+    ColumnarPredictRequest,
+    PredictRequest,
+    ReloadRequest,
+)
 from service.scoring import Scorer
-from service.store import EventStore, GuardedStore, open_store
+from service.store import EventStore, GuardedStore, StoreDownError, open_store
 from service.store.metrics import StoreMetrics
 from service.store.upkeep import compact_periodically, watch_health
 
@@ -99,10 +106,11 @@ def create_app(
         else GuardedStore(backend, StoreMetrics(metrics.registry, latency_buckets=settings.latency_buckets))
     )
     metrics.ready.set_function(lambda: 1.0 if model_slot.ready and (guarded is None or guarded.up) else 0.0)
+    monitor = Monitor(settings, metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        scorer = Scorer(metrics)
+        scorer = Scorer(metrics, monitor)
         batcher = None
         if settings.microbatch:
             batcher = Batcher(
@@ -130,6 +138,7 @@ def create_app(
             batcher=batcher,
             admission=admission,
             history_reads=history_reads,
+            monitor=monitor,
         )
         upkeep: list[asyncio.Task[None]] = []
         if guarded is not None:
@@ -137,6 +146,7 @@ def create_app(
             assert limiter is not None
             upkeep.append(asyncio.create_task(watch_health(guarded, limiter)))
             upkeep.append(asyncio.create_task(compact_periodically(guarded, settings, model_slot, limiter)))
+        upkeep.append(asyncio.create_task(watch(monitor, model_slot, guarded)))
         loading = asyncio.create_task(
             load_model(
                 model_slot,
@@ -160,6 +170,9 @@ def create_app(
             if history_reads is not None:
                 await history_reads.stop()
             if guarded is not None:
+                if monitor.recorder is not None:  # what was served since the last flush
+                    with contextlib.suppress(StoreDownError):  # counted as dropped
+                        await anyio.to_thread.run_sync(monitor.flush, guarded)
                 await anyio.to_thread.run_sync(guarded.close)
 
     app = ServiceApp(
@@ -169,7 +182,15 @@ def create_app(
         lifespan=lifespan,
         redoc_url=None,
     )
-    for router in (predict.router, batch.router, model.router, health.router, metrics_route.router):
+    routers = (
+        predict.router,
+        batch.router,
+        model.router,
+        performance.router,
+        health.router,
+        metrics_route.router,
+    )
+    for router in routers:
         app.include_router(router)
     admin_enabled = settings.admin_token is not None
     if admin_enabled:  # no token, no endpoint: a 404 like any unknown path
@@ -193,5 +214,12 @@ def create_app(
         app,
         (PredictRequest, BatchPredictRequest, ColumnarPredictRequest, ReloadRequest, events.EventsRequest),
         bearer=admin_enabled,
+        # more users than this is a 413, more events (one user's, or one /events body) a 422
+        list_limits=(
+            (BatchPredictRequest, "users", settings.max_batch_users),
+            (ColumnarEvents, "user_id", settings.max_batch_users),
+            (PredictRequest, "events", settings.max_events_per_user),
+            (events.EventsRequest, "events", settings.max_events_per_user),
+        ),
     )
     return app

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.drift import ScoreReference
 from service.features import FeatureSpec
 
 METADATA_KEY = "purchase_intent"
@@ -53,13 +54,15 @@ class ModelMetadata:
     opset: int = 0
     n_seeds: int = 1
     format_version: int = FORMAT_VERSION
+    # the evaluation users' scores, for drift; files exported before it was added have none
+    score_reference: ScoreReference | None = None
 
     @property
     def horizon_days(self) -> int:
         return self.horizon_weeks * 7
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format_version": self.format_version,
             "model_version": self.model_version,
             "created_at": self.created_at,
@@ -78,6 +81,9 @@ class ModelMetadata:
             "opset": self.opset,
             "n_seeds": self.n_seeds,
         }
+        if self.score_reference is not None:  # absent, not null: older readers see the same document
+            out["score_reference"] = self.score_reference.to_dict()
+        return out
 
     def to_props(self) -> dict[str, str]:
         """The ONNX ``metadata_props`` map (string -> string)."""
@@ -116,6 +122,9 @@ class ModelMetadata:
                 opset=int(data.get("opset", 0)),
                 n_seeds=int(data.get("n_seeds", 1)),
                 format_version=version,
+                score_reference=None
+                if data.get("score_reference") is None
+                else ScoreReference.from_dict(data["score_reference"]),
             )
         except ArtifactError:
             raise

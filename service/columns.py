@@ -94,7 +94,7 @@ class EventColumns:
     offsets: NDArray[np.int64]  # [n_users + 1]
     as_of: NDArray[np.int64]  # [n_users], epoch seconds
     folded: FoldedHistory | None = None  # compacted counters of stored histories
-    user_ids: Sequence[str] | None = None  # [n_users], where the answer must name the users
+    user_ids: Sequence[str] | None = None  # [n_users]: answers name them, outcomes are keyed by them
 
     @property
     def n_users(self) -> int:

@@ -199,6 +199,61 @@ class Settings(BaseSettings):
     """A user sent without ``events`` and unknown to the store: ``reject`` answers 404
     ``unknown_user``; ``empty`` scores them as a user with no history (cold start)."""
 
+    outcomes: bool | None = None
+    """Record served predictions in the event store and, once their horizon has passed, score them
+    against the purchases stored since (live ROC AUC, Brier, log loss, calibration per model
+    version). Unset: on whenever there is an event store; it needs one."""
+
+    outcomes_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of users whose predictions are recorded, chosen by a hash of the user id (a user is
+    always in or always out, on every replica)."""
+
+    outcomes_window_days: int = Field(default=28, ge=1)
+    """The live metrics cover predictions whose horizon ended within this many days, days."""
+
+    outcomes_grace_seconds: int = Field(default=86_400, ge=0)
+    """How long after a prediction's horizon the event clock must be before it is settled, seconds:
+    room for purchases that reach ``POST /events`` late."""
+
+    outcomes_retention_days: int = Field(default=180, ge=1)
+    """A recorded prediction is deleted this many days after it was served, settled or not, days;
+    settled ones also once their horizon leaves the window. Keep it above the model's horizon plus
+    the window, or predictions are deleted before they count."""
+
+    outcomes_interval_seconds: float = Field(default=60.0, gt=0)
+    """Seconds between rounds of the outcome job (settle what is due, prune, score the window)."""
+
+    outcomes_flush_seconds: float = Field(default=1.0, gt=0)
+    """Seconds between writes of the recorded predictions buffered in memory."""
+
+    outcomes_buffer_users: int = Field(default=100_000, ge=1)
+    """Most predictions buffered in memory between writes; more are dropped and counted."""
+
+    outcomes_auc_margin: float = Field(default=0.05, ge=0.0, le=1.0)
+    """How far live ROC AUC may fall below the model's offline AUC before the alert in
+    deploy/rules.yml fires (exported as a gauge for the rule to read)."""
+
+    drift: bool = True
+    """Compare served scores with the model file's reference distribution (PSI and KS per model
+    version); a model without a reference reports none."""
+
+    drift_window_scores: int = Field(default=10_000, ge=10)
+    """Most recent scores per model version that PSI and KS are computed over."""
+
+    drift_min_scores: int = Field(default=1_000, ge=1)
+    """PSI and KS are reported once a version's window holds at least this many scores."""
+
+    drift_interval_seconds: float = Field(default=1.0, gt=0)
+    """Seconds between drift updates (new scores into the windows and the decile histogram, PSI
+    and KS recomputed). Scores wait in memory until then, so keep it short."""
+
+    drift_psi_threshold: float = Field(default=0.2, gt=0)
+    """PSI above which the drift alert in deploy/rules.yml fires (exported as a gauge)."""
+
+    monitor_max_versions: int = Field(default=3, ge=1)
+    """Model versions with live-quality and drift series at once: those most recently served by
+    this process (a bound on the ``model_version`` label)."""
+
     exit_on_load_failure: bool = True
     """Exit non-zero when the model cannot be loaded at start-up; false keeps the process up and not
     ready (a later ``/admin/reload`` can still load one)."""
@@ -222,6 +277,17 @@ class Settings(BaseSettings):
         if self.shutdown_drain_seconds >= self.shutdown_grace_seconds:
             raise ValueError("shutdown_drain_seconds must be shorter than shutdown_grace_seconds")
         return self
+
+    @model_validator(mode="after")
+    def _check_outcomes(self) -> Settings:
+        if self.outcomes and self.store_backend == "none":
+            raise ValueError("outcomes need an event store: PI_STORE_BACKEND is none")
+        return self
+
+    @property
+    def records_outcomes(self) -> bool:
+        """Whether served predictions are recorded for their outcomes (the default follows the store)."""
+        return self.store_backend != "none" if self.outcomes is None else self.outcomes
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "model_rejected",
     "not_ready",
     "unknown_user",
+    "unknown_model_version",
     "history_compacted",
     "store_unavailable",
     "not_found",
@@ -145,6 +146,11 @@ class ModelRejectedError(ServiceError):
 class UnknownUserError(ServiceError):
     status_code = 404
     code = "unknown_user"
+
+
+class UnknownModelVersionError(ServiceError):
+    status_code = 404
+    code = "unknown_model_version"
 
 
 class HistoryCompactedError(ServiceError):

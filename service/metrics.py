@@ -19,7 +19,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-_go_float = cast(Callable[[float], str], floatToGoString)  # how client_python prints `le`
+go_float = cast(Callable[[float], str], floatToGoString)  # how client_python prints `le`
 
 PREFIX = "purchase_intent"
 UNMATCHED_ROUTE = "unmatched"
@@ -58,7 +58,7 @@ class ArrayHistogram(Collector):
         with self._lock:
             cumulative = np.cumsum(self._counts)
             total = self._sum
-        bounds = [_go_float(float(b)) for b in self._upper] + ["+Inf"]
+        bounds = [go_float(float(b)) for b in self._upper] + ["+Inf"]
         return HistogramMetricFamily(
             self._name,
             self._documentation,

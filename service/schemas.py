@@ -8,12 +8,22 @@ between the encoder's daily bins, so it is a 422 rather than a guess.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    WithJsonSchema,
+)
+from pydantic_core import core_schema
 
 from service.features import DEFAULT_CHANNELS
-from service.timestamps import YEARS, check_range
+from service.timestamps import EARLIEST, EARLIEST_SECONDS, LATEST, LATEST_SECONDS, SPAN, check_range
 
 #: Per-event bounds: large enough for any real purchase, small enough that sums over 10k events
 #: stay finite in float64 and the model never sees inf.
@@ -24,17 +34,125 @@ MAX_QUANTITY = 1_000_000
 MIN_QUANTITY = 1
 
 
+def _digits(low: str, high: str) -> str:
+    """A regex for the numbers from ``low`` to ``high``, both written with the same number of digits."""
+    n = len(low)
+    if low == high:
+        return low
+    if not low[1:].strip("0") and not high[1:].strip("9"):  # e.g. 1000..3999: [1-3][0-9]{3}
+        head = low[0] if low[0] == high[0] else f"[{low[0]}-{high[0]}]"
+        return head + ("" if n == 1 else "[0-9]" if n == 2 else f"[0-9]{{{n - 1}}}")
+    if low[0] == high[0]:
+        return low[0] + _digits(low[1:], high[1:])
+    parts = [low[0] + _digits(low[1:], "9" * (n - 1))]
+    if int(high[0]) - int(low[0]) > 1:
+        parts.append(_digits(f"{int(low[0]) + 1}" + "0" * (n - 1), f"{int(high[0]) - 1}" + "9" * (n - 1)))
+    parts.append(high[0] + _digits("0" * (n - 1), high[1:]))
+    return f"(?:{'|'.join(parts)})"
+
+
+def _timestamp_pattern() -> str:
+    """The range rule (``service.timestamps``) as a JSON Schema ``pattern`` on RFC 3339 strings.
+
+    A regex reads the local date but cannot subtract the offset from the time of day, so on the
+    first and the last day of the range it asks for an offset that keeps the instant inside
+    (`Z`, or one that puts it later on the first day, earlier on the last): everything it admits is
+    in range, and the server also takes the rest of those two days' instants. No leap second: the
+    parser refuses ``:60``.
+    """
+    first, last = EARLIEST.year, LATEST.year - 1
+    # the rule is a range of whole UTC years: the date regexes below rely on it
+    assert EARLIEST.replace(year=1) == LATEST.replace(year=1) == datetime(1, 1, 1, tzinfo=UTC)
+    day, month = "(?:0[1-9]|[12][0-9]|3[01])", "(?:0[1-9]|1[0-2])"
+    hh_mm = "(?:[01][0-9]|2[0-3]):[0-5][0-9]"
+    time = rf"[Tt]{hh_mm}:[0-5][0-9](?:\.[0-9]+)?"
+    inside = (
+        f"(?:{_digits(str(first + 1), str(last - 1))}-{month}-{day}"
+        f"|{first}-(?:01-(?:0[2-9]|[12][0-9]|3[01])|(?:0[2-9]|1[0-2])-{day})"
+        f"|{last}-(?:12-(?:0[1-9]|[12][0-9]|30)|(?:0[1-9]|1[01])-{day}))"
+        f"{time}(?:[Zz]|[+-]{hh_mm})"
+    )
+    first_day = rf"{first}-01-01{time}(?:[Zz]|\+00:00|-{hh_mm})"
+    last_day = rf"{last}-12-31{time}(?:[Zz]|-00:00|\+{hh_mm})"
+    return f"^(?:{inside}|{first_day}|{last_day})$"
+
+
+#: How OpenAPI shows a timestamp string: the range as a pattern, so that a generated (or a
+#: client's) timestamp the schema admits is one the server takes.
+TIMESTAMP_PATTERN = _timestamp_pattern()
+_TIMESTAMP_SCHEMA = WithJsonSchema({"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN})
+
+
+def _rfc3339_only(_: Any, __: Any) -> core_schema.CoreSchema:
+    """An aware datetime from an RFC 3339 string and nothing else.
+
+    pydantic's datetime also reads a string of digits as epoch seconds (or milliseconds, when
+    large), which the contract refuses; a date-then-``T`` prefix gate shuts that door in
+    pydantic-core, without a Python call per value, and answers as a non-datetime did before.
+    """
+    return core_schema.chain_schema(
+        [
+            core_schema.custom_error_schema(
+                core_schema.str_schema(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt]", strict=True),
+                custom_error_type="datetime_type",
+            ),
+            core_schema.datetime_schema(
+                tz_constraint="aware", strict=False
+            ),  # strict: a datetime object only
+        ]
+    )
+
+
+_RFC3339 = GetPydanticSchema(_rfc3339_only)
 #: A timestamp checked for range by pydantic itself, one Python call per value (for bodies that do
 #: not go through ``request_columns``).
-Timestamp = Annotated[AwareDatetime, AfterValidator(check_range)]
+Timestamp = Annotated[AwareDatetime, _RFC3339, AfterValidator(check_range), _TIMESTAMP_SCHEMA]
 #: Event timestamps and ``as_of`` in prediction requests: parsed by pydantic, range-checked
 #: vectorised by the prediction routes once the events are flat columns
 #: (``service.api.columns.check_timestamps``), with the same 422 and field path: a per-value Python
 #: validator here would be a large share of a big batch's validation. Code that validates these
 #: models without going through ``request_columns`` must check the range itself.
-EventTimestamp = AwareDatetime
+EventTimestamp = Annotated[AwareDatetime, _RFC3339, _TIMESTAMP_SCHEMA]
+#: Epoch seconds in the columnar body, range-checked the same way (``service.bulk.columns_from_json``).
+EpochSeconds = Annotated[
+    float,
+    WithJsonSchema({"type": "number", "minimum": EARLIEST_SECONDS, "exclusiveMaximum": LATEST_SECONDS}),
+]
 #: An event's ``timestamp`` as OpenAPI describes it, wherever an event is taken.
-EVENT_TIMESTAMP_DESCRIPTION = f"RFC 3339 with a UTC offset (`Z` or `+hh:mm`), {YEARS}. Binned by UTC day."
+EVENT_TIMESTAMP_DESCRIPTION = f"RFC 3339 with a UTC offset (`Z` or `+hh:mm`), {SPAN}. Binned by UTC day."
+
+
+def _integer(ge: int, le: int) -> GetPydanticSchema:
+    """``int`` as JSON Schema's ``integer`` means it: ``654`` and ``654.0`` alike (one number to a
+    JSON Schema validator), never ``654.5``, ``"654"`` or ``true``.
+
+    pydantic's strict ``int`` refuses ``654.0`` and its lax one takes strings, so this is a
+    pydantic-core chain (no Python call per value) that answers a non-integer with strict ``int``'s
+    error, and a value out of bounds with ``Field(ge=, le=)``'s.
+    """
+    whole = core_schema.custom_error_schema(
+        core_schema.union_schema(
+            [
+                core_schema.int_schema(strict=True),
+                core_schema.chain_schema(
+                    [
+                        core_schema.float_schema(strict=True, allow_inf_nan=False),
+                        core_schema.int_schema(strict=False),  # a float with no fraction, and only that
+                    ]
+                ),
+            ],
+            mode="left_to_right",
+        ),
+        custom_error_type="int_type",
+    )
+    schema = core_schema.chain_schema([whole, core_schema.int_schema(ge=ge, le=le)])
+    return GetPydanticSchema(
+        lambda _type, _handler: schema,
+        lambda _schema, _handler: {"type": "integer", "minimum": ge, "maximum": le},
+    )
+
+
+Quantity = Annotated[int, _integer(MIN_QUANTITY, MAX_QUANTITY)]
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
@@ -63,7 +181,7 @@ class Event(BaseModel):
 
     timestamp: EventTimestamp = Field(description=EVENT_TIMESTAMP_DESCRIPTION)
     amount: float = Field(ge=0, le=MAX_AMOUNT, description="Money spent, >= 0.")
-    quantity: int = Field(ge=MIN_QUANTITY, le=MAX_QUANTITY, description="Items bought, a whole number >= 1.")
+    quantity: Quantity = Field(description="Items bought, a whole number >= 1.")
 
 
 class PredictRequest(BaseModel):
@@ -121,28 +239,30 @@ EXAMPLE_COLUMNS: dict[str, Any] = {
 
 class ColumnarEvents(BaseModel):
     """Many users' events as one list per field: user ``i`` owns events ``offsets[i]`` up to
-    ``offsets[i + 1]`` of ``timestamp``, ``amount`` and ``quantity``."""
+    ``offsets[i + 1]`` of ``timestamp``, ``amount`` and ``quantity``. Those three lists are equally
+    long, ``as_of`` (when sent) is as long as ``user_id``, and no user owns more than
+    `PI_MAX_EVENTS_PER_USER` events. JSON Schema cannot relate lists to each other, so this is said
+    here: a body that breaks it is a 422 (`invalid_input` of type `offsets` or `length`, or
+    `too_many_events`)."""
 
     model_config = _STRICT
 
     user_id: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         min_length=1, description="One id per user, in the order the predictions come back."
     )
-    as_of: list[float | EventTimestamp | None] | None = Field(
+    as_of: list[EpochSeconds | EventTimestamp | None] | None = Field(
         default=None,
         description="One per user: epoch seconds or RFC 3339 with an offset; null (or no column) = now.",
     )
-    offsets: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(
+    offsets: list[Annotated[int, _integer(0, 2**62)]] = Field(
         description="n_users + 1 non-decreasing positions into the event columns, from 0 to their length."
     )
-    timestamp: list[float | EventTimestamp] = Field(
+    timestamp: list[EpochSeconds | EventTimestamp] = Field(
         description="Epoch seconds (fast: numbers go straight into numpy) or RFC 3339 with an offset; "
-        f"{YEARS}."
+        f"{SPAN}."
     )
     amount: list[Annotated[float, Field(ge=0, le=MAX_AMOUNT)]] = Field(description="Money spent, >= 0.")
-    quantity: list[Annotated[int, Field(ge=MIN_QUANTITY, le=MAX_QUANTITY)]] = Field(
-        description="Items bought, whole numbers >= 1."
-    )
+    quantity: list[Quantity] = Field(description="Items bought, whole numbers >= 1.")
 
 
 class ColumnarPredictRequest(BaseModel):

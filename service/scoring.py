@@ -15,14 +15,17 @@ from numpy.typing import NDArray
 from service.columns import EventColumns
 from service.features import encode_batch
 from service.metrics import Metrics
+from service.monitor import Monitor
 from service.predictor import Predictor
 
 
 class Scorer:
-    """Encodes and scores a batch of users in one inference call, recording what it did."""
+    """Encodes and scores a batch of users in one inference call, recording what it did (and, with
+    a ``monitor``, handing the answers over for drift and outcomes)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, monitor: Monitor | None = None) -> None:
         self._metrics = metrics
+        self._monitor = monitor
 
     def score(self, predictor: Predictor, columns: EventColumns) -> NDArray[np.float32]:
         """``float32 [n_users]`` probabilities, in the order of ``columns``."""
@@ -50,4 +53,6 @@ class Scorer:
         m.batch_size.observe(n)
         m.users_scored.inc(n)
         m.probability.observe_many(probabilities)
+        if self._monitor is not None:
+            self._monitor.scored(predictor.metadata, columns, probabilities)
         return probabilities

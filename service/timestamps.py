@@ -18,7 +18,7 @@ LATEST = datetime(2100, 1, 1, tzinfo=UTC)
 EARLIEST_SECONDS = int(EARLIEST.timestamp())
 LATEST_SECONDS = int(LATEST.timestamp())
 #: The range in a few words, for OpenAPI descriptions.
-YEARS = f"{EARLIEST.year} to {LATEST.year}"
+SPAN = f"from {EARLIEST:%Y-%m-%dT%H:%M:%SZ} up to (not including) {LATEST:%Y-%m-%dT%H:%M:%SZ}"
 #: What a per-value check raises; pydantic prefixes it with ``Value error, ``.
 RANGE_RULE = f"must be between {EARLIEST:%Y-%m-%dT%H:%M:%SZ} and {LATEST:%Y-%m-%dT%H:%M:%SZ}"
 #: The message (with pydantic ``type`` ``value_error``) of an out-of-range timestamp, wherever it

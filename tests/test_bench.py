@@ -112,6 +112,46 @@ def test_lua_script_posts_the_body_file(tmp_path: Path) -> None:
     assert '\\"quoted\\"' in script
 
 
+def test_the_new_user_script_rewrites_the_user_id_of_every_request(tmp_path: Path) -> None:
+    body = tmp_path / "predict.json"
+    body.write_bytes(bodies.predict_body())
+    script = wrk.write_new_user_script(tmp_path / "new_user.lua", body, "bench-0").read_text()
+    assert 'body:match("^(.-)bench%-0(.*)$")' in script  # "-" is magic in a Lua pattern
+    assert "function request()" in script
+    assert 'head .. "u" .. tid .. "-" .. n .. tail' in script
+
+
+def _monitoring_report(on: list[float], off: list[float], connections: int = 64) -> report.Report:
+    http: list[report.HttpPhase] = []
+    for a, b in zip(on, off, strict=True):
+        for server, rps in ((report.MONITORED_SERVER, a), (report.UNMONITORED_SERVER, b)):
+            http.append(
+                dataclasses.replace(_phase(server, "/predict", connections, rps), path=report.NEW_USER_PATH)
+            )
+    result = _report(http, phases="monitoring")
+    check = report.MonitoringCheck(rounds=len(on), reference=True, recorded=120_000, drift_window=10_000)
+    return dataclasses.replace(result, monitoring=check)
+
+
+def test_the_monitoring_comparison_is_judged_on_all_rounds_together(tmp_path: Path) -> None:
+    result = _monitoring_report([4800, 5200, 4600], [5000, 5000, 5000])
+    assert report.ratios(result)["monitoring_c64"] == pytest.approx(14_600 / 15_000)
+    assert report.targets(result) == {"monitoring_c64_ratio": True}
+    table = report.markdown(result)
+    assert "| 2 | 5,200 | 20.0 | 5,000 | 20.0 | 1.040 x |  |" in table
+    assert "| all (mean req/s) | 4,867 | 20.0 | 5,000 | 20.0 | 0.973 x | ≥ 0.95x: met |" in table
+    assert "120,000 predictions recorded in SQLite; drift on" in table
+    assert "| measurement |" not in table  # --only monitoring: no main table
+    slow = _monitoring_report([4500], [5000])
+    assert report.targets(slow) == {"monitoring_c64_ratio": False}
+    assert "≥ 0.95x: **missed**" in report.markdown(slow)
+    elsewhere = _monitoring_report([4500], [5000], connections=4)
+    assert "monitoring_c64_ratio" not in report.targets(elsewhere)
+    assert "judged at 64 connections" in report.markdown(elsewhere)
+    data = json.loads(report.write_json(result, tmp_path / "m.json").read_text())
+    assert data["monitoring"]["recorded"] == 120_000
+
+
 def test_bulk_bodies_hold_the_same_users_as_the_rows() -> None:
     rows = BatchPredictRequest.model_validate_json(bodies.batch_body(users=5)).users
     columns = json.loads(bodies.columnar_body(users=5))["columns"]
@@ -330,9 +370,11 @@ def test_a_predict_only_run_does_not_judge_peak_rss() -> None:
     assert "/predict phases only (--only predict)" in table
 
 
-def test_only_predict_is_the_one_phase_subset() -> None:
+def test_only_predict_and_monitoring_are_the_phase_subsets() -> None:
     assert bench_main._parse_args(["--model", "m.onnx", "--only", "predict"]).only == "predict"
+    assert bench_main._parse_args(["--model", "m.onnx", "--only", "monitoring"]).only == "monitoring"
     assert bench_main._parse_args(["--model", "m.onnx"]).only is None
+    assert bench_main._parse_args(["--model", "m.onnx"]).monitoring_rounds == 3
     with pytest.raises(SystemExit):
         bench_main._parse_args(["--model", "m.onnx", "--only", "batch"])
 
@@ -354,6 +396,7 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
             "--duration", "1s", "--warmup", "0",
             "--connections", "1,4",
             "--batch-users", "20",
+            "--monitoring-rounds", "1",
             "--json", str(out),
             "--workdir", str(tmp_path / "work"),
         ],
@@ -374,8 +417,11 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         # the second service, micro-batching off, /predict only
         ("service-unbatched", "/predict", 1),
         ("service-unbatched", "/predict", 4),
+        # model monitoring on, then off: a new user each request
+        ("service-monitored", report.NEW_USER_PATH, 4),
+        ("service-unmonitored", report.NEW_USER_PATH, 4),
     ]
-    assert [p["body"] for p in data["http"]][-6:-2] == ["rows", "columns", "arrow", "rows"]
+    assert [p["body"] for p in data["http"]][-8:-4] == ["rows", "columns", "arrow", "rows"]
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in data["http"])
     assert [f["batch"] for f in data["ort"]] == [1, 20]
     assert set(data["ratios"]) == {
@@ -389,7 +435,9 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         "predict_unbatched_c4",
         "microbatching_c1",
         "microbatching_c4",
+        "monitoring_c4",
     }
+    assert data["monitoring"]["recorded"] > 0  # the monitored server wrote what it served
     assert "| service /predict by user id | 4 |" in done.stdout
     assert "x inline events (history in SQLite)" in done.stdout
     assert data["peak_rss_mb"] > 0

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from numpy.typing import NDArray
 
+import model_export.partition as partition
 import model_export.reader as reader
-import model_export.score as score
 from model_export.__main__ import main
 from model_export.data import DROP_RULES, DataError, load_transactions
 from model_export.score import open_model, parse_as_of, partition_of, score_log
@@ -311,7 +311,7 @@ def test_an_interrupted_run_leaves_no_output_and_the_old_file_intact(
     log = write(tmp_path / "log.csv", HEADER + body)
     out = tmp_path / "s.parquet"
     out.write_bytes(b"yesterday's scores")
-    real = score.score_frame
+    real = partition.score_frame
     calls = 0
 
     def failing(*args: object, **kwargs: object) -> pa.Table:
@@ -321,7 +321,7 @@ def test_an_interrupted_run_leaves_no_output_and_the_old_file_intact(
             raise KeyboardInterrupt  # as Ctrl-C would, mid-write
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(score, "score_frame", failing)
+    monkeypatch.setattr(partition, "score_frame", failing)
     with pytest.raises(KeyboardInterrupt):
         score_log(predictor, log, out, chunk_rows=50)
     assert calls == 3

@@ -32,7 +32,12 @@ router = APIRouter(tags=["admin"])
         ),
     ),
     openapi_extra={
-        **json_body(ReloadRequest, {"configured": {"summary": "Reload PI_MODEL_PATH", "value": {}}}),
+        "requestBody": {
+            **json_body(ReloadRequest, {"configured": {"summary": "Reload PI_MODEL_PATH", "value": {}}})[
+                "requestBody"
+            ],
+            "required": False,  # no body reloads the configured model file, as `{}` does
+        },
         "security": [{"bearer": []}],
     },
     summary="Hot-swap the model",
@@ -45,7 +50,7 @@ async def reload(request: Request, ctx: Context) -> Response:
     authorise(request, ctx)
     body = await request.body()
     target = ReloadRequest()
-    if body.strip():
+    if body:  # none at all; anything else is JSON, as on every route
         check_content_type(request)
         target = parse_json(ReloadRequest, body)
     path = Path(target.model_path) if target.model_path is not None else ctx.settings.model_path

@@ -8,6 +8,7 @@ client sent them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -69,7 +70,7 @@ def with_stored(
 ) -> EventColumns:
     """Columns for ``users`` once the histories of those without ``events`` were read."""
     by_id = [i for i, u in enumerate(users) if u.events is None]
-    return merge_histories(
+    merged = merge_histories(
         request_columns([u for u in users if u.events is not None], now),
         StoredUsers(
             positions=by_id,
@@ -82,6 +83,7 @@ def with_stored(
         reject_unknown=ctx.settings.store_unknown_user == "reject",
         field=field,
     )
+    return dataclasses.replace(merged, user_ids=[u.user_id for u in users])
 
 
 def request_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
@@ -108,6 +110,7 @@ def request_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
         quantities=np.array([e.quantity for e in events], dtype=np.float64),
         offsets=offsets,
         as_of=np.floor(as_of).astype(np.int64),
+        user_ids=[u.user_id for u in users],
     )
 
 
@@ -122,6 +125,7 @@ def _one_user(user: PredictRequest, now: int) -> EventColumns:
         quantities=np.array([e.quantity for e in events], dtype=np.float64),
         offsets=np.array([0, len(events)], dtype=np.int64),
         as_of=np.array([as_of], dtype=np.int64),
+        user_ids=[user.user_id],
     )
 
 

@@ -19,6 +19,7 @@ from service.history import HistoryReads
 from service.lifecycle import LoadedModel, ModelSlot
 from service.limits import Admission
 from service.metrics import Metrics
+from service.monitor import Monitor
 from service.scoring import Scorer
 from service.store import GuardedStore, StoreDownError
 
@@ -40,6 +41,7 @@ class AppContext:
     batcher: Batcher | None = None  # micro-batching of small /predict calls; None when switched off
     admission: Admission | None = None  # prediction requests in progress (service.limits)
     history_reads: HistoryReads | None = None  # gathers by-id store reads; None without a store
+    monitor: Monitor | None = None  # live quality and drift (service/monitor.py)
 
 
 async def get_context(request: Request) -> AppContext:

@@ -25,6 +25,7 @@ from service.schemas import (
     BatchPredictRequest,
     ColumnarPredictRequest,
     ErrorResponse,
+    PredictRequest,
 )
 from service.timestamps import EARLIEST, LATEST
 
@@ -126,8 +127,17 @@ def batch_body() -> dict[str, Any]:
     return extra
 
 
-def publish_request_schemas(app: FastAPI, models: Sequence[type[BaseModel]], *, bearer: bool) -> None:
-    """Add the hand-parsed request bodies' schemas to the document (and the bearer scheme)."""
+def publish_request_schemas(
+    app: FastAPI,
+    models: Sequence[type[BaseModel]],
+    *,
+    bearer: bool,
+    list_limits: Sequence[tuple[type[BaseModel], str, int]],
+) -> None:
+    """Add the hand-parsed request bodies' schemas to the document (and the bearer scheme), with
+    what this deployment enforces that the models cannot say: ``list_limits`` as ``maxItems``
+    (model, list field, limit), ``events`` required where no event store is mounted, and links
+    between the store's operations where they are mounted."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -142,10 +152,60 @@ def publish_request_schemas(app: FastAPI, models: Sequence[type[BaseModel]], *, 
                 for name, definition in body.pop("$defs", {}).items():
                     components.setdefault(name, definition)
                 components[request_model.__name__] = body
+            if "/events" not in schema["paths"]:
+                _require_events(components)
+            _limit_lists(components, list_limits)
+            if "/users/{user_id}" in schema["paths"]:
+                _link_user_operations(schema["paths"])
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _limit_lists(components: dict[str, Any], limits: Sequence[tuple[type[BaseModel], str, int]]) -> None:
+    for model, field, limit in limits:
+        declared = components[model.__name__]["properties"][field]
+        for branch in declared.get("anyOf", [declared]):  # `events` may also be null
+            if branch.get("type") == "array":
+                branch["maxItems"] = limit
+
+
+def _require_events(components: dict[str, Any]) -> None:
+    """Without an event store a user can only be scored from inline events: ``events`` is required
+    (and not null), as the 422 for a user sent without them says."""
+    request = components[PredictRequest.__name__]
+    declared = request["properties"]["events"]
+    (array,) = (branch for branch in declared.pop("anyOf") if branch.get("type") == "array")
+    del declared["default"]
+    declared.update(array)
+    declared["description"] += " Required here: this server has no event store."
+    request["required"] = [*request.get("required", []), "events"]
+
+
+def _link_user_operations(paths: dict[str, Any]) -> None:
+    """OpenAPI links between the event store's operations: what `POST /events` stored is read and
+    erased by the user id it was sent with, and a read after an erasure is a 404."""
+    read, erase = paths["/users/{user_id}/events"]["get"], paths["/users/{user_id}"]["delete"]
+
+    def link(target: dict[str, Any], user_id: str, description: str) -> dict[str, Any]:
+        return {
+            "operationId": target["operationId"],
+            "parameters": {"user_id": user_id},
+            "description": description,
+        }
+
+    stored = "$request.body#/events/0/user_id"
+    paths["/events"]["post"]["responses"]["200"]["links"] = {
+        "readStoredEvents": link(read, stored, "The first event's user, with what the store holds of them."),
+        "eraseUser": link(erase, stored, "Forget the first event's user."),
+    }
+    read["responses"]["200"]["links"] = {
+        "eraseUser": link(erase, "$response.body#/user_id", "Forget this user."),
+    }
+    erase["responses"]["200"]["links"] = {
+        "readStoredEvents": link(read, "$response.body#/user_id", "Gone: 404 `unknown_user`."),
+    }
 
 
 async def _documented_only() -> None:

@@ -12,6 +12,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from service.api.deps import Context, authorise, in_store_thread, require_store
@@ -20,6 +22,22 @@ from service.columns import Folded
 from service.errors import ErrorDetail, UnknownUserError
 from service.features import SECONDS_PER_DAY
 from service.store import StoredEvent, event_id_of
+
+
+class _AnyText(Convertor[str]):
+    """A path parameter of any characters: Starlette's ``path`` (``.*``) stops at a newline, and a
+    user id with one (``%0A`` in the URL) could be stored but never read or erased."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("text", _AnyText())  # before the routes below compile their paths
 
 router = APIRouter(tags=["admin"])
 
@@ -96,7 +114,7 @@ def _folded(f: Folded) -> FoldedOut:
 
 
 @router.get(
-    "/users/{user_id:path}/events",
+    "/users/{user_id:text}/events",
     response_model=UserEventsPage,
     responses=errors_doc(*_ERRORS, (404, "No stored history (`unknown_user`).")),
     openapi_extra={"security": [{"bearer": []}]},
@@ -131,7 +149,7 @@ async def user_events(
 
 
 @router.delete(
-    "/users/{user_id:path}",
+    "/users/{user_id:text}",
     response_model=ErasureResponse,
     responses=errors_doc(*_ERRORS),
     openapi_extra={"security": [{"bearer": []}]},
@@ -140,6 +158,10 @@ async def user_events(
     "unknown user answers 200 with `deleted_events: 0`.",
 )
 async def erase_user(request: Request, ctx: Context, user_id: UserId) -> Response:
+    if user_id.endswith("/events") and request.scope.get("raw_path", b"").endswith(b"/events"):
+        # `/users/u-7/events` sent as is names the events listing, which has no DELETE; a user id
+        # that ends in "/events" is erased with its "/" percent-encoded, as for any id
+        raise HTTPException(405, headers={"Allow": "GET"})
     authorise(request, ctx)
     store, _ = require_store(ctx)
     deleted = await in_store_thread(ctx, lambda: store.erase(user_id))

@@ -9,12 +9,18 @@ flag. Nothing here knows about HTTP.
 from __future__ import annotations
 
 from service.store.base import (
+    COMPACTED,
+    UNOBSERVED,
     Appended,
+    Backlog,
     Compacted,
     EventStore,
     History,
     NewEvent,
+    OutcomeStore,
     Page,
+    Prediction,
+    Settled,
     StoredEvent,
     StoreDownError,
     content_key,
@@ -24,13 +30,19 @@ from service.store.base import (
 from service.store.guard import GuardedStore, open_store
 
 __all__ = [
+    "COMPACTED",
+    "UNOBSERVED",
     "Appended",
+    "Backlog",
     "Compacted",
     "EventStore",
     "GuardedStore",
     "History",
     "NewEvent",
+    "OutcomeStore",
     "Page",
+    "Prediction",
+    "Settled",
     "StoreDownError",
     "StoredEvent",
     "content_key",

@@ -6,6 +6,11 @@ nothing twice either way. Identical events under distinct ids are all stored; th
 compaction count them once (:mod:`service.cleaning`). Compaction folds whole days of raw events
 older than a cut-off day into per-user counters (``service.columns.Folded``): exactly what
 :func:`service.features.encode_batch` needs from events outside the window.
+
+Beside the events, a backend keeps served predictions until their outcome is known
+(:class:`OutcomeStore`, used by :mod:`service.outcomes`): one per model version, user and UTC day
+of ``as_of`` (the first one recorded), and the latest event time it has seen, the clock that
+decides when a prediction's horizon has passed.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from service.columns import Folded
 
@@ -89,7 +94,81 @@ class Compacted:
     events: int
 
 
-class EventStore(Protocol):
+#: ``Prediction.outcome`` values besides 1 (bought in the horizon) and 0 (did not).
+UNOBSERVED = -1  # the store knows nothing of the user: "did not buy" cannot be told from "unknown"
+COMPACTED = -2  # purchases that may lie in the horizon were folded into counters
+
+
+class Prediction(NamedTuple):
+    """A served prediction, kept until its outcome is known. Unique per ``(user_id, model_version,
+    as_of day)``. A named tuple: one is made per recorded user, and a backend can bind it as is."""
+
+    user_id: str
+    model_version: str
+    as_of: int  # epoch seconds
+    horizon_days: int
+    probability: float
+    requested_at: float  # unix time it was served
+    outcome: int | None = None  # None until settled: 1, 0, UNOBSERVED or COMPACTED
+
+    @property
+    def day(self) -> int:
+        return self.as_of // 86_400
+
+    @property
+    def matures_at(self) -> int:
+        """The end of the label window: a purchase up to this second counts."""
+        return self.as_of + self.horizon_days * 86_400
+
+
+@dataclass(frozen=True)
+class Settled:
+    """Settled predictions whose horizon ended in a window, by model version: probabilities and
+    outcomes (0 / 1) side by side."""
+
+    probabilities: dict[str, list[float]]
+    outcomes: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class Backlog:
+    unsettled: int  # recorded, outcome not known yet
+    overdue: int  # of those, horizons that ended before a given time (the wall clock, say)
+
+
+class OutcomeStore(Protocol):
+    """Blocking calls, like :class:`EventStore`'s; the same backends implement both."""
+
+    def record(self, predictions: Sequence[Prediction]) -> Appended:
+        """Keep the predictions not kept yet (by user, model version and day); count the rest."""
+        ...
+
+    def event_clock(self) -> int | None:
+        """The latest event timestamp ever appended (epoch seconds), ``None`` before the first."""
+        ...
+
+    def due(self, matured_by: int, limit: int) -> list[Prediction]:
+        """Unsettled predictions whose horizon ended at or before ``matured_by``, oldest first."""
+        ...
+
+    def settle(self, settled: Sequence[Prediction]) -> None:
+        """Store the outcomes of ``settled`` and forget those whose outcome is unknown (they never
+        count); predictions erased meanwhile stay erased."""
+        ...
+
+    def settled(self, matured_after: int, matured_by: int) -> Settled:
+        """Settled predictions with a known outcome whose horizon ended in ``(after, by]``."""
+        ...
+
+    def backlog(self, overdue_by: int) -> Backlog: ...
+
+    def prune(self, settled_before: int, recorded_before: float) -> int:
+        """Forget settled predictions whose horizon ended before ``settled_before``, and any
+        recorded before ``recorded_before`` (unix time); returns how many."""
+        ...
+
+
+class EventStore(OutcomeStore, Protocol):
     """Blocking calls: run them in a worker thread. Backend errors propagate as the backend's own
     exceptions; :class:`service.store.GuardedStore` turns them into :class:`StoreDownError`."""
 
@@ -108,7 +187,8 @@ class EventStore(Protocol):
         ...
 
     def erase(self, user_id: str) -> int:
-        """Forget the user (raw events and folded counters); returns the raw events deleted."""
+        """Forget the user (raw events, folded counters, recorded predictions); returns the raw
+        events deleted."""
         ...
 
     def compact(self, before_day: int, ingested_before: float) -> Compacted:

@@ -11,7 +11,18 @@ from typing import TypeVar
 import redis
 
 from service.config import Settings
-from service.store.base import Appended, Compacted, EventStore, History, NewEvent, Page, StoreDownError
+from service.store.base import (
+    Appended,
+    Backlog,
+    Compacted,
+    EventStore,
+    History,
+    NewEvent,
+    Page,
+    Prediction,
+    Settled,
+    StoreDownError,
+)
 from service.store.metrics import StoreMetrics
 
 logger = logging.getLogger(__name__)
@@ -89,6 +100,28 @@ class GuardedStore:
         result = self._call("compact", lambda: self.backend.compact(before_day, ingested_before))
         self.metrics.compacted.inc(result.events)
         return result
+
+    def record(self, predictions: Sequence[Prediction]) -> Appended:
+        return self._call("record", lambda: self.backend.record(predictions))
+
+    # the outcome job's calls share one operation label: they run together, once per round
+    def event_clock(self) -> int | None:
+        return self._call("outcomes", self.backend.event_clock)
+
+    def due(self, matured_by: int, limit: int) -> list[Prediction]:
+        return self._call("outcomes", lambda: self.backend.due(matured_by, limit))
+
+    def settle(self, settled: Sequence[Prediction]) -> None:
+        self._call("outcomes", lambda: self.backend.settle(settled))
+
+    def settled(self, matured_after: int, matured_by: int) -> Settled:
+        return self._call("outcomes", lambda: self.backend.settled(matured_after, matured_by))
+
+    def backlog(self, overdue_by: int) -> Backlog:
+        return self._call("outcomes", lambda: self.backend.backlog(overdue_by))
+
+    def prune(self, settled_before: int, recorded_before: float) -> int:
+        return self._call("outcomes", lambda: self.backend.prune(settled_before, recorded_before))
 
     def ping(self) -> None:
         self._call("ping", self.backend.ping)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from service.metrics import PREFIX
 
 #: The store operations, a closed label set.
-OPERATIONS: tuple[str, ...] = ("read", "write", "list", "erase", "compact", "ping")
+OPERATIONS: tuple[str, ...] = ("read", "write", "list", "erase", "compact", "ping", "record", "outcomes")
 
 
 class StoreMetrics:
@@ -18,7 +18,8 @@ class StoreMetrics:
         self.duration = Histogram(
             f"{p}_store_operation_duration_seconds",
             "Event store call time by operation (read: histories for one prediction request, "
-            "write: one POST /events transaction, durable when it returns).",
+            "write: one POST /events transaction, durable when it returns; record: one batch of "
+            "served predictions kept for their outcome; outcomes: the outcome job's calls).",
             ["operation"],
             buckets=latency_buckets,
             registry=registry,

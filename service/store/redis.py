@@ -7,10 +7,16 @@ user (one round trip, one consistent view against a concurrent compaction).
 
 Durability is Redis's: acknowledged means ``EXEC`` returned, which survives a crash of Redis only
 with ``appendonly yes`` and ``appendfsync always`` (what docker-compose.yml and the tests run).
+
+Recorded predictions live in ``<prefix>pred:<user_id>`` (field ``[day, version]`` as JSON), the
+truth; three sorted sets index them by horizon end (unsettled, settled) and by recording time. A
+small Lua script writes a hash field and its index entries together; an index entry whose field is
+gone (the user was erased meanwhile) is dropped when met. ``<prefix>clock`` holds the event clock.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,11 +25,72 @@ import redis
 
 from service.cleaning import exact_duplicates
 from service.columns import Folded
-from service.store.base import Appended, Compacted, History, NewEvent, Page, StoredEvent
+from service.store.base import (
+    Appended,
+    Backlog,
+    Compacted,
+    History,
+    NewEvent,
+    Page,
+    Prediction,
+    Settled,
+    StoredEvent,
+)
 
 _SECONDS_PER_DAY = 86_400
 _FOLD_FIELDS = ("purchase_days", "first_day", "last_day", "amount", "quantity")
 _COMPACT_RETRIES = 5
+_CHUNK = 1000  # index entries per pipelined round trip
+_CLOCK_MEMBER = "events"
+
+# KEYS: the user's prediction hash, the unsettled index, the recording-time index.
+# ARGV: field, value, index member, horizon end, recording time.
+_RECORD = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
+  return 1
+end
+return 0
+"""
+# KEYS: the user's prediction hash, the unsettled index, the settled index, the recording index.
+# ARGV: field, value, index member, horizon end, "1" when the outcome is known (else: forget it).
+_SETTLE = """
+redis.call('ZREM', KEYS[2], ARGV[3])
+if ARGV[5] ~= '1' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[3])
+  return 0
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _field(p: Prediction) -> str:
+    return json.dumps([p.day, p.model_version])
+
+
+def _member(p: Prediction) -> str:
+    return json.dumps([p.user_id, p.day, p.model_version])
+
+
+def _value(p: Prediction) -> str:
+    return json.dumps([p.as_of, p.horizon_days, p.probability, p.requested_at, p.outcome])
+
+
+def _prediction(member: bytes, value: bytes) -> Prediction:
+    user_id, _, version = json.loads(member)
+    as_of, horizon_days, probability, requested_at, outcome = json.loads(value)
+    return Prediction(user_id, version, as_of, horizon_days, probability, requested_at, outcome)
+
+
+def _chunks(items: list[bytes]) -> list[list[bytes]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
 def _pack(e: NewEvent, now: float) -> str:
@@ -85,6 +152,12 @@ class RedisStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
         )
         self._prefix = prefix
+        self._record_script = self._client.register_script(_RECORD)
+        self._settle_script = self._client.register_script(_SETTLE)
+        self._clock_key = f"{prefix}clock"
+        self._due_key = f"{prefix}pred-due"
+        self._settled_key = f"{prefix}pred-settled"
+        self._recorded_key = f"{prefix}pred-recorded"
 
     def _events_key(self, user_id: str) -> str:
         return f"{self._prefix}ev:{user_id}"
@@ -92,14 +165,18 @@ class RedisStore:
     def _fold_key(self, user_id: str) -> str:
         return f"{self._prefix}fold:{user_id}"
 
+    def _predictions_key(self, user_id: str) -> str:
+        return f"{self._prefix}pred:{user_id}"
+
     def append(self, events: Sequence[NewEvent], now: float) -> Appended:
         if not events:
             return Appended(0, 0)
         pipe = self._client.pipeline(transaction=True)
         for e in events:
             pipe.hsetnx(self._events_key(e.user_id), e.key, _pack(e, now))
+        pipe.zadd(self._clock_key, {_CLOCK_MEMBER: max(e.timestamp for e in events)}, gt=True)
         results: list[Any] = pipe.execute()
-        stored = sum(int(r) for r in results)
+        stored = sum(int(r) for r in results[:-1])
         return Appended(stored=stored, duplicates=len(events) - stored)
 
     def histories(self, user_ids: Sequence[str]) -> dict[str, History]:
@@ -136,10 +213,15 @@ class RedisStore:
         return Page(events[offset : offset + limit], len(events), folded)
 
     def erase(self, user_id: str) -> int:
+        predictions = self._predictions_key(user_id)
+        fields: list[bytes] = self._client.hkeys(predictions)  # type: ignore[assignment]
+        members = [json.dumps([user_id, *json.loads(f)]) for f in fields]
         pipe = self._client.pipeline(transaction=True)
         pipe.hlen(self._events_key(user_id))
-        pipe.delete(self._events_key(user_id), self._fold_key(user_id))
-        count, _ = pipe.execute()
+        pipe.delete(self._events_key(user_id), self._fold_key(user_id), predictions)
+        for key in (self._due_key, self._settled_key, self._recorded_key) if members else ():
+            pipe.zrem(key, *members)
+        count = pipe.execute()[0]
         return int(count)
 
     def compact(self, before_day: int, ingested_before: float) -> Compacted:
@@ -186,6 +268,87 @@ class RedisStore:
                 except redis.WatchError:
                     continue
         return 0  # busy user: the next round folds it
+
+    def record(self, predictions: Sequence[Prediction]) -> Appended:
+        if not predictions:
+            return Appended(0, 0)
+        pipe = self._client.pipeline(transaction=True)
+        keys = (self._due_key, self._recorded_key)
+        for p in predictions:
+            args = (_field(p), _value(p), _member(p), p.matures_at, repr(p.requested_at))
+            self._record_script(keys=(self._predictions_key(p.user_id), *keys), args=args, client=pipe)
+        stored = sum(int(r) for r in pipe.execute())
+        return Appended(stored=stored, duplicates=len(predictions) - stored)
+
+    def event_clock(self) -> int | None:
+        score: float | None = self._client.zscore(self._clock_key, _CLOCK_MEMBER)
+        return None if score is None else int(score)
+
+    def _read(self, members: list[bytes]) -> list[Prediction]:
+        """The predictions behind index ``members``; entries whose field is gone are dropped."""
+        out: list[Prediction] = []
+        for chunk in _chunks(members):
+            pipe = self._client.pipeline(transaction=False)
+            for member in chunk:
+                user_id, day, version = json.loads(member)
+                pipe.hget(self._predictions_key(user_id), json.dumps([day, version]))
+            values: list[bytes | None] = pipe.execute()
+            gone = [m for m, v in zip(chunk, values, strict=True) if v is None]
+            if gone:
+                self._drop(gone)
+            out += [_prediction(m, v) for m, v in zip(chunk, values, strict=True) if v is not None]
+        return out
+
+    def _drop(self, members: list[bytes]) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        for key in (self._due_key, self._settled_key, self._recorded_key):
+            pipe.zrem(key, *members)
+        pipe.execute()
+
+    def due(self, matured_by: int, limit: int) -> list[Prediction]:
+        members: list[bytes] = self._client.zrangebyscore(
+            self._due_key, "-inf", matured_by, start=0, num=limit
+        )  # type: ignore[assignment]
+        return self._read(members)
+
+    def settle(self, settled: Sequence[Prediction]) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        keys = (self._due_key, self._settled_key, self._recorded_key)
+        for p in settled:
+            known = "1" if p.outcome is not None and p.outcome >= 0 else "0"
+            args = (_field(p), _value(p), _member(p), p.matures_at, known)
+            self._settle_script(keys=(self._predictions_key(p.user_id), *keys), args=args, client=pipe)
+        pipe.execute()
+
+    def settled(self, matured_after: int, matured_by: int) -> Settled:
+        members: list[bytes] = self._client.zrangebyscore(self._settled_key, f"({matured_after}", matured_by)  # type: ignore[assignment]
+        out = Settled({}, {})
+        for p in self._read(members):
+            if p.outcome is not None and p.outcome >= 0:
+                out.probabilities.setdefault(p.model_version, []).append(p.probability)
+                out.outcomes.setdefault(p.model_version, []).append(p.outcome)
+        return out
+
+    def backlog(self, overdue_by: int) -> Backlog:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zcard(self._due_key)
+        pipe.zcount(self._due_key, "-inf", overdue_by)
+        unsettled, overdue = pipe.execute()
+        return Backlog(int(unsettled), int(overdue))
+
+    def prune(self, settled_before: int, recorded_before: float) -> int:
+        settled: list[bytes] = self._client.zrangebyscore(self._settled_key, "-inf", f"({settled_before}")  # type: ignore[assignment]
+        old: list[bytes] = self._client.zrangebyscore(self._recorded_key, "-inf", f"({recorded_before!r}")  # type: ignore[assignment]
+        members = list(dict.fromkeys(settled + old))
+        for chunk in _chunks(members):
+            pipe = self._client.pipeline(transaction=True)
+            for member in chunk:
+                user_id, day, version = json.loads(member)
+                pipe.hdel(self._predictions_key(user_id), json.dumps([day, version]))
+            for key in (self._due_key, self._settled_key, self._recorded_key):
+                pipe.zrem(key, *chunk)
+            pipe.execute()
+        return len(members)
 
     def ping(self) -> None:
         self._client.ping()

@@ -17,7 +17,17 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from service.columns import Folded
-from service.store.base import Appended, Compacted, History, NewEvent, Page, StoredEvent
+from service.store.base import (
+    Appended,
+    Backlog,
+    Compacted,
+    History,
+    NewEvent,
+    Page,
+    Prediction,
+    Settled,
+    StoredEvent,
+)
 
 _SECONDS_PER_DAY = 86_400
 _SCHEMA = """
@@ -32,6 +42,25 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (user_id, event_key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_by_day ON events (day);
+CREATE TABLE IF NOT EXISTS clock (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS predictions (
+    user_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    as_of INTEGER NOT NULL,
+    horizon_days INTEGER NOT NULL,
+    matures_at INTEGER NOT NULL,
+    probability REAL NOT NULL,
+    requested_at REAL NOT NULL,
+    outcome INTEGER,
+    PRIMARY KEY (user_id, model_version, day)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS predictions_due ON predictions (matures_at) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS predictions_settled ON predictions (matures_at) WHERE outcome IS NOT NULL;
+CREATE INDEX IF NOT EXISTS predictions_recorded ON predictions (requested_at);
 CREATE TABLE IF NOT EXISTS folded (
     user_id TEXT PRIMARY KEY,
     purchase_days INTEGER NOT NULL,
@@ -41,6 +70,29 @@ CREATE TABLE IF NOT EXISTS folded (
     quantity REAL NOT NULL
 ) WITHOUT ROWID;
 """
+# A file from before the clock existed starts it from its newest event (found through the day index).
+_CLOCK_FROM_EVENTS = """
+INSERT INTO clock (name, value)
+SELECT 'events', MAX(ts) FROM events WHERE day = (SELECT MAX(day) FROM events)
+ON CONFLICT (name) DO NOTHING
+"""
+_ADVANCE_CLOCK = (
+    "INSERT INTO clock (name, value) VALUES ('events', ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)"
+)
+_PREDICTION_COLUMNS = "user_id, model_version, as_of, horizon_days, probability, requested_at, outcome"
+
+
+def _known(p: Prediction) -> bool:
+    return p.outcome is not None and p.outcome >= 0
+
+
+# ?1..?7 are a Prediction's fields in order; the day and the horizon's end are derived from them.
+_RECORD = (
+    "INSERT INTO predictions (user_id, model_version, day, as_of, horizon_days, matures_at, probability, "
+    "requested_at, outcome) VALUES (?1, ?2, ?3 / 86400, ?3, ?4, ?3 + ?4 * 86400, ?5, ?6, ?7) "
+    "ON CONFLICT DO NOTHING"
+)
 # Compaction folds whole user-days (a day is due once every event of it is old enough), so a day
 # never ends up half folded and half raw, and it folds by service.cleaning's rule: identical events
 # (same second, amount, quantity; say, one purchase sent under two event ids) count once.
@@ -94,6 +146,8 @@ class SQLiteStore:
             conn = self._connect()
             try:
                 conn.executescript(_SCHEMA)
+                if conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None:
+                    conn.execute(_CLOCK_FROM_EVENTS)
             except BaseException:
                 conn.close()
                 raise
@@ -159,12 +213,18 @@ class SQLiteStore:
                 rows,
             )
             stored = conn.total_changes - before
+            if rows:
+                conn.execute(_ADVANCE_CLOCK, (max(row[2] for row in rows),))
         return Appended(stored=stored, duplicates=len(rows) - stored)
 
     def histories(self, user_ids: Sequence[str]) -> dict[str, History]:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
+        # sqlite3 caches a prepared statement per SQL text (128 per connection, a 2,000-id one about
+        # half a MB): one per distinct count would fill it with large ones. Padding the list to a
+        # power of two with a repeated id keeps it to a dozen shapes and the same answer.
+        ids += ids[-1:] * ((1 << (len(ids) - 1).bit_length()) - len(ids))
         marks = ",".join("?" * len(ids))
         # one statement: raw events and folded counters from the same snapshot
         sql = (
@@ -209,6 +269,7 @@ class SQLiteStore:
         with self._write() as conn:
             deleted = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
             conn.execute("DELETE FROM folded WHERE user_id = ?", (user_id,))
+            conn.execute("DELETE FROM predictions WHERE user_id = ?", (user_id,))
         return int(deleted)
 
     def compact(self, before_day: int, ingested_before: float) -> Compacted:
@@ -217,6 +278,68 @@ class SQLiteStore:
             users = conn.execute(_FOLD, params).rowcount
             events = conn.execute(f"DELETE FROM events WHERE {_DUE}", params).rowcount
         return Compacted(users=int(users), events=int(events))
+
+    def record(self, predictions: Sequence[Prediction]) -> Appended:
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(_RECORD, predictions)  # the named tuples bind as they are
+            stored = conn.total_changes - before
+        return Appended(stored=stored, duplicates=len(predictions) - stored)
+
+    def event_clock(self) -> int | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM clock WHERE name = 'events'").fetchone()
+        return None if row is None else int(row[0])
+
+    def due(self, matured_by: int, limit: int) -> list[Prediction]:
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_PREDICTION_COLUMNS} FROM predictions WHERE outcome IS NULL AND matures_at <= ? "
+                "ORDER BY matures_at LIMIT ?",
+                (matured_by, limit),
+            ).fetchall()
+        return [Prediction(*row) for row in rows]
+
+    def settle(self, settled: Sequence[Prediction]) -> None:
+        known = [(p.outcome, p.user_id, p.model_version, p.day) for p in settled if _known(p)]
+        unknown = [(p.user_id, p.model_version, p.day) for p in settled if not _known(p)]
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE predictions SET outcome = ? WHERE user_id = ? AND model_version = ? AND day = ?",
+                known,
+            )
+            conn.executemany(
+                "DELETE FROM predictions WHERE user_id = ? AND model_version = ? AND day = ?", unknown
+            )
+
+    def settled(self, matured_after: int, matured_by: int) -> Settled:
+        out = Settled({}, {})
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT model_version, probability, outcome FROM predictions "
+                "WHERE outcome IS NOT NULL AND matures_at > ? AND matures_at <= ?",
+                (matured_after, matured_by),
+            ).fetchall()
+        for version, probability, outcome in rows:
+            out.probabilities.setdefault(version, []).append(probability)
+            out.outcomes.setdefault(version, []).append(outcome)
+        return out
+
+    def backlog(self, overdue_by: int) -> Backlog:
+        with self._read() as conn:
+            unsettled, overdue = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(matures_at <= ?), 0) FROM predictions WHERE outcome IS NULL",
+                (overdue_by,),
+            ).fetchone()
+        return Backlog(int(unsettled), int(overdue))
+
+    def prune(self, settled_before: int, recorded_before: float) -> int:
+        with self._write() as conn:
+            settled = conn.execute(
+                "DELETE FROM predictions WHERE outcome IS NOT NULL AND matures_at < ?", (settled_before,)
+            ).rowcount
+            old = conn.execute("DELETE FROM predictions WHERE requested_at < ?", (recorded_before,)).rowcount
+        return int(settled) + int(old)
 
     def ping(self) -> None:
         with self._write_lock:

@@ -1,4 +1,5 @@
-"""Background work on the store: a health check that readiness reads, and periodic compaction.
+"""Background work on the store: a health check that readiness reads, and periodic compaction,
+which leaves raw whatever recorded predictions still need to be settled (:func:`outcome_days`).
 
 Both run as tasks of the app's lifespan and call the store in a worker thread.
 """
@@ -25,16 +26,28 @@ logger = logging.getLogger(__name__)
 HEALTH_INTERVAL_SECONDS = 1.0
 
 
-def horizon(now: float, settings: Settings, spec: FeatureSpec) -> tuple[int, float]:
+def horizon(now: float, settings: Settings, spec: FeatureSpec, outcome_days: int = 0) -> tuple[int, float]:
     """``(before_day, ingested_before)`` for a compaction at ``now``: fold purchases on days before
-    ``before_day`` (retention, and never inside the model's window for an ``as_of`` of now or
-    later) that were stored before ``ingested_before`` (so their ids still dedupe retries)."""
-    keep_days = max(settings.store_retention_days, spec.lookback_bins * spec.bin_days)
+    ``before_day`` (retention, never inside the model's window for an ``as_of`` of now or later,
+    and never inside ``outcome_days``, where predictions still wait for their outcome) that were
+    stored before ``ingested_before`` (so their ids still dedupe retries)."""
+    keep_days = max(settings.store_retention_days, spec.lookback_bins * spec.bin_days, outcome_days)
     return int(now // SECONDS_PER_DAY) - keep_days, now - settings.store_dedup_seconds
 
 
-def compact_once(store: GuardedStore, settings: Settings, spec: FeatureSpec, now: float) -> Compacted:
-    before_day, ingested_before = horizon(now, settings, spec)
+def outcome_days(settings: Settings, horizon_days: int) -> int:
+    """Days of raw events that recorded predictions need: a prediction made now is settled a
+    horizon and a grace later, from the raw purchases in its horizon (a fold only says which days
+    it spans). 0 when no outcome is recorded."""
+    if not settings.records_outcomes:
+        return 0
+    return horizon_days + -(-settings.outcomes_grace_seconds // SECONDS_PER_DAY) + 1
+
+
+def compact_once(
+    store: GuardedStore, settings: Settings, spec: FeatureSpec, now: float, horizon_days: int = 0
+) -> Compacted:
+    before_day, ingested_before = horizon(now, settings, spec, outcome_days(settings, horizon_days))
     return store.compact(before_day, ingested_before)
 
 
@@ -56,11 +69,17 @@ async def compact_periodically(
         served = slot.served
         if served is None:
             continue  # the horizon depends on the model's lookback
-        spec = served.predictor.metadata.feature_spec
+        meta = served.predictor.metadata
         started = time.perf_counter()
         try:
             result = await anyio.to_thread.run_sync(
-                compact_once, store, settings, spec, time.time(), limiter=limiter
+                compact_once,
+                store,
+                settings,
+                meta.feature_spec,
+                time.time(),
+                meta.horizon_days,
+                limiter=limiter,
             )
         except StoreDownError:
             continue

@@ -8,6 +8,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.artifact import ArtifactError, ModelMetadata
+from service.drift import ScoreReference
 from service.features import FeatureSpec
 from service.predictor import RuntimeInfo, batch_sizes
 
@@ -15,7 +16,10 @@ SPEC = FeatureSpec(lookback_bins=8, bin_days=7, channels=("purchases", "log_spen
 
 
 def make_metadata(
-    spec: FeatureSpec = SPEC, version: str = "synthetic-1", threshold: float = 0.5
+    spec: FeatureSpec = SPEC,
+    version: str = "synthetic-1",
+    threshold: float = 0.5,
+    score_reference: ScoreReference | None = None,
 ) -> ModelMetadata:
     return ModelMetadata(
         model_version=version,
@@ -28,6 +32,7 @@ def make_metadata(
         data_fingerprint="0" * 64,
         training_metrics={"roc_auc": 0.5},
         opset=18,
+        score_reference=score_reference,
     )
 
 
@@ -57,8 +62,11 @@ class FakePredictor:
         warm_up_error: Exception | None = None,
         error: Exception | None = None,
         predict_gate: threading.Event | None = None,
+        metadata: ModelMetadata | None = None,
     ) -> None:
-        self._metadata = make_metadata(version=version, threshold=threshold)
+        self._metadata = (
+            metadata if metadata is not None else make_metadata(version=version, threshold=threshold)
+        )
         self._runtime = RuntimeInfo(requested=requested, active=active, batch_sizes=batch_sizes(max_batch))
         self.gate = gate
         self.warm_up_error = warm_up_error

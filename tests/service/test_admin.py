@@ -143,8 +143,9 @@ def test_a_bad_file_is_refused_and_the_old_model_keeps_serving(
         (b'{"model_path": 5}', 422),
         (b'{"path": "x"}', 422),
         (b"{", 400),
+        (b"\n", 400),  # not JSON; only a body of no bytes at all means "the configured file"
     ],
-    ids=["nul byte", "empty", "number", "unknown field", "bad json"],
+    ids=["nul byte", "empty", "number", "unknown field", "bad json", "whitespace"],
 )
 def test_bad_reload_bodies_are_4xx(registry: CollectorRegistry, body: bytes, status: int) -> None:
     with _client(registry, FakePredictor()) as c:

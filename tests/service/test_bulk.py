@@ -150,6 +150,8 @@ def _error(r: Any, status: int, code: str) -> list[str]:
             "invalid_input",
             "columns.timestamp[1]",
         ),
+        # epoch seconds are numbers here; a string of digits is neither a number nor RFC 3339
+        ({"timestamp": [873072000, "873072000", 875577599]}, 422, "invalid_input", "columns.timestamp[1]"),
         ({"timestamp": [873072000, -5, 875577599]}, 422, "invalid_input", "columns.timestamp[1]"),
         ({"timestamp": [873072000, 5e12, 875577599]}, 422, "invalid_input", "columns.timestamp[1]"),
         ({"as_of": [AS_OF_S, "2100-01-01T00:00:00Z", None]}, 422, "invalid_input", "columns.as_of[1]"),

@@ -17,19 +17,29 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.testclient import TestClient
 
+from service.drift import ScoreReference, psi
+from tests import waiting
+from tests.service.conftest import wait_ready
 from tests.service.onnx_models import write_model
 from tests.service.processes import require_binary, start_service, wait_until
+from tests.service.test_monitor import VERSION, client_for, mature_predictions, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "purchase-intent.json"
+RULES = ROOT / "deploy" / "rules.yml"
+RULE_TESTS = ROOT / "deploy" / "rules.test.yml"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-PROMQL_KEYWORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "le", "without"}
+PROMQL_KEYWORDS = {
+    "sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "le", "without", "on",
+    "group_left", "or", "and", "ln", "clamp_min", "label_replace", "time",
+}  # fmt: skip
 
 
 def _panels() -> list[dict[str, Any]]:
@@ -49,17 +59,30 @@ def _exprs() -> list[str]:
 
 
 @pytest.fixture
-def exported(client: TestClient) -> tuple[set[str], set[str]]:
-    """Sample names and label names in a live /metrics answer after some traffic."""
-    client.post(
-        "/predict",
-        json={
-            "user_id": "u",
-            "events": [{"timestamp": "1997-01-01T00:00:00Z", "amount": 1.0, "quantity": 1}],
-        },
-    )
-    client.post("/predict", content=b"{", headers={"Content-Type": "application/json"})
-    text = client.get("/metrics").text
+def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
+    """Sample names and label names in a live /metrics answer after some traffic, with matured
+    predictions and a model that has a score reference (so every monitoring series is there)."""
+    registry = CollectorRegistry()
+    reference = ScoreReference.of(np.linspace(0.3, 0.7, 500))
+    with client_for(settings_for(tmp_path, drift_min_scores=1), reference, registry) as client:
+        wait_ready(client)
+        client.post(
+            "/predict",
+            json={
+                "user_id": "u",
+                "events": [{"timestamp": "1997-01-01T00:00:00Z", "amount": 1.0, "quantity": 1}],
+            },
+        )
+        client.post("/predict", content=b"{", headers={"Content-Type": "application/json"})
+        mature_predictions(client)
+        waiting.wait_until(
+            lambda: (
+                registry.get_sample_value("purchase_intent_score_psi", {"model_version": VERSION}) is not None
+            ),
+            timeout=10,
+            message="no PSI",
+        )
+        text = client.get("/metrics").text
     names: set[str] = set()
     labels: set[str] = {"job", "instance", "service"}  # added by Prometheus / our scrape config
     for family in text_string_to_metric_families(text):
@@ -96,7 +119,28 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_dashboard_uses_only_metrics_and_labels_the_service_exports(
+def _rules() -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def _metrics_used(expr: str, labels: set[str]) -> set[str]:
+    """The metric names ``expr`` reads; every label it names must be in ``labels``."""
+    without_strings = re.sub(r'"[^"]*"', '""', expr)
+    without_ranges = re.sub(r"\[[^\]]*\]", "", without_strings)
+    for label_list in re.findall(r"\b(?:by|without|on|group_left)\s*\(([^)]*)\)", without_ranges):
+        for label in filter(None, (x.strip() for x in label_list.split(","))):
+            assert label in labels, f"label {label!r} in {expr!r} is not exported"
+    for matchers in re.findall(r"\{([^}]*)\}", without_ranges):
+        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", matchers):
+            assert label in labels, f"label {label!r} in {expr!r} is not exported"
+    tokens = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r"\{[^}]*\}", "", without_ranges)))
+    metrics = {t for t in tokens if t not in PROMQL_KEYWORDS and t not in labels}
+    assert metrics, expr
+    return metrics
+
+
+def test_dashboard_and_rules_use_only_metrics_and_labels_the_service_exports(
     exported: tuple[set[str], set[str]],
 ) -> None:
     names, labels = exported
@@ -111,25 +155,57 @@ def test_dashboard_uses_only_metrics_and_labels_the_service_exports(
         "probability",
         "provider",
         "event store",
+        "live roc auc",
+        "calibration",
+        "psi",
+        "kolmogorov-smirnov",
     ):
         assert topic in titles
     for panel in _panels():
         assert panel["datasource"]["uid"] == "prometheus", panel["title"]
-    used_metrics: set[str] = set()
-    for expr in _exprs():
-        without_strings = re.sub(r'"[^"]*"', '""', expr)
-        without_ranges = re.sub(r"\[[^\]]*\]", "", without_strings)
-        for label_list in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", without_ranges):
-            for label in filter(None, (x.strip() for x in label_list.split(","))):
-                assert label in labels, f"label {label!r} in {expr!r} is not exported"
-        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", without_ranges):
-            assert label in labels, f"label {label!r} in {expr!r} is not exported"
-        tokens = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r"\{[^}]*\}", "", without_ranges)))
-        metrics = {t for t in tokens if t not in PROMQL_KEYWORDS and t not in labels and not t.isdigit()}
-        assert metrics, expr
-        used_metrics |= metrics
-    missing = sorted(used_metrics - names)
+    recorded = {rule["record"] for rule in _rules() if "record" in rule}
+    for rule in _rules():
+        missing = sorted(_metrics_used(rule["expr"], labels) - names - recorded)
+        assert not missing, f"rule {rule.get('record') or rule['alert']} reads what nobody exports: {missing}"
+    used = set().union(*(_metrics_used(expr, labels) for expr in _exprs()))
+    missing = sorted(used - names - recorded)
     assert not missing, f"dashboard queries metrics the service does not export: {missing}"
+    assert used & recorded, "the dashboard shows the PSI Prometheus recomputes"
+
+
+def test_rules_pass_promtool_and_their_unit_tests() -> None:
+    promtool = require_binary("promtool")
+    for command in (["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)]):
+        proc = subprocess.run(
+            [promtool, *command], capture_output=True, text=True, timeout=60, cwd=RULES.parent
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
+    assert alerts == {
+        "LiveAucBelowOffline",
+        "ScoreDrift",
+        "NoMaturedPredictions",
+        "ModelOnCpuFallback",
+        "EventStoreDown",
+        "HighErrorRate",
+    }
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for t in case.get("alert_rule_test", [])
+    }
+    assert tested == alerts  # each alert has a case that fires and one that does not
+
+
+def test_the_psi_prometheus_recomputes_is_the_service_s() -> None:
+    """The recording rule's unit test expects the value service/drift.py gives for the same bins."""
+    case = next(c for c in yaml.safe_load(RULE_TESTS.read_text())["tests"] if "promql_expr_test" in c)
+    (expected,) = (t["exp_samples"][0]["value"] for t in case["promql_expr_test"] if "psi" in t["expr"])
+    reference = ScoreReference(
+        count=10, edges=(0.2, 0.5), proportions=(0.3, 0.4, 0.3), grid=(0.1, 0.9), cdf=(0.5, 1.0)
+    )
+    served = np.array([0.1] * 10 + [0.3] * 40 + [0.7] * 50)  # 10 %, 40 %, 50 % of the scores per bin
+    assert psi(reference, served) == pytest.approx(expected, rel=1e-12)
 
 
 def test_compose_file_parses_and_points_at_real_files() -> None:

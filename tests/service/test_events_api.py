@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -146,6 +147,7 @@ def test_an_unknown_user_is_a_404_by_default_and_cold_starts_when_configured(tmp
     [
         ({"timestamp": "1997-01-12T00:00:00"}, "events[1].timestamp"),  # no offset
         ({"timestamp": 853027200}, "events[1].timestamp"),  # epoch number
+        ({"timestamp": "853027200"}, "events[1].timestamp"),  # epoch seconds as a string
         ({"timestamp": "1969-12-31T23:59:59Z"}, "events[1].timestamp"),
         ({"timestamp": "0001-01-01T00:00:00Z"}, "events[1].timestamp"),
         ({"timestamp": "9999-12-31T23:59:59Z"}, "events[1].timestamp"),
@@ -201,6 +203,34 @@ def test_admin_history_routes_need_the_token_and_page_and_erase(api: TestClient)
     assert api.get(path, headers=AUTH).json()["error"] == "unknown_user"
     assert api.post("/predict", json={"user_id": "u/with slash"}).status_code == 404
     assert api.delete("/users/u%2Fwith%20slash", headers=AUTH).json()["deleted_events"] == 0
+
+
+@pytest.mark.parametrize("user", ["line\nbreak", "carriage\rreturn", "100%", "ends/events", "events"])
+def test_any_user_id_that_can_be_stored_can_be_read_and_erased(api: TestClient, user: str) -> None:
+    ingest(api, user, HISTORY[:2])
+    path = f"/users/{quote(user, safe='')}"
+    page = api.get(f"{path}/events", headers=AUTH)
+    assert (page.status_code, page.json()["user_id"], page.json()["total"]) == (200, user, 2), page.text
+    assert api.delete(path, headers=AUTH).json() == {"user_id": user, "deleted_events": 2}
+    assert api.get(f"{path}/events", headers=AUTH).status_code == 404
+
+
+def test_delete_on_the_events_listing_is_a_405_not_an_erasure(api: TestClient) -> None:
+    """``/users/u-1/events`` is the listing, which has no DELETE; it never erases a user named
+    "u-1/events" (that one is reached with its "/" encoded, as any id with a "/")."""
+    ingest(api, "u-1", HISTORY[:2])
+    ingest(api, "u-1/events", HISTORY[:1])
+    r = api.delete("/users/u-1/events", headers=AUTH)
+    assert (r.status_code, r.headers["allow"], r.json()["error"]) == (405, "GET", "method_not_allowed")
+    assert api.get("/users/u-1/events", headers=AUTH).json()["total"] == 2
+    assert api.get("/users/u-1%2Fevents/events", headers=AUTH).json()["total"] == 1
+
+
+def test_a_whole_float_quantity_is_the_same_event(api: TestClient) -> None:
+    """654.0 is the integer 654 to JSON Schema: taken, and stored as the same event (a duplicate)."""
+    assert ingest(api, "u-1", [event("1997-01-12T00:00:00Z", 29.33, 2)])["stored"] == 1
+    assert ingest(api, "u-1", [{**event("1997-01-12T00:00:00Z", 29.33), "quantity": 2.0}])["duplicates"] == 1
+    assert api.get("/users/u-1/events", headers=AUTH).json()["events"][0]["quantity"] == 2
 
 
 def test_without_an_admin_token_the_history_routes_do_not_exist(tmp_path: Path) -> None:

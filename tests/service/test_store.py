@@ -17,7 +17,7 @@ import pytest
 
 from service.columns import Folded, FoldedHistory
 from service.features import ALL_CHANNELS, SECONDS_PER_DAY, FeatureSpec, encode_batch
-from service.store import EventStore, NewEvent, content_key, event_key
+from service.store import UNOBSERVED, EventStore, NewEvent, Prediction, content_key, event_key
 from service.store.redis import RedisStore
 from service.store.sqlite import SQLiteStore
 from tests.service.processes import RedisProcess, running_redis
@@ -256,3 +256,88 @@ def test_concurrent_writers_and_readers_lose_no_event(store: EventStore) -> None
     assert sum(len(h.timestamps) for h in final.values()) == len(unique)
     assert reads[0] > 0
     print(f"concurrency: {sent} events sent by 8 writers, {stored} stored, {reads[0]} batch reads")
+
+
+# ---- recorded predictions and the event clock (service.outcomes uses them) ----------------------
+
+
+def pred(
+    user: str, as_of: int, p: float = 0.5, version: str = "v1", at: float = NOW, horizon: int = 7
+) -> Prediction:
+    return Prediction(user, version, as_of, horizon, p, at)
+
+
+def test_one_prediction_per_user_version_and_day_is_kept_the_first(store: EventStore) -> None:
+    first = store.record([pred("a", NOW, 0.25), pred("a", NOW + 60, 0.75), pred("a", NOW, 0.1, "v2")])
+    assert (first.stored, first.duplicates) == (2, 1)  # the second "a" on that day of v1 is a duplicate
+    again = store.record([pred("a", NOW + 3600, 0.9), pred("b", NOW, 0.3), pred("a", NOW + DAY, 0.6)])
+    assert (again.stored, again.duplicates) == (2, 1)
+    due = store.due(NOW + 10 * DAY, 100)
+    assert sorted((p.user_id, p.model_version, p.as_of, p.probability) for p in due) == [
+        ("a", "v1", NOW, 0.25),
+        ("a", "v1", NOW + DAY, 0.6),
+        ("a", "v2", NOW, 0.1),
+        ("b", "v1", NOW, 0.3),
+    ]
+    assert all(p.outcome is None and p.horizon_days == 7 for p in due)
+    assert store.record([]).stored == 0
+
+
+def test_the_event_clock_is_the_latest_event_time_ever_appended(store: EventStore) -> None:
+    assert store.event_clock() is None
+    store.append([ev("a", NOW - DAY), ev("a", NOW - 3 * DAY)], NOW)
+    assert store.event_clock() == NOW - DAY
+    store.append([ev("b", NOW - 5 * DAY)], NOW)  # an older event does not turn it back
+    assert store.event_clock() == NOW - DAY
+    store.append([ev("a", NOW - DAY)], NOW)  # nor does a duplicate
+    store.erase("a")  # nor erasure
+    assert store.event_clock() == NOW - DAY
+    store.append([ev("c", NOW + 7)], NOW)
+    assert store.event_clock() == NOW + 7
+
+
+def test_due_predictions_are_settled_once_and_windowed_by_horizon_end(store: EventStore) -> None:
+    # horizons end at NOW + 7 days + k days for k = 0..4
+    store.record([pred(f"u{k}", NOW + k * DAY, p=k / 10) for k in range(5)])
+    store.record([pred("w", NOW, p=0.9, version="v2", horizon=1)])
+    end = NOW + 7 * DAY
+    due = store.due(end + 2 * DAY, 100)
+    assert [p.user_id for p in due] == ["w", "u0", "u1", "u2"]  # oldest horizon first
+    assert [p.user_id for p in store.due(end + 2 * DAY, 2)] == ["w", "u0"]
+    outcomes = {"w": 1, "u0": 1, "u1": 0, "u2": UNOBSERVED}
+    store.settle([p._replace(outcome=outcomes[p.user_id]) for p in due])
+    assert [p.user_id for p in store.due(end + 10 * DAY, 100)] == ["u3", "u4"]
+    window = store.settled(end - 10 * DAY, end + 2 * DAY)
+    assert sorted(zip(window.probabilities["v1"], window.outcomes["v1"], strict=True)) == [(0.0, 1), (0.1, 0)]
+    assert window.outcomes["v2"] == [1]
+    # (after, by]: u0's horizon ends at `end`, so a window after it leaves it out
+    assert store.settled(end, end + 2 * DAY).outcomes == {"v1": [0]}
+    backlog = store.backlog(end + 3 * DAY)
+    assert (backlog.unsettled, backlog.overdue) == (2, 1)
+    # an unknown outcome never counts, so it is not kept: u2 is gone, not merely left out
+    assert store.prune(settled_before=end + 100 * DAY, recorded_before=0) == 3
+
+
+def test_pruning_forgets_old_settled_and_long_recorded_predictions(store: EventStore) -> None:
+    store.record([pred("old", NOW - 30 * DAY, at=NOW - 30 * DAY), pred("new", NOW, at=NOW)])
+    store.record([pred("stale", NOW - 100 * DAY, at=NOW - 100 * DAY, horizon=1000)])  # never due
+    store.settle([p._replace(outcome=0) for p in store.due(NOW, 100)])  # "old" only
+    assert store.prune(settled_before=NOW - 20 * DAY, recorded_before=NOW - 50 * DAY) == 2
+    assert store.settled(0, NOW * 2).outcomes == {}
+    assert [p.user_id for p in store.due(NOW * 2, 100)] == ["new"]
+    assert store.backlog(NOW).unsettled == 1
+
+
+def test_erasure_forgets_recorded_predictions_and_settling_does_not_bring_them_back(
+    store: EventStore,
+) -> None:
+    store.record([pred("gone", NOW), pred("kept", NOW)])
+    store.append([ev("gone", NOW + DAY)], NOW)
+    due = store.due(NOW + 30 * DAY, 100)
+    store.erase("gone")
+    store.settle([p._replace(outcome=1) for p in due])  # settled after the erasure: nothing comes back
+    window = store.settled(0, NOW * 2)
+    assert window.outcomes == {"v1": [1]}
+    assert store.due(NOW * 2, 100) == []
+    assert store.backlog(NOW * 2).unsettled == 0
+    assert store.record([pred("gone", NOW)]).stored == 1  # a forgotten prediction may come back

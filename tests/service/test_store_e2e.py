@@ -145,8 +145,11 @@ def test_redis_sigkill_mid_stream_loses_no_acknowledged_write(
     unexpected: list[str] = []
     stop = threading.Event()
 
+    acked_lock = threading.Lock()  # the writer adds users while the main thread counts
+
     def n_acked() -> int:
-        return sum(map(len, acked.values()))
+        with acked_lock:
+            return sum(map(len, acked.values()))
 
     def refused_now() -> int:
         return unavailable[phase[0]]
@@ -172,7 +175,8 @@ def test_redis_sigkill_mid_stream_loses_no_acknowledged_write(
                     return
                 json_body = r.headers.get("content-type", "").startswith("application/json")
                 if r.status_code == 200:
-                    acked[user].add(e["event_id"])
+                    with acked_lock:
+                        acked[user].add(e["event_id"])
                 elif (
                     r.status_code == 503
                     and json_body
