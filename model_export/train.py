@@ -12,8 +12,10 @@ import csv
 import hashlib
 import logging
 import os
+import threading
 import time
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,11 +108,26 @@ def _weights_digest(model: torch.nn.Module) -> str:
 Scores = dict[str, dict[str, NDArray[np.float64]]]  # model -> "validation" / "test" -> probabilities
 
 
-def _baseline_scores(cfg: TrainConfig, splits: Splits, pool: Executor) -> tuple[Scores, Future[Scores]]:
+def _in_background(work: Callable[[], Scores]) -> Future[Scores]:
+    """``work`` on a daemon thread: a run stopped by an error or Ctrl-C exits without waiting for it."""
+    future: Future[Scores] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # handed to whoever waits for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="lightgbm", daemon=True).start()
+    return future
+
+
+def _baseline_scores(cfg: TrainConfig, splits: Splits) -> tuple[Scores, Future[Scores]]:
     """Validation and test probabilities of every baseline, fitted on the training customers: BG/NBD
     and the regression's now, LightGBM's to come.
 
-    LightGBM, by far the slowest, fits on ``pool``'s thread: one OpenMP thread in C++ that mostly
+    LightGBM, by far the slowest, fits on a thread of its own: one OpenMP thread in C++ that mostly
     runs without the GIL, so it takes the core the network's single torch thread leaves free. BG/NBD
     and the regression fit here first: lifetimes and sklearn swap the process-wide warning filters,
     which two threads must not do at once.
@@ -135,7 +152,7 @@ def _baseline_scores(cfg: TrainConfig, splits: Splits, pool: Executor) -> tuple[
         cores = len(os.sched_getaffinity(0))
         return {"lightgbm": {s: gbm.predict_proba(mat[s], threads=cores) for s in ("validation", "test")}}
 
-    return out, pool.submit(lightgbm)
+    return out, _in_background(lightgbm)
 
 
 @dataclass(frozen=True)
@@ -198,19 +215,18 @@ def fit(cfg: TrainConfig, tx: Transactions) -> Fitted:
         wide=cfg.wide,
     )
     y_test = splits.test.y
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightgbm") as pool:
-        scores, lightgbm = _baseline_scores(cfg, splits, pool)
-        mean, std = normalisation(splits.train)
-        started = time.perf_counter()
-        tr, va = splits.train, splits.validation
-        members = [train_member(cfg, net_cfg, tr, va, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
-        train_seconds = time.perf_counter() - started
-        ensemble = Ensemble([m.model for m in members]).eval()
-        scores = {"cln": {s: predict(ensemble, getattr(splits, s)) for s in ("validation", "test")}} | scores
-        # the bootstrap of the models scored so far, while LightGBM may still be fitting
-        test = {name: s["test"] for name, s in scores.items()}
-        replicates = metrics.bootstrap_aucs(y_test, test, cfg.bootstrap, cfg.seed)
-        scores |= lightgbm.result()
+    scores, lightgbm = _baseline_scores(cfg, splits)
+    mean, std = normalisation(splits.train)
+    started = time.perf_counter()
+    tr, va = splits.train, splits.validation
+    members = [train_member(cfg, net_cfg, tr, va, mean, std, cfg.seed + k) for k in range(cfg.seeds)]
+    train_seconds = time.perf_counter() - started
+    ensemble = Ensemble([m.model for m in members]).eval()
+    scores = {"cln": {s: predict(ensemble, getattr(splits, s)) for s in ("validation", "test")}} | scores
+    # the bootstrap of the models scored so far, while LightGBM may still be fitting
+    test = {name: s["test"] for name, s in scores.items()}
+    replicates = metrics.bootstrap_aucs(y_test, test, cfg.bootstrap, cfg.seed)
+    scores |= lightgbm.result()
     replicates |= metrics.bootstrap_aucs(
         y_test, {"lightgbm": scores["lightgbm"]["test"]}, cfg.bootstrap, cfg.seed
     )

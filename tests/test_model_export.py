@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from model_export.baselines import LightGBMRFM
 from model_export.config import PROTOCOL_DEFAULTS, TrainConfig
 from model_export.data import Transactions, end_of_day, load_transactions
 from model_export.examples import build_examples
@@ -22,7 +23,7 @@ from model_export.export import read_metadata
 from model_export.files import write_atomic
 from model_export.model import CLN, CLNConfig, CorrelationPooling, Ensemble
 from model_export.report import Report, render_markdown
-from model_export.train import latest_cutoff, make_splits, train
+from model_export.train import fit, latest_cutoff, load, make_splits, resolve_cutoff, train
 from service.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ModelMetadata
 from service.features import FeatureSpec, encode_batch
 from tests.conftest import TinyModel, run_cli, write_cdnow_slice
@@ -213,6 +214,23 @@ def test_earlier_origins_add_only_training_customers(tmp_path: Path) -> None:
             expected.append(ex.take(np.flatnonzero(np.isin(ex.user_ids, one.train.user_ids))))
         np.testing.assert_array_equal(three.train.encode(), np.concatenate([e.encode() for e in expected]))
         np.testing.assert_array_equal(three.train.y, np.concatenate([e.y for e in expected]))
+
+
+def test_a_baseline_failing_on_its_thread_fails_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LightGBM fits beside the network on a thread of its own; its error still reaches the caller."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("lightgbm broke")
+
+    monkeypatch.setattr(LightGBMRFM, "fit", broken)
+    raw = write_cdnow_slice(tmp_path / "slice.csv", 300, seed=2)
+    cfg = TrainConfig(
+        data=str(raw), epochs=1, origins=1, conv_channels=4, hidden=8, bootstrap=20, progress=False
+    )
+    with pytest.raises(RuntimeError, match="lightgbm broke"):
+        fit(resolve_cutoff(cfg, load(cfg)), load(cfg))
 
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
