@@ -147,6 +147,18 @@ class Monitor:
 
     def track(self, meta: ModelMetadata) -> None:
         """Note a version this process serves; only the most recent few keep series."""
+        s = self.settings
+        needed = meta.horizon_days + s.outcomes_window_days + s.outcomes_grace_seconds / SECONDS_PER_DAY
+        if (
+            self.recorder is not None
+            and meta.model_version not in self._models
+            and s.outcomes_retention_days < needed
+        ):
+            logger.warning(
+                "PI_OUTCOMES_RETENTION_DAYS is shorter than the model's horizon plus the outcome window: "
+                "predictions are deleted before they can count",
+                extra={"model_version": meta.model_version, "retention_days": s.outcomes_retention_days},
+            )
         with self._lock:
             self._models[meta.model_version] = meta
             self._models.move_to_end(meta.model_version)

@@ -16,6 +16,7 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -122,21 +123,36 @@ class Recorder:
         with self._lock:
             calls, self._calls = self._calls, deque()
             self._users = 0
-        kept: dict[tuple[str, str, int], Prediction] = {}
-        sampled_out = repeats = 0
-        for version, horizon_days, user_ids, as_of, probabilities, requested_at in calls:
-            days = (as_of // SECONDS_PER_DAY).tolist()
-            rows = zip(user_ids, days, as_of.tolist(), probabilities.tolist(), strict=True)
-            for user_id, day, t, p in rows:
-                if not (self._all or self._sampled(user_id)):
-                    sampled_out += 1
-                    continue
-                key = (user_id, version, day)
-                if key in kept:
-                    repeats += 1
-                else:
-                    kept[key] = Prediction(user_id, version, t, horizon_days, p, requested_at)
-        return Drained(list(kept.values()), sampled_out, repeats)
+        if not calls:
+            return Drained([], 0, 0)
+        # one flat row per user, in arrival order, built by C loops (zip, repeat, tolist)
+        users: list[str] = []
+        versions: list[str] = []
+        horizons: list[int] = []
+        times: list[float] = []
+        for version, horizon_days, user_ids, _, _, requested_at in calls:
+            n = len(user_ids)
+            users += user_ids
+            versions += repeat(version, n)
+            horizons += repeat(horizon_days, n)
+            times += repeat(requested_at, n)
+        as_of_array = np.concatenate([call.as_of for call in calls])
+        as_of = as_of_array.tolist()
+        days = (as_of_array // SECONDS_PER_DAY).tolist()
+        probabilities = np.concatenate([call.probabilities for call in calls]).tolist()
+        # the first row of each user, version and day: built from the last row back, a dict ends up
+        # holding each key's first index
+        keys = list(zip(users, versions, days, strict=True))
+        first = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1), strict=True))
+        kept = sorted(first.values())
+        sampled_out = 0
+        if not self._all:  # a user is in or out on every row, so sampling the first rows is enough
+            sampled_out = sum(1 for user in users if not self._sampled(user))
+            kept = [i for i in kept if self._sampled(users[i])]
+        predictions = [
+            Prediction(users[i], versions[i], as_of[i], horizons[i], probabilities[i], times[i]) for i in kept
+        ]
+        return Drained(predictions, sampled_out, len(users) - sampled_out - len(kept))
 
 
 @dataclass(frozen=True)

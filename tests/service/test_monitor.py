@@ -326,3 +326,18 @@ def test_compaction_keeps_the_raw_purchases_recorded_predictions_wait_for(tmp_pa
     assert horizon(now, short, SPEC, outcome_days(short, 91))[0] == 20_000 - 93
     off = settings_for(tmp_path, store_retention_days=30, outcomes=False)
     assert horizon(now, off, SPEC, outcome_days(off, 91))[0] == 20_000 - 56  # the lookback decides
+
+
+def test_a_retention_shorter_than_horizon_and_window_is_called_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.monitor import Monitor
+
+    monitor = Monitor(settings_for(tmp_path, outcomes_retention_days=20), CollectorRegistry())
+    with caplog.at_level("WARNING", logger="service.monitor"):
+        monitor.track(make_metadata(version="short"))  # a 28-day horizon and a 28-day window
+        monitor.track(make_metadata(version="short"))
+    assert [r.getMessage() for r in caplog.records].count(
+        "PI_OUTCOMES_RETENTION_DAYS is shorter than the model's horizon plus the outcome window: "
+        "predictions are deleted before they can count"
+    ) == 1
