@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     """Most time one store call may wait (Redis socket timeout, SQLite lock wait); past it the
     request is a 503 ``store_unavailable``."""
 
+    store_erase_persist_seconds: float = Field(default=60.0, gt=0)
+    """Most time ``DELETE /users/{user_id}`` waits, on Redis, for the append-only file rewrite (and
+    snapshot, if configured) that drops the erased user from disk; past it the answer is a 503
+    ``store_unavailable`` and a retry repeats the rewrite. Grows with the store's size."""
+
     store_threads: int = Field(default=4, ge=1)
     """Worker threads for event writes and the admin history endpoints (reads for predictions use
     the prediction threads, ``PI_BATCH_THREADS``)."""

@@ -154,8 +154,10 @@ async def user_events(
     responses=errors_doc(*_ERRORS),
     openapi_extra={"security": [{"bearer": []}]},
     summary="Forget a user (erasure)",
-    description="Deletes the user's raw events and compacted counters. Idempotent: erasing an "
-    "unknown user answers 200 with `deleted_events: 0`.",
+    description="Deletes the user's raw events, compacted counters and recorded predictions, and "
+    "answers once no file of the store holds them any more (SQLite: secure delete and a WAL "
+    "checkpoint; Redis: an append-only-file rewrite and, if snapshots are configured, a snapshot). "
+    "Idempotent: erasing an unknown user answers 200 with `deleted_events: 0`.",
 )
 async def erase_user(request: Request, ctx: Context, user_id: UserId) -> Response:
     if user_id.endswith("/events") and request.scope.get("raw_path", b"").endswith(b"/events"):
@@ -164,6 +166,8 @@ async def erase_user(request: Request, ctx: Context, user_id: UserId) -> Respons
         raise HTTPException(405, headers={"Allow": "GET"})
     authorise(request, ctx)
     store, _ = require_store(ctx)
-    deleted = await in_store_thread(ctx, lambda: store.erase(user_id))
+    monitor = ctx.monitor
+    erase = (lambda: monitor.erase(store, user_id)) if monitor is not None else (lambda: store.erase(user_id))
+    deleted = await in_store_thread(ctx, erase)
     body = ErasureResponse(user_id=user_id, deleted_events=deleted)
     return Response(body.model_dump_json(), media_type="application/json")

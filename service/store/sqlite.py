@@ -135,6 +135,9 @@ class SQLiteStore:
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            # deleted rows overwritten with zeros, not left in free space (erasure); some builds
+            # default to it, this makes it so everywhere
+            conn.execute("PRAGMA secure_delete = ON")
         except BaseException:
             conn.close()
             raise
@@ -270,7 +273,19 @@ class SQLiteStore:
             deleted = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
             conn.execute("DELETE FROM folded WHERE user_id = ?", (user_id,))
             conn.execute("DELETE FROM predictions WHERE user_id = ?", (user_id,))
+        self._checkpoint()
         return int(deleted)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it: the erased rows' older page images
+        live in the WAL until then. Waits for readers (busy_timeout); if one still holds an old
+        snapshot, the erasure is reported as failed, so the caller retries rather than trusting it."""
+        with self._write_lock:
+            busy, _, _ = self._writer_conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError(
+                "WAL checkpoint blocked by a reader: erased rows may remain in the WAL"
+            )
 
     def compact(self, before_day: int, ingested_before: float) -> Compacted:
         params = {"before_day": before_day, "ingested_before": ingested_before}
