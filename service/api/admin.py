@@ -8,17 +8,19 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.body import check_content_type, parse_json
-from service.api.deps import Context, authorise
+from service.api.deps import Context, scoped
 from service.api.openapi import errors_doc, json_body
 from service.errors import ModelRejectedError
 from service.lifecycle import reload_model
 from service.schemas import ReloadRequest, ReloadResponse
+from service.scopes import ADMIN
 
 router = APIRouter(tags=["admin"])
 
 
 @router.post(
     "/admin/reload",
+    dependencies=[scoped(ADMIN)],
     response_model=ReloadResponse,
     responses=errors_doc(
         400,
@@ -47,7 +49,6 @@ router = APIRouter(tags=["admin"])
     "it. A file that fails any step is refused and the old model keeps serving.",
 )
 async def reload(request: Request, ctx: Context) -> Response:
-    authorise(request, ctx)
     body = await request.body()
     target = ReloadRequest()
     if body:  # none at all; anything else is JSON, as on every route

@@ -7,15 +7,17 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from service.api.deps import Context, require_model
+from service.api.deps import Context, require_model, scoped
 from service.api.openapi import errors_doc
 from service.schemas import ModelResponse, RuntimeResponse
+from service.scopes import PREDICT
 
 router = APIRouter(tags=["model"])
 
 
 @router.get(
     "/v1/model",
+    dependencies=[scoped(PREDICT)],
     response_model=ModelResponse,
     responses=errors_doc((503, "No model loaded yet.")),
     summary="The served model's metadata",

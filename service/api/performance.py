@@ -12,11 +12,12 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from service.api.deps import Context
+from service.api.deps import Context, scoped
 from service.api.openapi import errors_doc
 from service.errors import ErrorDetail, UnknownModelVersionError
 from service.monitor import Monitor, offline_metrics, report_versions
 from service.quality import Quality
+from service.scopes import METRICS
 
 router = APIRouter(tags=["model"])
 
@@ -195,6 +196,7 @@ def _model(monitor: Monitor, version: str, served: str | None) -> ModelPerforman
 
 @router.get(
     "/v1/model/performance",
+    dependencies=[scoped(METRICS)],
     response_model=PerformanceResponse,
     responses=errors_doc(
         (
