@@ -23,7 +23,7 @@ from service.api import admin, batch, events, health, model, performance, predic
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
-from service.api.openapi import publish_request_schemas
+from service.api.openapi import publish_request_schemas, route_scopes
 from service.auth import Access
 from service.batching import Batcher
 from service.config import Settings
@@ -219,6 +219,10 @@ def create_app(
         app,
         (PredictRequest, BatchPredictRequest, ColumnarPredictRequest, ReloadRequest, events.EventsRequest),
         bearer=admin_enabled,
+        scopes=(lambda: {op: access.requires(s) for op, s in route_scopes(app.routes).items()})
+        if access.enabled
+        else None,
+        rate_limited=frozenset(settings.rate_limits),
         # more users than this is a 413, more events (one user's, or one /events body) a 422
         list_limits=(
             (BatchPredictRequest, "users", settings.max_batch_users),
