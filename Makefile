@@ -136,6 +136,7 @@ lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/bandit -c pyproject.toml -r service model_export bench -q
 
 format: $(VENV)/.stamp-dev
 	$(BIN)/ruff format .

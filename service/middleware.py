@@ -35,7 +35,7 @@ CLIENT_CLOSED = 499
 
 #: Request ids need to be unique, not secret: 128 bits from a PRNG seeded once from the OS, not a
 #: getrandom syscall per request as uuid4() makes.
-_IDS = random.Random(os.urandom(32))
+_IDS = random.Random(os.urandom(32))  # nosec B311
 
 
 def _request_id(scope: Scope) -> str:
