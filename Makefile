@@ -119,6 +119,13 @@ BENCH_TRAIN_SCALE_ARGS ?= --today-wall-s 480
 bench-train-scale: $(VENV)/.stamp-train
 	$(BIN)/python -m bench.train_scale $(BENCH_TRAIN_SCALE_ARGS)
 
+# Scoped tokens on against off at 64 connections, and a rate limit's accuracy under wrk load
+# (bench/README.md, "Tokens and rate limits"). E.g. make bench-auth BENCH_AUTH_ARGS='--rate 200'.
+BENCH_AUTH_ARGS ?=
+.PHONY: bench-auth
+bench-auth: $(VENV)/.stamp-dev system-deps $(filter $(MODEL),$(BENCH_MODEL))
+	$(BIN)/python -m bench.auth --model $(BENCH_MODEL) $(BENCH_AUTH_ARGS)
+
 # Everything, end-to-end tests included: what CI runs.
 test: $(VENV)/.stamp-dev system-deps
 	$(BIN)/python -m pytest

@@ -340,3 +340,16 @@ def test_an_audit_key_makes_the_user_hash_keyed(tmp_path: Path) -> None:
     assert plain.hash_user("u") == hashlib.sha256(b"u").hexdigest()[:32]
     assert keyed.hash_user("u") != plain.hash_user("u")
     assert len(keyed.hash_user("u")) == 32
+
+
+def test_the_scope_follows_a_request_into_its_worker_thread(tmp_path: Path) -> None:
+    # every body is "large": parsed, read and scored in a worker thread, which inherits the caller
+    app = make_app(tmp_path, inline_max_body_bytes=1)
+    with TestClient(app, raise_server_exceptions=False) as api:
+        wait_ready(api)
+        body = {"events": [{"user_id": "u-7", **e} for e in HISTORY]}
+        assert api.post("/events", json=body, headers=bearer(INGEST)).status_code == 200
+        by_id = {"user_id": "u-7", "as_of": AS_OF}
+        assert api.post("/predict", json=by_id, headers=bearer(PREDICT)).status_code == 403
+        assert api.post("/predict", json=by_id, headers=bearer(PREDICT_STORED)).status_code == 200
+        assert api.post("/predict/batch", json={"users": [by_id]}, headers=bearer(PREDICT)).status_code == 403
