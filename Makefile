@@ -54,6 +54,14 @@ gpu-env: $(VENV)/.stamp-dev
 	$(BIN)/pip uninstall --quiet -y onnxruntime onnxruntime-gpu
 	$(BIN)/pip install --quiet --no-deps 'onnxruntime-gpu==$(ORT_GPU_VERSION)'
 
+# On a machine with an NVIDIA GPU: every node on CUDA (onnxruntime's profile), answers within 1e-5
+# of the CPU's (onnxruntime and the service), then `make bench` on the GPU, its table appended to
+# bench/README.md ("GPU runs"). E.g. make gpu-check GPU_CHECK_ARGS="--bench-args '--duration 5s'".
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: gpu-env system-deps $(MODEL)
+	$(BIN)/python -m bench.gpu_check --model $(MODEL) $(GPU_CHECK_ARGS)
+
 # The served model is the production one: the out-of-time protocol at the latest cutoff the 13-week
 # horizon allows (fitted on features at 1997-12-30 with labels up to 1998-03-31, judged on the last 13
 # weeks of CDNOW). Its report quotes the rolling backtest as the estimate of how it will do: the last
