@@ -78,7 +78,9 @@ def _score_one(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_
     return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
 
 
-async def _submit(batcher: Batcher, served: LoadedModel, columns: EventColumns) -> NDArray[np.float32]:
+async def submit_to_batcher(
+    batcher: Batcher, served: LoadedModel, columns: EventColumns
+) -> NDArray[np.float32]:
     try:
         return await batcher.submit(served, columns)
     except QueueFullError as exc:
@@ -87,7 +89,7 @@ async def _submit(batcher: Batcher, served: LoadedModel, columns: EventColumns) 
         raise NotReadyError(str(exc)) from None
 
 
-async def _no_other_requests(ctx: AppContext) -> bool:
+async def no_other_requests(ctx: AppContext) -> bool:
     """No other prediction request is in progress: nobody to batch with, so skip the batcher's
     queue and its consumer task (two task switches). One turn of the loop first: requests whose
     bytes arrived together start in that turn and count as in progress, so a burst is batched.
@@ -118,10 +120,10 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
         except StoreReadNeeded:  # no gathering reader: parse, read and score in a worker, alone
             return await offload(ctx, _score_one, served, body, deadline)
     _check_one(columns)
-    if ctx.batcher is None or await _no_other_requests(ctx):
+    if ctx.batcher is None or await no_other_requests(ctx):
         probabilities = ctx.scorer.score(served.predictor, columns)
     else:
-        probabilities = await _submit(ctx.batcher, served, columns)
+        probabilities = await submit_to_batcher(ctx.batcher, served, columns)
     return _answer_one(served, user.user_id, float(probabilities[0]))
 
 
