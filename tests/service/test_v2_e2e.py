@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -331,3 +332,37 @@ def test_v2_requests_are_counted_by_route_and_probes_not_logged(server: ServiceP
     paths = {line.get("path") for line in server.log_lines()}
     assert "/v2/health/ready" not in paths
     assert f"/v2/models/{HISTORIES}/infer" in paths
+
+
+def _queued(server: ServiceProcess) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("purchase_intent_batch_queue_duration_seconds_count"):
+            return float(line.split()[-1])
+    raise AssertionError("no queue histogram")
+
+
+def test_concurrent_small_requests_share_the_micro_batcher_and_keep_their_answers(
+    server: ServiceProcess,
+) -> None:
+    """Small V2 bodies arriving together are scored in shared micro-batches, as small /predict
+    calls are; each still gets exactly its own users' float32."""
+    requests = [_histories(100 + i, 3) for i in range(24)]
+    expected = [_batch_answer(server, columns)["probability"] for columns in requests]
+    before = _queued(server)
+    url = f"{server.url}/v2/models/{HISTORIES}/infer"
+
+    def send(columns: dict[str, NDArray[Any]]) -> list[float]:
+        with httpx.Client(timeout=30) as c:
+            outs = []
+            for _ in range(5):
+                r = c.post(url, json={"inputs": _json_tensors(columns)})
+                assert r.status_code == 200, r.text
+                outs.append(r.json()["outputs"][0]["data"])
+            assert all(o == outs[0] for o in outs)
+            return list(outs[0])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(send, requests))
+    for got, want in zip(answers, expected, strict=True):
+        assert np.array_equal(_bits(got), _bits(want))
+    assert _queued(server) > before
