@@ -129,7 +129,7 @@ OPERATIONS = [
     ("GET", "/v2/models/{name}/versions/{version}", GenerationMode.POSITIVE),
     ("GET", "/v2/models/{name}/ready", GenerationMode.POSITIVE),
     ("GET", "/v2/models/{name}/versions/{version}/ready", GenerationMode.POSITIVE),
-    *((("POST", path, mode) for path in V2_INFER for mode in GenerationMode)),
+    *(("POST", path, mode) for path in V2_INFER for mode in GenerationMode),
 ]
 ROUTES = list(dict.fromkeys((method, path) for method, path, _ in OPERATIONS))
 
