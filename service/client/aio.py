@@ -18,6 +18,7 @@ from service.client.models import (
     Prediction,
     Predictions,
     Readiness,
+    Reloaded,
     Stored,
     StoredEvent,
     User,
@@ -82,6 +83,10 @@ class AsyncClient:
 
     async def send_events(self, events: Sequence[StoredEvent]) -> Stored:
         return wire.read_stored(await self._json(wire.events_call(events)))
+
+    async def reload(self, model_path: str | None = None) -> Reloaded:
+        """Hot-swap the served model (admin token needed); ``None``: reload the configured file."""
+        return wire.read_reloaded(await self._json(wire.reload_call(model_path)))
 
     async def model_info(self) -> ModelInfo:
         return wire.read_model(await self._json(Call("GET", "/v1/model")))

@@ -130,3 +130,12 @@ class ModelInfo:
     horizon_days: int
     feature_spec: dict[str, Any]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """``POST /admin/reload``: the model now serving and the one it replaced."""
+
+    model_version: str
+    previous_version: str | None
+    load_seconds: float

@@ -17,6 +17,7 @@ from service.client.models import (
     Prediction,
     Predictions,
     Readiness,
+    Reloaded,
     Stored,
     StoredEvent,
     User,
@@ -85,6 +86,10 @@ class Client:
 
     def send_events(self, events: Sequence[StoredEvent]) -> Stored:
         return wire.read_stored(self._json(wire.events_call(events)))
+
+    def reload(self, model_path: str | None = None) -> Reloaded:
+        """Hot-swap the served model (admin token needed); ``None``: reload the configured file."""
+        return wire.read_reloaded(self._json(wire.reload_call(model_path)))
 
     def model_info(self) -> ModelInfo:
         return wire.read_model(self._json(Call("GET", "/v1/model")))

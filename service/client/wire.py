@@ -16,6 +16,7 @@ from service.client.models import (
     Prediction,
     Predictions,
     Readiness,
+    Reloaded,
     Stored,
     StoredEvent,
     User,
@@ -121,6 +122,15 @@ def events_call(events: Sequence[StoredEvent]) -> Call:
             row["event_id"] = e.event_id
         rows.append(row)
     return Call("POST", "/events", _dumps({"events": rows}), JSON)
+
+
+def reload_call(model_path: str | None) -> Call:
+    body = {} if model_path is None else {"model_path": model_path}
+    return Call("POST", "/admin/reload", _dumps(body), JSON)
+
+
+def read_reloaded(body: dict[str, Any]) -> Reloaded:
+    return Reloaded(body["model_version"], body.get("previous_version"), body["load_seconds"])
 
 
 def read_prediction(body: dict[str, Any]) -> Prediction:
