@@ -184,6 +184,24 @@ def test_a_503_is_retried_after_retry_after(tmp_path: Path, model: Path) -> None
                 answer = client.predict(user)
             assert time.monotonic() - started >= 1.0  # it waited the server's Retry-After
             assert 0.0 <= answer.probability <= 1.0
+            thread.join(30)
+
+            # the async client: the same, awaited
+            thread, release = _hold_the_only_slot(server.url)
+            time.sleep(0.2)
+
+            async def retried() -> float:
+                async with AsyncClient(server.url, retry=NO_RETRY) as once:
+                    with pytest.raises(UnavailableError):
+                        await once.predict(user)
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.3, release.set)
+                async with AsyncClient(server.url, retry=Retry(attempts=3, backoff_s=0.01)) as client:
+                    return (await client.predict(user)).probability
+
+            started = time.monotonic()
+            assert asyncio.run(retried()) == answer.probability
+            assert time.monotonic() - started >= 1.0
         finally:
             release.set()
             thread.join(30)
