@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -177,6 +178,11 @@ def test_a_503_is_retried_after_retry_after(tmp_path: Path, model: Path) -> None
                 client.predict(user)
             assert shed.value.code == "overloaded"
             assert shed.value.retry_after == 1.0
+            # V2 inference counts against the same limit
+            v2 = httpx.post(f"{server.url}/v2/models/purchase-intent/infer", json={"inputs": []})
+            assert v2.status_code == 503
+            assert v2.headers["retry-after"] == "1"
+            assert v2.json()["error"] == "overloaded"
             # freed while the client waits out Retry-After: its second attempt goes through
             threading.Timer(0.3, release.set).start()
             started = time.monotonic()
