@@ -64,10 +64,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep bodies, Lua scripts and server logs here")
     parser.add_argument(
         "--only",
-        choices=("predict", "monitoring"),
+        choices=("predict", "monitoring", "v2"),
         help="predict: only the /predict phases (raw onnxruntime batch 1, constant FastAPI, "
         "the service with and without micro-batching), for a quick A/B; monitoring: only /predict "
-        "with model monitoring on and off",
+        "with model monitoring on and off; v2: only the columnar /predict/batch against V2 "
+        "inference (JSON and binary tensors) of the same users",
     )
     parser.add_argument(
         "--monitoring-rounds",

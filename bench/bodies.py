@@ -8,6 +8,7 @@ encode, score.
 from __future__ import annotations
 
 import json
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -113,3 +114,49 @@ def arrow_body(users: int = BATCH_USERS, events: int = EVENTS_PER_USER, seed: in
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return bytes(sink.getvalue())
+
+
+#: The V2 (Open Inference Protocol) model that takes histories as columns, and its infer route.
+V2_PATH = "/v2/models/purchase-intent/infer"
+_V2_DATATYPES = {
+    "user_id": "BYTES",
+    "offsets": "INT64",
+    "timestamp": "INT64",
+    "amount": "FP64",
+    "quantity": "INT64",
+    "as_of": "INT64",
+}
+
+
+def v2_body(users: int = BATCH_USERS, events: int = EVENTS_PER_USER, seed: int = 0) -> bytes:
+    """The :func:`batch_body` users as a V2 JSON inference request: the columns as tensors."""
+    c = _columns(users, events, seed)
+    inputs = [
+        {"name": name, "shape": [len(c[name])], "datatype": kind, "data": c[name]}
+        for name, kind in _V2_DATATYPES.items()
+    ]
+    return json.dumps({"inputs": inputs}).encode()
+
+
+def v2_binary_body(
+    users: int = BATCH_USERS, events: int = EVENTS_PER_USER, seed: int = 0
+) -> tuple[bytes, int]:
+    """The same request in Triton's binary tensor extension, as tritonclient sends it by default:
+    the body and the length of its JSON part (the ``Inference-Header-Content-Length`` header)."""
+    c = _columns(users, events, seed)
+    raw = {
+        "user_id": b"".join(struct.pack("<I", len(u)) + u.encode() for u in c["user_id"]),
+        "amount": np.asarray(c["amount"], dtype="<f8").tobytes(),
+        **{k: np.asarray(c[k], dtype="<i8").tobytes() for k in ("offsets", "timestamp", "quantity", "as_of")},
+    }
+    inputs = [
+        {
+            "name": name,
+            "shape": [len(c[name])],
+            "datatype": kind,
+            "parameters": {"binary_data_size": len(raw[name])},
+        }
+        for name, kind in _V2_DATATYPES.items()
+    ]
+    head = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
+    return head + b"".join(raw[name] for name in _V2_DATATYPES), len(head)

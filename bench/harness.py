@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import struct
 import sys
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import bodies, floors, machine, processes, wrk
+from bench.bodies import V2_PATH
 from bench.report import (
     BY_ID_PATH,
     MONITORED_SERVER,
@@ -223,12 +225,13 @@ def _load(
             say,
         )
     )
-    # the bulk formats exist on the service only: their floor is raw onnxruntime
-    for body in ("columns", "arrow") if bulk else ():
+    # the bulk formats exist on the service only: their floor is raw onnxruntime, and the V2
+    # bodies' the columnar one
+    for body in _BULK if bulk else ():
         phases.append(
             _http_phase(
                 server,
-                "/predict/batch",
+                V2_PATH if body.startswith("v2") else "/predict/batch",
                 scripts[body],
                 options.batch_connections,
                 options.batch_users,
@@ -238,6 +241,40 @@ def _load(
             )
         )
     return phases
+
+
+_BULK = ("columns", "arrow", "v2", "v2_binary")
+
+
+def _v2_probabilities(answer: bytes, json_length: int | None = None) -> list[float]:
+    if json_length is None:
+        outputs = json.loads(answer)["outputs"]
+        return list(next(o for o in outputs if o["name"] == "probability")["data"])
+    head = json.loads(answer[:json_length])
+    size = head["outputs"][0]["parameters"]["binary_data_size"]
+    raw = answer[json_length : json_length + size]
+    return list(struct.unpack(f"<{size // 4}f", raw))
+
+
+def _check_v2(url: str, columns: bytes, v2: bytes, v2_binary: tuple[bytes, int]) -> None:
+    """The V2 bodies answer what the columnar body answers, to the bit: else their rows would
+    compare different work."""
+    expected = json.loads(_check_answers(url + "/predict/batch", columns, "service"))["columns"][
+        "probability"
+    ]
+    got = _v2_probabilities(_check_answers(url + V2_PATH, v2, "service V2 JSON"))
+    body, length = v2_binary
+    request = urllib.request.Request(
+        url + V2_PATH,
+        data=body,
+        method="POST",
+        headers={"Inference-Header-Content-Length": str(length), "Content-Type": "application/octet-stream"},
+    )
+    # http://127.0.0.1: a server this bench started
+    with urllib.request.urlopen(request, timeout=30) as response:  # nosec B310
+        binary = _v2_probabilities(response.read(), int(response.headers["Inference-Header-Content-Length"]))
+    if not expected == got == binary:
+        raise BenchError("the V2 answers differ from the columnar /predict/batch answer for the same users")
 
 
 def _service_env() -> dict[str, str]:
@@ -361,6 +398,17 @@ def run(options: Options, say: Say) -> Report:
     arrow_body = bodies.arrow_body(options.batch_users, options.events)
     (workdir / "arrow.bin").write_bytes(arrow_body)
     scripts["arrow"] = wrk.write_post_script(workdir / "arrow.lua", workdir / "arrow.bin", ARROW_MEDIA_TYPE)
+    v2_body = bodies.v2_body(options.batch_users, options.events)
+    (workdir / "v2.json").write_bytes(v2_body)
+    scripts["v2"] = wrk.write_post_script(workdir / "v2.lua", workdir / "v2.json")
+    v2_binary = bodies.v2_binary_body(options.batch_users, options.events)
+    (workdir / "v2.bin").write_bytes(v2_binary[0])
+    scripts["v2_binary"] = wrk.write_post_script(
+        workdir / "v2_binary.lua",
+        workdir / "v2.bin",
+        "application/octet-stream",
+        {"Inference-Header-Content-Length": str(v2_binary[1])},
+    )
 
     # The same settings the service builds from the same environment (PI_* variables apply to both).
     settings = Settings(model_path=options.model)
@@ -372,7 +420,7 @@ def run(options: Options, say: Say) -> Report:
     floor_users = [[PredictRequest.model_validate_json(predict_body)]]
     if options.phases == "all":
         floor_users.append(BatchPredictRequest.model_validate_json(batch_body).users)
-    if options.phases == "monitoring":
+    if options.phases in ("monitoring", "v2"):
         floor_users = []
     reference = session.metadata.score_reference is not None
     version = session.metadata.model_version
@@ -392,6 +440,12 @@ def run(options: Options, say: Say) -> Report:
         none = Memory(0.0, 0.0, 0)
         return _report(
             options, settings, facts, started_at, floor_provider, ready, ort_floors, phases, none, only
+        )
+
+    if options.phases == "v2":
+        phases, memory, ready = _measure_v2(scripts, columns_body, v2_body, v2_binary, options, say)
+        return _report(
+            options, settings, facts, started_at, floor_provider, ready, ort_floors, phases, memory, None
         )
 
     port = processes.free_port()
@@ -419,6 +473,7 @@ def run(options: Options, say: Say) -> Report:
             _check_answers(service.url + "/predict/batch", batch_body, "service")
             _check_answers(service.url + "/predict/batch", columns_body, "service")
             _check_answers(service.url + "/predict/batch", arrow_body, "service", ARROW_MEDIA_TYPE)
+            _check_v2(service.url, columns_body, v2_body, v2_binary)
             # the same user's history in the event store: /predict by user id next to inline events
             _check_answers(service.url + "/events", bodies.events_body(options.events), "service")
             (workdir / "by_id.json").write_bytes(bodies.by_id_body())
@@ -445,6 +500,41 @@ def run(options: Options, say: Say) -> Report:
     return _report(
         options, settings, facts, started_at, floor_provider, ready, ort_floors, http, memory, check
     )
+
+
+def _measure_v2(
+    scripts: dict[str, Path],
+    columns_body: bytes,
+    v2_body: bytes,
+    v2_binary: tuple[bytes, int],
+    options: Options,
+    say: Say,
+) -> tuple[list[HttpPhase], Memory, dict[str, object]]:
+    """``--only v2``: the columnar ``/predict/batch`` and the V2 bodies of the same users, one server."""
+    service = _start_service("service", options, {"PI_STORE_PATH": str(options.workdir / "events.sqlite3")})
+    with _running(service, say):
+        # http://127.0.0.1: a server this bench started
+        with urllib.request.urlopen(service.url + "/readyz", timeout=5) as response:  # nosec B310
+            ready = json.loads(response.read())
+        _check_v2(service.url, columns_body, v2_body, v2_binary)
+        phases = []
+        with processes.RssSampler(pid=service.process.pid) as rss:
+            for body in ("columns", "v2", "v2_binary"):
+                path = V2_PATH if body.startswith("v2") else "/predict/batch"
+                phases.append(
+                    _http_phase(
+                        service,
+                        path,
+                        scripts[body],
+                        options.batch_connections,
+                        options.batch_users,
+                        options,
+                        say,
+                        body=body,
+                    )
+                )
+            memory = Memory((rss.high_water_mark_kib() or 0) / 1024, rss.peak_kib / 1024, rss.samples)
+    return phases, memory, ready
 
 
 def _report(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from bench.bodies import V2_PATH
 from bench.floors import OrtFloor
 from bench.machine import Machine
 
@@ -26,10 +27,19 @@ TARGET_BATCH_RATIO = 0.25
 TARGET_COLUMNS_RATIO = 0.4
 TARGET_ARROW_RATIO = 0.6
 #: /predict/batch body formats: rows (the JSON objects), columnar JSON, Arrow IPC stream.
-BODY_LABELS = {"rows": "JSON rows", "columns": "columnar JSON", "arrow": "Arrow IPC"}
+BODY_LABELS = {
+    "rows": "JSON rows",
+    "columns": "columnar JSON",
+    "arrow": "Arrow IPC",
+    "v2": "V2 JSON",
+    "v2_binary": "V2 binary tensors",
+}
 _BATCH_KEYS = {"rows": "batch", "columns": "batch_columns", "arrow": "batch_arrow"}
 _BATCH_TARGETS = {"rows": TARGET_BATCH_RATIO, "columns": TARGET_COLUMNS_RATIO, "arrow": TARGET_ARROW_RATIO}
 TARGET_PEAK_RSS_MB = 300.0
+#: V2 inference (``V2_PATH``) users/s over the columnar JSON ``/predict/batch``'s, same users, same run.
+TARGET_V2_RATIO = 0.9
+_V2_KEYS = {"v2": "v2_vs_columns", "v2_binary": "v2_binary_vs_columns"}
 #: A micro-batching ratio closer to 1 than this is no win either way on a shared 2-core machine
 #: (interleaved A/B rounds there differ by a few per cent).
 MICROBATCH_TIE = 0.05
@@ -39,7 +49,7 @@ TARGET_MONITORING_RATIO_64 = 0.95
 
 #: Which phases a run measures: all, only those of ``/predict`` (``--only predict``), or only the
 #: monitoring comparison (``--only monitoring``).
-Phases = Literal["all", "predict", "monitoring"]
+Phases = Literal["all", "predict", "monitoring", "v2"]
 #: The second service process, started with ``PI_MICROBATCH=false`` for ``/predict`` only.
 UNBATCHED_SERVER = "service-unbatched"
 #: The servers of the monitoring comparison: outcome recording and drift on, and both off.
@@ -174,6 +184,10 @@ def ratios(report: Report) -> dict[str, float]:
             inline = _find(report.http, "service", "/predict", phase.connections)
             if inline is not None and inline.requests_per_s > 0:
                 out[f"by_id_c{phase.connections}"] = phase.requests_per_s / inline.requests_per_s
+        elif phase.path == V2_PATH:
+            columns = _find(report.http, "service", "/predict/batch", body="columns")
+            if columns is not None and columns.users_per_s > 0:
+                out[_V2_KEYS[phase.body]] = phase.users_per_s / columns.users_per_s
         elif phase.path == "/predict/batch":
             ort_floor = _ort(report, phase.users_per_request)
             if ort_floor is not None and ort_floor.users_per_s > 0:
@@ -223,6 +237,8 @@ def targets(report: Report) -> dict[str, bool]:
     for body, key in _BATCH_KEYS.items():
         if key in r:
             out[f"{key}_ratio"] = r[key] >= _BATCH_TARGETS[body]
+    if "v2_vs_columns" in r:
+        out["v2_vs_columns_ratio"] = r["v2_vs_columns"] >= TARGET_V2_RATIO
     if "monitoring_c64" in r:
         out["monitoring_c64_ratio"] = r["monitoring_c64"] >= TARGET_MONITORING_RATIO_64
     # the target is about the whole benchmark's load, bulk bodies included
@@ -283,6 +299,10 @@ def rows(report: Report) -> list[Row]:
                 )
         elif phase.path == BY_ID_PATH and f"by_id_c{phase.connections}" in r:
             ratio = f"{r[f'by_id_c{phase.connections}']:.2f} x inline events (history in SQLite)"
+        elif phase.path == V2_PATH and _V2_KEYS[phase.body] in r:
+            ratio = f"{r[_V2_KEYS[phase.body]]:.2f} x columnar JSON /predict/batch"
+            if "v2_vs_columns_ratio" in met and phase.body == "v2":
+                target = f"≥ {TARGET_V2_RATIO}x: {_verdict(met['v2_vs_columns_ratio'])}"
         elif phase.path == "/predict/batch" and _BATCH_KEYS[phase.body] in r:
             key = _BATCH_KEYS[phase.body]
             ratio = f"{r[key]:.3f} x raw onnxruntime batch {phase.users_per_request}"
@@ -316,7 +336,9 @@ def rows(report: Report) -> list[Row]:
             "",
             f"≤ {TARGET_PEAK_RSS_MB:.0f} MB: {_verdict(met['peak_rss'])}"
             if "peak_rss" in met
-            else "not judged: /predict phases only",
+            else "not judged: /predict phases only"
+            if report.settings.phases == "predict"
+            else "not judged: a partial run",
         )
     )
     for phase in report.http:
@@ -443,6 +465,8 @@ def _microbatch_line(s: RunSettings) -> str:
         line = f"service micro-batching off ({source}), so no second service without it"
     if s.phases == "monitoring":
         return "the monitoring comparison only (--only monitoring)"
+    if s.phases == "v2":
+        return "the V2 comparison only (--only v2): columnar JSON /predict/batch against V2 inference"
     return line + ("; /predict phases only (--only predict)" if s.phases == "predict" else "")
 
 

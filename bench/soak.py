@@ -2,7 +2,7 @@
 
     python -m bench.soak [--seconds 180] [--clients 4] [--model PATH]     (or: make soak)
 
-Single and batch predictions (rows, columnar JSON, Arrow), every kind of bad request, probes,
+Single and batch predictions (rows, columnar JSON, Arrow, V2 inference), every kind of bad request, probes,
 scrapes and a model hot swap every few seconds. Model monitoring runs as by default: each
 prediction names a new user, so outcome recording writes to the event store all along; purchases
 stored by ``POST /events``, some of them after the horizon, move the event clock, so the outcome
@@ -16,79 +16,67 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from service.client import NO_RETRY, ApiError, Client, Columns, Event, StoredEvent, User, wire
+from service.client.arrow import stream_of
+from service.client.wire import Call
 from service.drift import ScoreReference
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
-from tests.service.processes import start_service, wait_until
+from tests.service.processes import start_service
 
 # the admin token of a throwaway local server
 TOKEN = "soak-token"  # nosec B105
-_EVENT = {"timestamp": "1997-09-01T00:00:00Z", "amount": 10.0, "quantity": 2}
-J = {"Content-Type": "application/json"}
+AS_OF = "1997-09-30T00:00:00Z"
+J = "application/json"
 
 
-def _user(rng: random.Random, i: int) -> dict[str, Any]:
+def _user(rng: random.Random, i: int) -> User:
     # varied histories, so batches and features take many shapes (arena growth would show); a new
     # user id each time, so outcome recording writes every prediction
     events = [
-        {**_EVENT, "timestamp": f"1997-{rng.randint(1, 9):02d}-{rng.randint(1, 28):02d}T00:00:00Z"}
+        Event(f"1997-{rng.randint(1, 9):02d}-{rng.randint(1, 28):02d}T00:00:00Z", 10.0, 2)
         for _ in range(rng.randint(0, 40))
     ]
-    return {"user_id": f"u-{i}-{rng.randrange(10**12)}", "as_of": "1997-09-30T00:00:00Z", "events": events}
+    return User(f"u-{i}-{rng.randrange(10**12)}", events, AS_OF)
 
 
-def _purchases(rng: random.Random) -> dict[str, Any]:
+def _users(rng: random.Random) -> list[User]:
+    return [_user(rng, i) for i in range(rng.randint(1, 200))]
+
+
+def _purchases(rng: random.Random) -> list[StoredEvent]:
     """Purchases of a few known users, some after the synthetic models' 4-week horizon (the event
     clock moves on, so the predictions of 1997-09-30 settle) and up to a day later each time."""
     day = 10 + rng.randint(0, 60)
-    return {
-        "events": [
-            {
-                **_EVENT,
-                "user_id": f"u-{k}",
-                "timestamp": f"1997-{9 + day // 30:02d}-{1 + day % 28:02d}T12:00:00Z",
-            }
-            for k in range(rng.randint(1, 5))
-        ]
-    }
+    return [
+        StoredEvent(f"u-{k}", f"1997-{9 + day // 30:02d}-{1 + day % 28:02d}T12:00:00Z", 10.0, 2)
+        for k in range(rng.randint(1, 5))
+    ]
 
 
-def _columns(users: list[dict[str, Any]]) -> dict[str, Any]:
-    """The same users as a columnar JSON body (RFC 3339 timestamps, as the rows have them)."""
-    offsets = [0]
-    for u in users:
-        offsets.append(offsets[-1] + len(u["events"]))
-    events = [e for u in users for e in u["events"]]
-    return {
-        "columns": {
-            "user_id": [u["user_id"] for u in users],
-            "as_of": [u["as_of"] for u in users],
-            "offsets": offsets,
-            "timestamp": [e["timestamp"] for e in events],
-            "amount": [e["amount"] for e in events],
-            "quantity": [e["quantity"] for e in events],
-        }
-    }
-
-
-def _arrow(users: list[dict[str, Any]]) -> bytes:
+def _arrow(users: list[User]) -> bytes:
     """The same users as an Arrow IPC stream (the bench process has pyarrow)."""
     import pyarrow as pa
-    import pyarrow.ipc  # the package does not import its ipc submodule
 
     event = pa.struct([("timestamp", pa.string()), ("amount", pa.float64()), ("quantity", pa.int64())])
-    events = pa.array([u["events"] for u in users], pa.list_(event))
+    rows = [
+        [{"timestamp": e.timestamp, "amount": e.amount, "quantity": e.quantity} for e in u.events or ()]
+        for u in users
+    ]
+    events = pa.array(rows, pa.list_(event))
     timestamps = events.flatten().field("timestamp").cast(pa.timestamp("s", tz="UTC"))
     values = pa.StructArray.from_arrays(
         [timestamps, events.flatten().field("amount"), events.flatten().field("quantity")],
@@ -96,61 +84,63 @@ def _arrow(users: list[dict[str, Any]]) -> bytes:
     )
     table = pa.table(
         {
-            "user_id": [u["user_id"] for u in users],
+            "user_id": [u.user_id for u in users],
             "events": pa.ListArray.from_arrays(events.offsets, values),
         }
     )
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue())
+    return stream_of(table)
 
 
-ARROW = {"Content-Type": "application/vnd.apache.arrow.stream"}
+def _v2(users: list[User]) -> bytes:
+    """The same users as a V2 inference request (epoch seconds, as the V2 model takes them)."""
+    c = Columns.from_users(users)
+    seconds = [int(datetime.fromisoformat(str(t)).timestamp()) for t in c.timestamp]
+    as_of = int(datetime.fromisoformat(AS_OF).timestamp())
+    tensors: dict[str, tuple[str, list[Any]]] = {
+        "user_id": ("BYTES", list(c.user_id)),
+        "offsets": ("INT64", list(c.offsets)),
+        "timestamp": ("INT64", seconds),
+        "amount": ("FP64", list(c.amount)),
+        "quantity": ("INT64", list(c.quantity)),
+        "as_of": ("INT64", [as_of] * len(users)),
+    }
+    inputs = [{"name": k, "shape": [len(v)], "datatype": t, "data": v} for k, (t, v) in tensors.items()]
+    return json.dumps({"inputs": inputs}).encode()
 
 
-#: kind -> (method, path, body or None, headers, expected status)
-def _requests(rng: random.Random) -> list[tuple[str, str, str, Any, dict[str, str], int]]:
+ARROW = "application/vnd.apache.arrow.stream"
+V2 = "/v2/models/purchase-intent/infer"
+
+
+#: (kind, the call, expected status): the good ones built by the typed client from typed users
+def _requests(rng: random.Random) -> list[tuple[str, Call, int]]:
     return [
-        ("single", "POST", "/predict", _user(rng, 1), {}, 200),
-        ("single", "POST", "/predict", _user(rng, 2), {}, 200),
-        ("single", "POST", "/predict", _user(rng, 3), {}, 200),
+        ("single", wire.predict_call(_user(rng, 1)), 200),
+        ("single", wire.predict_call(_user(rng, 2)), 200),
+        ("single", wire.predict_call(_user(rng, 3)), 200),
+        ("batch", wire.batch_call(_users(rng)), 200),
+        ("columns", wire.columns_call(Columns.from_users(_users(rng))), 200),
+        ("arrow", wire.arrow_call(_arrow(_users(rng))), 200),
+        ("v2", Call("POST", V2, _v2(_users(rng)), J), 200),
+        ("bad_arrow", Call("POST", "/predict/batch", b"ARROW1 not really", ARROW), 400),
+        ("bad_json", Call("POST", "/predict", b'{"user_id": ', J), 400),
+        ("invalid", Call("POST", "/predict", b'{"user_id": 1, "events": []}', J), 422),
         (
-            "batch",
-            "POST",
-            "/predict/batch",
-            {"users": [_user(rng, i) for i in range(rng.randint(1, 200))]},
-            {},
-            200,
+            "bad_v2",
+            Call(
+                "POST", V2, b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', J
+            ),
+            422,
         ),
-        (
-            "columns",
-            "POST",
-            "/predict/batch",
-            _columns([_user(rng, i) for i in range(rng.randint(1, 200))]),
-            {},
-            200,
-        ),
-        (
-            "arrow",
-            "POST",
-            "/predict/batch",
-            _arrow([_user(rng, i) for i in range(rng.randint(1, 200))]),
-            ARROW,
-            200,
-        ),
-        ("bad_arrow", "POST", "/predict/batch", b"ARROW1 not really", ARROW, 400),
-        ("bad_json", "POST", "/predict", b'{"user_id": ', J, 400),
-        ("invalid", "POST", "/predict", {"user_id": 1, "events": []}, {}, 422),
-        ("too_large", "POST", "/predict", b"x" * (9 * 2**20), J, 413),
-        ("media_type", "POST", "/predict", b"user_id=u", {"Content-Type": "text/plain"}, 415),
-        ("not_found", "GET", "/nope", None, {}, 404),
-        ("events", "POST", "/events", _purchases(rng), {}, 200),
-        ("by_id", "POST", "/predict", {"user_id": "u-0", "as_of": "1997-09-30T00:00:00Z"}, {}, 200),
-        ("performance", "GET", "/v1/model/performance", None, {}, 200),
-        ("healthz", "GET", "/healthz", None, {}, 200),
-        ("readyz", "GET", "/readyz", None, {}, 200),
-        ("metrics", "GET", "/metrics", None, {}, 200),
+        ("too_large", Call("POST", "/predict", b"x" * (9 * 2**20), J), 413),
+        ("media_type", Call("POST", "/predict", b"user_id=u", "text/plain"), 415),
+        ("not_found", Call("GET", "/nope"), 404),
+        ("events", wire.events_call(_purchases(rng)), 200),
+        ("by_id", wire.predict_call(User("u-0", as_of=AS_OF)), 200),
+        ("performance", Call("GET", "/v1/model/performance"), 200),
+        ("healthz", Call("GET", "/healthz"), 200),
+        ("readyz", Call("GET", "/readyz"), 200),
+        ("metrics", Call("GET", "/metrics"), 200),
     ]
 
 
@@ -221,47 +211,50 @@ def main(argv: list[str] | None = None) -> int:
     rss: list[tuple[float, int]] = []
     lock = threading.Lock()
     try:
-        wait_until(f"{server.url}/readyz", server.process, timeout=60)
+        with Client(server.url) as probe:
+            probe.wait_ready(timeout=60)
         started = time.monotonic()
         stop_at = started + args.seconds
 
         def client(seed: int) -> None:
             # reproducible load, not secrets
             rng = random.Random(seed)  # nosec B311
-            with httpx.Client(base_url=server.url, timeout=60) as c:
+            # no retries: a 503 here is an error of the run, not something to wait out
+            with Client(server.url, timeout=60, retry=NO_RETRY) as c:
                 # bodies drawn afresh each round: new users for outcome recording, new shapes
                 rounds = (request for _ in itertools.count() for request in _requests(rng))
-                for kind, method, path, body, headers, want in rounds:
+                for kind, call, want in rounds:
                     if time.monotonic() >= stop_at:
                         return
                     try:
-                        if isinstance(body, bytes):
-                            r = c.request(method, path, content=body, headers=headers)
-                        else:
-                            r = c.request(method, path, json=body, headers=headers)
-                        outcome = None if r.status_code == want else f"{kind}: {r.status_code}"
+                        status = c.send(call).status_code
+                    except ApiError as exc:
+                        status = exc.status
                     except httpx.HTTPError as exc:
-                        outcome = f"{kind}: {type(exc).__name__}"
+                        status = None
+                        outcome: str | None = f"{kind}: {type(exc).__name__}"
+                    if status is not None:
+                        outcome = None if status == want else f"{kind}: {status}"
                     with lock:
                         counts[kind] += 1
                         if outcome is not None:
                             errors[outcome] += 1
 
         def swapper() -> None:
-            with httpx.Client(base_url=server.url, timeout=60) as c:
+            with Client(server.url, timeout=60, retry=NO_RETRY, admin_token=TOKEN) as c:
                 for model in itertools.cycle(models):
                     if time.monotonic() + args.swap_every >= stop_at:
                         return
                     time.sleep(args.swap_every)
-                    r = c.post(
-                        "/admin/reload",
-                        json={"model_path": str(model)},
-                        headers={"Authorization": f"Bearer {TOKEN}"},
-                    )
+                    try:
+                        c.reload(str(model))
+                        failure = None
+                    except (ApiError, httpx.HTTPError) as exc:
+                        failure = f"swap: {exc}"
                     with lock:
                         counts["swap"] += 1
-                        if r.status_code != 200:
-                            errors[f"swap: {r.status_code}"] += 1
+                        if failure is not None:
+                            errors[failure] += 1
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
         threads.append(threading.Thread(target=swapper))

@@ -100,7 +100,9 @@ def parse_output(text: str) -> WrkResult:
     )
 
 
-def write_post_script(path: Path, body: Path, content_type: str = "application/json") -> Path:
+def write_post_script(
+    path: Path, body: Path, content_type: str = "application/json", headers: dict[str, str] | None = None
+) -> Path:
     """A wrk Lua script that POSTs the bytes of ``body`` (as ``content_type``) on every request.
 
     The body is read once at start-up; no ``request``/``response`` callback is defined, so wrk sends
@@ -113,6 +115,7 @@ def write_post_script(path: Path, body: Path, content_type: str = "application/j
         'wrk.body = file:read("*a")\n'
         "file:close()\n"
         f'wrk.headers["Content-Type"] = "{content_type}"\n'
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
     )
     return path
 

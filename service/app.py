@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import admin, batch, events, health, model, performance, predict, users
+from service.api import admin, batch, events, health, model, performance, predict, users, v2
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
@@ -46,6 +46,7 @@ from service.scoring import Scorer
 from service.store import EventStore, GuardedStore, StoreDownError, open_store
 from service.store.metrics import StoreMetrics
 from service.store.upkeep import compact_periodically, watch_health
+from service.v2 import InferenceRequest
 
 _DESCRIPTION = """\
 Per-user purchase-intent predictions: send a user's purchase events, get the probability that
@@ -192,6 +193,7 @@ def create_app(
         performance.router,
         health.router,
         metrics_route.router,
+        v2.router,
     )
     for router in routers:
         app.include_router(router)
@@ -217,7 +219,14 @@ def create_app(
     app.predict_route = next(r for r in predict.router.routes if getattr(r, "path", None) == "/predict")
     publish_request_schemas(
         app,
-        (PredictRequest, BatchPredictRequest, ColumnarPredictRequest, ReloadRequest, events.EventsRequest),
+        (
+            PredictRequest,
+            BatchPredictRequest,
+            ColumnarPredictRequest,
+            ReloadRequest,
+            events.EventsRequest,
+            InferenceRequest,
+        ),
         bearer=admin_enabled,
         scopes=(lambda: {op: access.requires(s) for op, s in route_scopes(app.routes).items()})
         if access.enabled

@@ -234,11 +234,15 @@ class Access:
             return Principal(ANONYMOUS, frozenset())
         return self._principal(_bearer(headers), scope)
 
-    def authorize(self, principal: Principal, scope: str, client: str | None) -> None:
-        """The 403 or 429 to answer, if any; then ``principal`` is the request's :data:`current`."""
+    def authorize(
+        self, principal: Principal, scope: str, client: str | None, also: frozenset[str] = frozenset()
+    ) -> None:
+        """The 403 or 429 to answer, if any; then ``principal`` is the request's :data:`current`.
+        ``also``: scopes that let the request in as well (``predict:stored`` on the routes that
+        score by id; what the body then asks for is checked once it is parsed)."""
         if scope == PUBLIC:
             return
-        if scope not in principal.scopes and not (scope == PREDICT and PREDICT_STORED in principal.scopes):
+        if scope not in principal.scopes and not also & principal.scopes:
             self.refused.labels("forbidden").inc()
             raise ForbiddenError(
                 f"the token {principal.name!r} lacks the scope this route needs",

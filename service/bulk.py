@@ -115,6 +115,25 @@ def columns_from_json(body: bytes, *, now: int, max_users: int, max_events: int)
     return _check(_parse_json(body), now=now, max_users=max_users, max_events=max_events, names=_JSON_NAMES)
 
 
+def columns_from_arrays(
+    user_ids: list[str],
+    offsets: NDArray[np.int64],
+    timestamps: NDArray[np.float64],
+    amounts: NDArray[np.float64],
+    quantities: NDArray[np.float64],
+    as_of: NDArray[np.float64],
+    *,
+    now: int,
+    max_users: int,
+    max_events: int,
+    names: FieldNames,
+) -> EventColumns:
+    """Columns a caller decoded itself (the V2 tensors) under the same checks as a columnar body;
+    ``as_of`` NaN = now, ``names`` says how errors name the fields. Raises the 4xx errors."""
+    batch = _Unchecked(user_ids, offsets, timestamps, amounts, quantities, as_of)
+    return _check(batch, now=now, max_users=max_users, max_events=max_events, names=names)
+
+
 def _parse_json(body: bytes) -> _Unchecked:
     """Parse and type-check a columnar JSON body (one pydantic-core pass, no object per event)."""
     try:

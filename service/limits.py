@@ -20,6 +20,11 @@ from service.metrics import Metrics
 ADMITTED_PATHS = frozenset({"/predict", "/predict/batch", "/events"})
 
 
+def is_admitted(path: str) -> bool:
+    """A prediction route: one of :data:`ADMITTED_PATHS` or a V2 ``.../infer``."""
+    return path in ADMITTED_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
 def _declared_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -60,7 +65,7 @@ class LimitMiddleware:
             await self._refuse(self._too_large(), scope, receive, send)
             return
         admission = self.admission
-        admitted = scope["path"] in ADMITTED_PATHS
+        admitted = is_admitted(scope["path"])
         if admitted:
             if admission.active >= admission.max_concurrent:
                 error = OverloadedError.retry_later("the service is at its concurrency limit")

@@ -25,7 +25,7 @@ logger = logging.getLogger("service.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 #: Probes and scrapes arrive every few seconds forever; logging them buries the real traffic.
-QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 #: A client's request id is echoed only if it is short and plain; anything else is replaced.
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _MAX_LOGGED_PATH = 200

@@ -29,7 +29,6 @@ class Scorer:
 
     def score(self, predictor: Predictor, columns: EventColumns) -> NDArray[np.float32]:
         """``float32 [n_users]`` probabilities, in the order of ``columns``."""
-        m = self._metrics
         t0 = time.perf_counter()
         features = encode_batch(
             columns.timestamps,
@@ -43,16 +42,31 @@ class Scorer:
         t1 = time.perf_counter()
         probabilities = predictor.predict(features)
         t2 = time.perf_counter()
-        n = columns.n_users
-        if probabilities.shape != (n,) or not np.all(np.isfinite(probabilities)):
+        if probabilities.shape != (columns.n_users,) or not np.all(np.isfinite(probabilities)):
             # Warm-up checked the model on zeros; real inputs are bounded by the schema, so this is
             # a model bug, and a 500 is more honest than a NaN (or null) probability.
             raise RuntimeError(f"model returned {probabilities.shape} non-finite or misshapen output")
-        m.encoding_duration.observe(t1 - t0)
-        m.inference_duration.observe(t2 - t1)
-        m.batch_size.observe(n)
-        m.users_scored.inc(n)
-        m.probability.observe_many(probabilities)
+        self._metrics.encoding_duration.observe(t1 - t0)
+        self._record(probabilities, t2 - t1)
         if self._monitor is not None:
             self._monitor.scored(predictor.metadata, columns, probabilities)
         return probabilities
+
+    def score_features(self, predictor: Predictor, features: NDArray[np.float32]) -> NDArray[np.float32]:
+        """``float32 [n]`` for features a caller encoded itself (``[n, bins, channels]``). Not
+        handed to the monitor: without the users' events there is no outcome to settle."""
+        t0 = time.perf_counter()
+        probabilities = predictor.predict(features)
+        elapsed = time.perf_counter() - t0
+        if probabilities.shape != features.shape[:1] or not np.all(np.isfinite(probabilities)):
+            raise RuntimeError(f"model returned {probabilities.shape} non-finite or misshapen output")
+        self._record(probabilities, elapsed)
+        return probabilities
+
+    def _record(self, probabilities: NDArray[np.float32], inference_seconds: float) -> None:
+        m = self._metrics
+        n = int(probabilities.size)
+        m.inference_duration.observe(inference_seconds)
+        m.batch_size.observe(n)
+        m.users_scored.inc(n)
+        m.probability.observe_many(probabilities)

@@ -163,6 +163,19 @@ def test_bulk_bodies_hold_the_same_users_as_the_rows() -> None:
     assert table.num_rows == 5
 
 
+def test_v2_bodies_hold_the_columnar_users_as_tensors() -> None:
+    columns = json.loads(bodies.columnar_body(users=5))["columns"]
+    tensors = {t["name"]: t for t in json.loads(bodies.v2_body(users=5))["inputs"]}
+    assert {name: t["data"] for name, t in tensors.items()} == columns
+    assert all(t["shape"] == [len(t["data"])] for t in tensors.values())
+    body, length = bodies.v2_binary_body(users=5)
+    head = json.loads(body[:length])
+    sizes = {t["name"]: t["parameters"]["binary_data_size"] for t in head["inputs"]}
+    assert sum(sizes.values()) == len(body) - length
+    assert sizes["timestamp"] == 8 * len(columns["timestamp"])
+    assert head["parameters"] == {"binary_data_output": True}
+
+
 def test_bodies_are_valid_requests_of_the_advertised_size() -> None:
     user = PredictRequest.model_validate_json(bodies.predict_body())
     assert user.events is not None
@@ -373,6 +386,7 @@ def test_a_predict_only_run_does_not_judge_peak_rss() -> None:
 def test_only_predict_and_monitoring_are_the_phase_subsets() -> None:
     assert bench_main._parse_args(["--model", "m.onnx", "--only", "predict"]).only == "predict"
     assert bench_main._parse_args(["--model", "m.onnx", "--only", "monitoring"]).only == "monitoring"
+    assert bench_main._parse_args(["--model", "m.onnx", "--only", "v2"]).only == "v2"
     assert bench_main._parse_args(["--model", "m.onnx"]).only is None
     assert bench_main._parse_args(["--model", "m.onnx"]).monitoring_rounds == 3
     with pytest.raises(SystemExit):
@@ -413,6 +427,8 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         ("service", "/predict/batch", 2),
         ("service", "/predict/batch", 2),
         ("service", "/predict/batch", 2),
+        ("service", bodies.V2_PATH, 2),
+        ("service", bodies.V2_PATH, 2),
         ("service", "/predict by user id", 4),
         # the second service, micro-batching off, /predict only
         ("service-unbatched", "/predict", 1),
@@ -421,7 +437,14 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         ("service-monitored", report.NEW_USER_PATH, 4),
         ("service-unmonitored", report.NEW_USER_PATH, 4),
     ]
-    assert [p["body"] for p in data["http"]][-8:-4] == ["rows", "columns", "arrow", "rows"]
+    assert [p["body"] for p in data["http"]][-10:-4] == [
+        "rows",
+        "columns",
+        "arrow",
+        "v2",
+        "v2_binary",
+        "rows",
+    ]
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in data["http"])
     assert [f["batch"] for f in data["ort"]] == [1, 20]
     assert set(data["ratios"]) == {
@@ -430,6 +453,8 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         "batch",
         "batch_columns",
         "batch_arrow",
+        "v2_vs_columns",
+        "v2_binary_vs_columns",
         "by_id_c4",
         "predict_unbatched_c1",
         "predict_unbatched_c4",
@@ -459,3 +484,23 @@ def test_a_server_that_stopped_answering_fails_the_run_with_its_log(tmp_path: Pa
     server = processes.Server("service", process, f"http://{processes.HOST}:{processes.free_port()}", log)
     with pytest.raises(harness.BenchError, match=r"exited with 0; its log ends:\nstarting\nERROR: .*in use"):
         harness._metric(server, harness.IN_FLIGHT_METRIC)
+
+
+@pytest.mark.parametrize(("v2_rps", "met"), [(9.5, True), (8.5, False)])
+def test_v2_rows_are_judged_against_the_columnar_body_of_the_same_run(v2_rps: float, met: bool) -> None:
+    result = _report(
+        [
+            _phase("service", "/predict/batch", 2, 10.0, users=1000, body="columns"),
+            _phase("service", bodies.V2_PATH, 2, v2_rps, users=1000, body="v2"),
+            _phase("service", bodies.V2_PATH, 2, 12.0, users=1000, body="v2_binary"),
+        ],
+        phases="v2",
+    )
+    r = report.ratios(result)
+    assert r["v2_vs_columns"] == pytest.approx(v2_rps / 10.0)
+    assert r["v2_binary_vs_columns"] == pytest.approx(1.2)
+    assert report.targets(result)["v2_vs_columns_ratio"] is met
+    table = report.markdown(result)
+    assert f"{v2_rps / 10:.2f} x columnar JSON /predict/batch" in table
+    assert ("≥ 0.9x: met" in table) is met
+    assert "the V2 comparison only (--only v2)" in table

@@ -33,7 +33,7 @@ from service.schemas import (
     ColumnarPredictResponse,
     Prediction,
 )
-from service.scopes import PREDICT
+from service.scopes import PREDICT, PREDICT_STORED
 
 router = APIRouter(tags=["predict"])
 
@@ -122,7 +122,7 @@ _ARROW_ANSWER: dict[int | str, dict[str, Any]] = {
 
 @router.post(
     "/predict/batch",
-    dependencies=[scoped(PREDICT)],
+    dependencies=[scoped(PREDICT, PREDICT_STORED)],
     response_model=BatchPredictResponse | ColumnarPredictResponse,
     responses=errors_doc(*PREDICT_ERRORS)
     | _ARROW_ANSWER

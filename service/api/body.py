@@ -32,6 +32,7 @@ from service.errors import (
 from service.lifecycle import LoadedModel
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+AnswerT = TypeVar("AnswerT")
 
 #: ``(context, model, body, now, may_block) -> answer``: ``may_block`` is true in a worker thread,
 #: where the handler may read the store; on the event loop it raises :class:`StoreReadNeeded`.
@@ -109,8 +110,12 @@ async def receive_body(
 
 
 async def offload(
-    ctx: AppContext, handler: BodyHandler, served: LoadedModel, body: bytes, deadline: float
-) -> bytes:
+    ctx: AppContext,
+    handler: Callable[[AppContext, LoadedModel, bytes, int, bool], AnswerT],
+    served: LoadedModel,
+    body: bytes,
+    deadline: float,
+) -> AnswerT:
     """Run ``handler`` in the bounded thread pool. Waiting for a worker counts against the deadline;
     the work itself, once started, runs to the end (a thread cannot be interrupted, and abandoning
     it would leak threads under overload)."""

@@ -83,15 +83,18 @@ class Scoped:
     the rate limit, and for audited scopes the note the request middleware logs once answered.
     A class, so a test can read each route's scope off its dependencies."""
 
-    def __init__(self, scope: str) -> None:
+    def __init__(self, scope: str, also: frozenset[str] = frozenset()) -> None:
         self.scope = scope
+        self.also = also
 
     async def __call__(self, request: Request) -> None:
         ctx: AppContext = request.state.context
-        check_scope(ctx, request.scope, self.scope)
+        check_scope(ctx, request.scope, self.scope, self.also)
 
 
-def check_scope(ctx: AppContext, scope: Scope, required: str) -> Principal:
+def check_scope(
+    ctx: AppContext, scope: Scope, required: str, also: frozenset[str] = frozenset()
+) -> Principal:
     """:meth:`Access.check` for an ASGI request; audited scopes leave their note in its state."""
     access = ctx.access
     required = access.requires(required)
@@ -105,10 +108,11 @@ def check_scope(ctx: AppContext, scope: Scope, required: str) -> Principal:
     if audited:
         scope["state"]["audit"] = (required, principal)
     client = scope.get("client")
-    access.authorize(principal, required, client[0] if client else None)
+    access.authorize(principal, required, client[0] if client else None, also)
     return principal
 
 
-def scoped(scope: str) -> Any:
-    """``Depends`` on :class:`Scoped`: the route needs ``scope`` (``service.scopes``)."""
-    return Depends(Scoped(scope))
+def scoped(scope: str, *also: str) -> Any:
+    """``Depends`` on :class:`Scoped`: the route needs ``scope`` (``service.scopes``), or one of
+    ``also``."""
+    return Depends(Scoped(scope, frozenset(also)))

@@ -10,14 +10,14 @@ from starlette.responses import Response
 from service.api.deps import Context, require_model, scoped
 from service.api.openapi import errors_doc
 from service.schemas import ModelResponse, RuntimeResponse
-from service.scopes import PREDICT
+from service.scopes import PREDICT, PREDICT_STORED
 
 router = APIRouter(tags=["model"])
 
 
 @router.get(
     "/v1/model",
-    dependencies=[scoped(PREDICT)],
+    dependencies=[scoped(PREDICT, PREDICT_STORED)],
     response_model=ModelResponse,
     responses=errors_doc((503, "No model loaded yet.")),
     summary="The served model's metadata",

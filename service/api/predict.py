@@ -36,7 +36,10 @@ from service.envelope import rejection
 from service.errors import NotReadyError, OverloadedError, ServiceError
 from service.lifecycle import LoadedModel
 from service.schemas import EXAMPLE_USER, PredictRequest, PredictResponse
-from service.scopes import PREDICT
+from service.scopes import PREDICT, PREDICT_STORED
+
+#: What lets a /predict request in: either scope; what the body asks for is checked once parsed.
+BY_ID = frozenset({PREDICT_STORED})
 
 router = APIRouter(tags=["predict"])
 
@@ -80,7 +83,9 @@ def _score_one(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_
     return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
 
 
-async def _submit(batcher: Batcher, served: LoadedModel, columns: EventColumns) -> NDArray[np.float32]:
+async def submit_to_batcher(
+    batcher: Batcher, served: LoadedModel, columns: EventColumns
+) -> NDArray[np.float32]:
     try:
         return await batcher.submit(served, columns)
     except QueueFullError as exc:
@@ -89,7 +94,7 @@ async def _submit(batcher: Batcher, served: LoadedModel, columns: EventColumns) 
         raise NotReadyError(str(exc)) from None
 
 
-async def _no_other_requests(ctx: AppContext) -> bool:
+async def no_other_requests(ctx: AppContext) -> bool:
     """No other prediction request is in progress: nobody to batch with, so skip the batcher's
     queue and its consumer task (two task switches). One turn of the loop first: requests whose
     bytes arrived together start in that turn and count as in progress, so a burst is batched.
@@ -121,10 +126,10 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
         except StoreReadNeeded:  # no gathering reader: parse, read and score in a worker, alone
             return await offload(ctx, _score_one, served, body, deadline)
     _check_one(columns)
-    if ctx.batcher is None or await _no_other_requests(ctx):
+    if ctx.batcher is None or await no_other_requests(ctx):
         probabilities = ctx.scorer.score(served.predictor, columns)
     else:
-        probabilities = await _submit(ctx.batcher, served, columns)
+        probabilities = await submit_to_batcher(ctx.batcher, served, columns)
     return _answer_one(served, user.user_id, float(probabilities[0]))
 
 
@@ -141,7 +146,7 @@ async def serve_predict(scope: Scope, receive: Receive, send: Send) -> None:
     """
     ctx: AppContext = scope["state"]["context"]
     try:
-        check_scope(ctx, scope, PREDICT)
+        check_scope(ctx, scope, PREDICT, BY_ID)
         answer = await _predict(scope, receive, ctx)
     except ServiceError as exc:
         await rejection(exc, ctx.metrics)(scope, receive, send)
@@ -164,7 +169,7 @@ add_direct_route(
     serve_predict,
     name="predict",
     methods=["POST"],
-    dependencies=[scoped(PREDICT)],  # declared for the route table; serve_predict checks it itself
+    dependencies=[scoped(PREDICT, PREDICT_STORED)],  # for the route table; serve_predict checks it
     response_model=PredictResponse,
     responses=errors_doc(*PREDICT_ERRORS),
     openapi_extra=json_body(

@@ -333,7 +333,22 @@ def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> N
         "/metrics",
         "/v1/model",
         "/v1/model/performance",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{name}",
+        "/v2/models/{name}/versions/{version}",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/versions/{version}/ready",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
     }
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        infer = paths[path]["post"]
+        ref = infer["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.rsplit("/", 1)[-1] == "InferenceRequest"
+        assert {"400", "404", "413", "415", "422", "503"} <= set(infer["responses"])
+        assert "application/octet-stream" in infer["responses"]["200"]["content"]
     for path in ("/predict", "/predict/batch"):
         body = paths[path]["post"]["requestBody"]["content"]["application/json"]
         refs = [s["$ref"] for s in body["schema"].get("oneOf", [body["schema"]])]
@@ -374,6 +389,10 @@ def test_the_example_requests_in_the_docs_are_accepted(client: TestClient) -> No
             assert r.status_code == 200, (path, r.text)
     example_user = spec["components"]["schemas"]["PredictRequest"]["examples"][0]
     assert client.post("/predict", json=example_user).status_code == 200
+    (inference,) = spec["components"]["schemas"]["InferenceRequest"]["examples"]
+    r = client.post("/v2/models/purchase-intent/infer", json=inference)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == inference["id"]
 
 
 def test_probabilities_are_float32_values(client: TestClient) -> None:

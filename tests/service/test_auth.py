@@ -92,20 +92,20 @@ def flat_routes(
             yield route, list(inherited)
 
 
-def declared_scope(route: APIRoute, inherited: list[Any]) -> list[str]:
+def declared_scope(route: APIRoute, inherited: list[Any]) -> list[Scoped]:
     calls = [d.dependency for d in inherited] + [d.call for d in route.dependant.dependencies]
-    return [c.scope for c in calls if isinstance(c, Scoped)]
+    return [c for c in calls if isinstance(c, Scoped)]
 
 
-def routes(app: FastAPI) -> list[tuple[str, str, str]]:
-    """(method, path, scope) for every route the app serves; fails on a route without one scope."""
+def routes(app: FastAPI) -> list[tuple[str, str, str, frozenset[str]]]:
+    """(method, path, scope, also) for every route the app serves; fails on a route without one scope."""
     out = []
     for route, inherited in flat_routes(app.routes):
         if isinstance(route, APIRoute):
             scopes = declared_scope(route, inherited)
             assert len(scopes) == 1, f"{route.path} declares {scopes}: every route needs exactly one scope"
             path = re.sub(r"\{[^}]+\}", "u-1", route.path)
-            out += [(m, path, scopes[0]) for m in sorted(route.methods or ())]
+            out += [(m, path, scopes[0].scope, scopes[0].also) for m in sorted(route.methods or ())]
         else:
             assert isinstance(route, Route), f"{route} has no declared scope"
             assert route.path in DOCS_ROUTES, f"{route.path} has no declared scope"
@@ -114,7 +114,7 @@ def routes(app: FastAPI) -> list[tuple[str, str, str]]:
 
 def test_every_route_of_the_app_declares_one_scope(tmp_path: Path) -> None:
     table = routes(make_app(tmp_path))
-    served = {(m, p) for m, p, _ in table}
+    served = {(m, p) for m, p, _, _ in table}
     # the full app: admin and user-data routes are mounted when tokens are on
     for expected in (
         ("POST", "/predict"),
@@ -124,16 +124,19 @@ def test_every_route_of_the_app_declares_one_scope(tmp_path: Path) -> None:
     ):
         assert expected in served
     # predict:stored is checked once the body says a user comes by id (the next test)
-    assert {s for _, _, s in table} == {PUBLIC, *SCOPES} - {PREDICT_STORED}
+    assert {s for _, _, s, _ in table} == {PUBLIC, *SCOPES} - {PREDICT_STORED}
+    # and only the routes that can score by id let a predict:stored token in
+    by_id = {(m, p) for m, p, _, also in table if PREDICT_STORED in also}
+    assert by_id == {("POST", "/predict"), ("POST", "/predict/batch"), ("GET", "/v1/model")}
 
 
-def expected_status(route_scope: str, caller: str | None) -> str:
+def expected_status(route_scope: str, also: frozenset[str], caller: str | None) -> str:
     """What the token check must answer: "open" (passes it), 401 or 403."""
     if route_scope == PUBLIC:
         return "open"
     if caller is None or caller == "bogus":
         return "401"
-    if caller == "all" or caller == route_scope or (route_scope == PREDICT and caller == PREDICT_STORED):
+    if caller == "all" or caller == route_scope or caller in also:
         return "open"
     return "403"
 
@@ -142,11 +145,11 @@ def test_the_authorization_matrix_holds_for_every_route_and_scope(api: TestClien
     table = routes(api.app)  # type: ignore[arg-type]
     callers: list[str | None] = [None, "bogus", *TOKENS]
     checked = 0
-    for method, path, scope in table:
+    for method, path, scope, also in table:
         for caller in callers:
             headers = {} if caller is None else {"Authorization": f"Bearer {TOKENS.get(caller, 'nope')}"}
             r = api.request(method, path, headers=headers)
-            want = expected_status(scope, caller)
+            want = expected_status(scope, also, caller)
             where = f"{method} {path} ({scope}) as {caller}: {r.status_code} {r.text[:200]}"
             if want == "open":
                 assert r.status_code not in (401, 403), where

@@ -99,7 +99,7 @@ def test_the_core_imports_no_web_framework() -> None:
     core = (
         "service.features, service.scoring, service.batching, service.lifecycle, service.bulk, "
         "service.predictor, service.errors, service.store, service.store.guard, service.store.upkeep, "
-        "service.columns, service.history, service.gather"
+        "service.columns, service.history, service.gather, service.v2"
     )
     code = (
         f"import sys\nimport {core}\n"

@@ -93,3 +93,43 @@ def test_every_metric_is_documented() -> None:
         assert f"| `{name}` |" in text, name
     for reason in REJECT_REASONS:
         assert f"`{reason}`" in text, reason
+
+
+def _python_block(text: str, after: str) -> str:
+    block = re.search(r"```python\n(.*?)```", text.split(after, 1)[1], flags=re.S)
+    assert block is not None, after
+    return block.group(1)
+
+
+@pytest.mark.slow
+def test_the_client_and_v2_examples_run_as_written(
+    server: ServiceProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README's Python client example and docs/v2.md's tritonclient and curl examples, against a
+    real server: what they print is what the text says they print."""
+    client_example = _python_block(README.read_text(), "### Python client")
+    exec(client_example.replace(DOCUMENTED_URL, server.url), {})
+    printed = capsys.readouterr().out
+    assert "422 invalid_input ['events[0].timestamp', 'events[0].amount']" in printed
+    v2 = (ROOT / "docs" / "v2.md").read_text()
+    triton_example = _python_block(v2, "## Examples")
+    exec(
+        triton_example.replace(DOCUMENTED_URL.removeprefix("http://"), server.url.removeprefix("http://")), {}
+    )
+    probability, will_purchase = capsys.readouterr().out.strip().split("] [")
+    assert len(probability.strip("[").split()) == 2
+    assert len(will_purchase.strip("]").split()) == 2
+    (curl_block,) = re.findall(r"```bash\n(.*?)```", v2, flags=re.S)
+    commands = _curl_commands(f"```bash\n{curl_block}```")
+    answers = [
+        json.loads(
+            subprocess.run(
+                ["bash", "-c", "set -o pipefail; " + c.replace(DOCUMENTED_URL, server.url)],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout
+        )
+        for c in commands
+    ]  # fmt: skip
+    assert answers[0]["inputs"][0]["name"] == "user_id"
+    assert answers[1]["id"] == "r-1"
+    assert [o["name"] for o in answers[1]["outputs"]] == ["probability", "will_purchase"]

@@ -13,14 +13,17 @@ import signal
 import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.client import Client, Columns, Event, StoredEvent, User
 from tests import waiting
 from tests.conftest import TinyModel
 from tests.service.processes import (
@@ -61,36 +64,73 @@ def offline(tiny_model_dir: TinyModel) -> list[dict[str, Any]]:
     return users
 
 
+def _user(body: dict[str, Any]) -> User:
+    events = [Event(e["timestamp"], e["amount"], e["quantity"]) for e in body.get("events") or ()]
+    return User(body["user_id"], events if "events" in body else None, body["as_of"])
+
+
 def test_ready_reports_version_and_provider(server: ServiceProcess, tiny_model_dir: TinyModel) -> None:
-    ready = httpx.get(f"{server.url}/readyz").json()
-    model = httpx.get(f"{server.url}/v1/model").json()
-    assert ready["ready"] is True
-    assert ready["provider"] == "CPUExecutionProvider"
-    assert ready["provider_fallback"] is False
-    assert ready["model_version"] == model["model_version"]
-    lookback = model["feature_spec"]["lookback_bins"]
+    with Client(server.url) as client:
+        ready = client.wait_ready(timeout=10)
+        model = client.model_info()
+    assert ready.raw["provider"] == "CPUExecutionProvider"
+    assert ready.raw["provider_fallback"] is False
+    assert ready.model_version == model.model_version
+    lookback = model.feature_spec["lookback_bins"]
     assert lookback == 39  # what the tiny model was trained with (tests/conftest.py)
-    assert model["runtime"]["active_providers"][0] == "CPUExecutionProvider"
-    assert 0.0 <= model["threshold"] <= 1.0
+    assert model.raw["runtime"]["active_providers"][0] == "CPUExecutionProvider"
+    assert 0.0 <= model.threshold <= 1.0
 
 
 def test_online_scores_equal_offline_scores(server: ServiceProcess, offline: list[dict[str, Any]]) -> None:
     want = np.array([u["probability"] for u in offline], dtype=np.float64)
-    got: list[float] = []
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        for start in range(0, len(offline), 500):
-            chunk = [u["body"] for u in offline[start : start + 500]]
-            r = client.post("/predict/batch", json={"users": chunk})
-            assert r.status_code == 200, r.text[:500]
-            predictions = r.json()["predictions"]
-            assert [p["user_id"] for p in predictions] == [u["user_id"] for u in chunk]
-            got.extend(p["probability"] for p in predictions)
-        singles = [client.post("/predict", json=u["body"]).json()["probability"] for u in offline[:25]]
-    got_arr = np.array(got, dtype=np.float64)
+    users = [_user(u["body"]) for u in offline]
+    with Client(server.url, timeout=60) as client:
+        got_arr = _probabilities(client, users)
+        singles = [client.predict(u).probability for u in users[:25]]
+        columns = np.concatenate(
+            [
+                client.predict_columns(Columns.from_users(users[start : start + 500])).probability
+                for start in range(0, len(users), 500)
+            ]
+        )
     np.testing.assert_allclose(got_arr, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.array(singles), want[:25], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(columns, got_arr)  # columns and rows: the same float32
     exact = float(np.mean(np.float32(got_arr) == np.float32(want)))
     assert exact > 0.99, f"only {exact:.1%} float32-identical"
+
+
+def test_v2_inference_equals_the_batch_answer_on_the_real_model(
+    server: ServiceProcess, offline: list[dict[str, Any]]
+) -> None:
+    """The real tiny CDNOW model through the Open Inference Protocol: tritonclient's binary
+    request answers the columnar /predict/batch's float32, bit for bit."""
+    users = [_user(u["body"]) for u in offline[:200]]
+    columns = Columns.from_users(users)
+    with Client(server.url, timeout=60) as client:
+        expected = np.asarray(client.predict_columns(columns).probability, dtype=np.float32)
+    epoch = [int(datetime.fromisoformat(str(t)).timestamp()) for t in columns.timestamp]
+    as_of = [int(datetime.fromisoformat(str(t)).timestamp()) for t in columns.as_of or ()]
+    tensors = {
+        "user_id": ("BYTES", np.array([u.encode() for u in columns.user_id], dtype=np.object_)),
+        "offsets": ("INT64", np.asarray(columns.offsets, dtype=np.int64)),
+        "timestamp": ("INT64", np.asarray(epoch, dtype=np.int64)),
+        "amount": ("FP64", np.asarray(columns.amount, dtype=np.float64)),
+        "quantity": ("INT64", np.asarray(columns.quantity, dtype=np.int64)),
+        "as_of": ("INT64", np.asarray(as_of, dtype=np.int64)),
+    }
+    inputs = []
+    for name, (kind, values) in tensors.items():
+        tensor = triton.InferInput(name, list(values.shape), kind)
+        tensor.set_data_from_numpy(values, binary_data=True)
+        inputs.append(tensor)
+    v2 = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        got = v2.infer("purchase-intent", inputs).as_numpy("probability")
+    finally:
+        v2.close()
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +163,13 @@ def _repeats(body: dict[str, Any]) -> tuple[int, int]:
     return len(seen) - len(rows), len(rows) - len(days)
 
 
-def _probabilities(client: httpx.Client, bodies: list[dict[str, Any]]) -> np.ndarray:
+def _probabilities(client: Client, users: list[User]) -> np.ndarray:
     got: list[float] = []
-    for start in range(0, len(bodies), 500):
-        chunk = bodies[start : start + 500]
-        r = client.post("/predict/batch", json={"users": chunk})
-        assert r.status_code == 200, r.text[:500]
-        predictions = r.json()["predictions"]
-        assert [p["user_id"] for p in predictions] == [u["user_id"] for u in chunk]
-        got.extend(p["probability"] for p in predictions)
+    for start in range(0, len(users), 500):
+        chunk = users[start : start + 500]
+        answer = client.predict_batch(chunk)
+        assert answer.user_id == [u.user_id for u in chunk]
+        got.extend(answer.probability)
     return np.array(got, dtype=np.float64)
 
 
@@ -142,10 +180,10 @@ def test_raw_rows_score_like_training(server: ServiceProcess, raw_offline: list[
     assert repeats[:, 0].sum() > 0, "the test users' raw rows should hold exact duplicates"
     assert repeats[:, 1].sum() > 0, "the test users' raw rows should hold several rows a day"
     want = np.array([u["probability"] for u in raw_offline])
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        got = _probabilities(client, [u["body"] for u in raw_offline])
+    with Client(server.url, timeout=60) as client:
+        got = _probabilities(client, [_user(u["body"]) for u in raw_offline])
         twice = [u for u, (dup, _) in zip(raw_offline, repeats, strict=True) if dup][:10]
-        singles = [client.post("/predict", json=u["body"]).json()["probability"] for u in twice]
+        singles = [client.predict(_user(u["body"])).probability for u in twice]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(singles, [u["probability"] for u in twice], rtol=0, atol=1e-6)
 
@@ -158,19 +196,20 @@ def test_stored_raw_rows_under_distinct_ids_score_like_inline(
     users = [u for u in raw_offline if _repeats(u["body"])[0]][:20]
     assert users, "the test users' raw rows should hold exact duplicates"
     ingest = [
-        {"event_id": f"{u['body']['user_id']}-{k}", "user_id": u["body"]["user_id"], **event}
+        StoredEvent(
+            u["body"]["user_id"], e["timestamp"], e["amount"], e["quantity"], f"{u['body']['user_id']}-{k}"
+        )
         for u in users
-        for k, event in enumerate(u["body"]["events"])
+        for k, e in enumerate(u["body"]["events"])
     ]
     want = np.array([u["probability"] for u in users])
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        r = client.post("/events", json={"events": ingest})
-        assert r.status_code == 200, r.text[:500]
-        assert r.json() == {"stored": len(ingest), "duplicates": 0}
-        by_id = [{"user_id": u["body"]["user_id"], "as_of": u["body"]["as_of"]} for u in users]
+    with Client(server.url, timeout=60) as client:
+        stored = client.send_events(ingest)
+        assert (stored.stored, stored.duplicates) == (len(ingest), 0)
+        by_id = [User(u["body"]["user_id"], as_of=u["body"]["as_of"]) for u in users]
         got = _probabilities(client, by_id)
-        inline = _probabilities(client, [u["body"] for u in users])
-        single = client.post("/predict", json=by_id[0]).json()["probability"]
+        inline = _probabilities(client, [_user(u["body"]) for u in users])
+        single = client.predict(by_id[0]).probability
     np.testing.assert_allclose(got, inline, rtol=0, atol=1e-6)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert single == pytest.approx(want[0], abs=1e-6)

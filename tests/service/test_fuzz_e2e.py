@@ -81,12 +81,26 @@ def server(
 #: What may answer a schema-violating request: schemathesis's list, and 413, the documented
 #: refusal of more users than ``maxItems`` (a batch too large to take) on ``/predict/batch``.
 REFUSALS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
+#: A schema-valid V2 inference request names tensors, datatypes and shapes that JSON Schema cannot
+#: tie to the model's inputs (names, datatypes, element count = product of the shape): those are
+#: documented 4xx answers (400, 413, 422), which the positive check must accept there.
+V2_INFER = ["/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"]
 CONFIG = {
     "operations": [
         {
             "include-path": "/predict/batch",
             "checks": {"negative_data_rejection": {"expected-statuses": REFUSALS}},
-        }
+        },
+        *(
+            {
+                "include-path": path,
+                "checks": {
+                    "negative_data_rejection": {"expected-statuses": REFUSALS},
+                    "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404", "413", "422"]},
+                },
+            }
+            for path in V2_INFER
+        ),
     ]
 }
 
@@ -119,6 +133,15 @@ OPERATIONS = [
     ("GET", "/v1/model/performance", GenerationMode.POSITIVE),
     ("GET", "/v1/model/performance", GenerationMode.NEGATIVE),
     ("GET", "/metrics", GenerationMode.POSITIVE),
+    ("GET", "/v2", GenerationMode.POSITIVE),
+    ("GET", "/v2/health/live", GenerationMode.POSITIVE),
+    ("GET", "/v2/health/ready", GenerationMode.POSITIVE),
+    ("GET", "/v2/models/{name}", GenerationMode.POSITIVE),
+    ("GET", "/v2/models/{name}", GenerationMode.NEGATIVE),
+    ("GET", "/v2/models/{name}/versions/{version}", GenerationMode.POSITIVE),
+    ("GET", "/v2/models/{name}/ready", GenerationMode.POSITIVE),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", GenerationMode.POSITIVE),
+    *(("POST", path, mode) for path in V2_INFER for mode in GenerationMode),
 ]
 ROUTES = list(dict.fromkeys((method, path) for method, path, _ in OPERATIONS))
 
