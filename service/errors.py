@@ -28,6 +28,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "overloaded",
     "unauthorized",
     "model_rejected",
+    "no_canary",
     "not_ready",
     "unknown_user",
     "unknown_model_version",
@@ -141,6 +142,11 @@ class UnauthorizedError(ServiceError):
 class ModelRejectedError(ServiceError):
     status_code = 422
     code = "model_rejected"
+
+
+class NoCanaryError(ServiceError):
+    status_code = 409
+    code = "no_canary"
 
 
 class UnknownUserError(ServiceError):

@@ -8,6 +8,7 @@ and an offline score of the same user at the same ``as_of`` identical.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,36 +19,32 @@ from service.metrics import Metrics
 from service.monitor import Monitor
 from service.predictor import Predictor
 
+if TYPE_CHECKING:  # shadow.py scores with this module's encode()
+    from service.shadow import ShadowScorer
+
 
 class Scorer:
     """Encodes and scores a batch of users in one inference call, recording what it did (and, with
-    a ``monitor``, handing the answers over for drift and outcomes)."""
+    a ``monitor``, handing the answers over for drift and outcomes; with a ``shadow``, offering the
+    call to the shadow model, which scores it later on its own thread)."""
 
-    def __init__(self, metrics: Metrics, monitor: Monitor | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, monitor: Monitor | None = None, shadow: ShadowScorer | None = None
+    ) -> None:
         self._metrics = metrics
         self._monitor = monitor
+        self._shadow = shadow
 
     def score(self, predictor: Predictor, columns: EventColumns) -> NDArray[np.float32]:
         """``float32 [n_users]`` probabilities, in the order of ``columns``."""
         m = self._metrics
         t0 = time.perf_counter()
-        features = encode_batch(
-            columns.timestamps,
-            columns.amounts,
-            columns.quantities,
-            columns.offsets,
-            columns.as_of,
-            predictor.metadata.feature_spec,
-            columns.folded,
-        )
+        features = encode(columns, predictor)
         t1 = time.perf_counter()
         probabilities = predictor.predict(features)
         t2 = time.perf_counter()
         n = columns.n_users
-        if probabilities.shape != (n,) or not np.all(np.isfinite(probabilities)):
-            # Warm-up checked the model on zeros; real inputs are bounded by the schema, so this is
-            # a model bug, and a 500 is more honest than a NaN (or null) probability.
-            raise RuntimeError(f"model returned {probabilities.shape} non-finite or misshapen output")
+        check_output(probabilities, n)
         m.encoding_duration.observe(t1 - t0)
         m.inference_duration.observe(t2 - t1)
         m.batch_size.observe(n)
@@ -55,4 +52,26 @@ class Scorer:
         m.probability.observe_many(probabilities)
         if self._monitor is not None:
             self._monitor.scored(predictor.metadata, columns, probabilities)
+        if self._shadow is not None:
+            self._shadow.offer(predictor, columns, probabilities)
         return probabilities
+
+
+def encode(columns: EventColumns, predictor: Predictor) -> NDArray[np.float32]:
+    """``columns`` as ``predictor``'s input tensor, by its own feature spec."""
+    return encode_batch(
+        columns.timestamps,
+        columns.amounts,
+        columns.quantities,
+        columns.offsets,
+        columns.as_of,
+        predictor.metadata.feature_spec,
+        columns.folded,
+    )
+
+
+def check_output(probabilities: NDArray[np.float32], n_users: int) -> None:
+    if probabilities.shape != (n_users,) or not np.all(np.isfinite(probabilities)):
+        # Warm-up checked the model on zeros; real inputs are bounded by the schema, so this is
+        # a model bug, and a 500 is more honest than a NaN (or null) probability.
+        raise RuntimeError(f"model returned {probabilities.shape} non-finite or misshapen output")
