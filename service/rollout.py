@@ -121,6 +121,22 @@ async def load_canary(
     return placed
 
 
+async def reshare(slot: ModelSlot, role: str, share: float, *, lock: anyio.Lock) -> Placed | None:
+    """Change the loaded shadow's sample or the loaded canary's percent, keeping the model (no
+    load); ``None`` when that role is empty."""
+    async with lock:
+        if role == "shadow" and slot.shadow is not None:
+            current: LoadedModel = slot.shadow.served
+            slot.shadow = Shadow(current, share)
+        elif role == "canary" and slot.canary is not None:
+            current = slot.canary.served
+            slot.canary = Canary(current, share)
+        else:
+            return None
+    logger.info(f"{role} share changed", extra={"model_version": _version(current), "share": share})
+    return Placed(current, _version(current))
+
+
 async def unload(slot: ModelSlot, metrics: Metrics, role: str, *, lock: anyio.Lock) -> str | None:
     """Unload the shadow or the canary (a canary's rollback); the version unloaded, or ``None``."""
     async with lock:

@@ -135,9 +135,9 @@ class ShadowScorer:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def idle(self) -> bool:
-        """Nothing queued (tests and the bench wait for it before reading the metrics)."""
-        return self._queue.unfinished_tasks == 0
+    def pending(self) -> int:
+        """Calls queued or being scored."""
+        return self._queue.unfinished_tasks
 
     def _run(self) -> None:
         while not self._stopping.is_set():

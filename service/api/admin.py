@@ -16,7 +16,7 @@ from service.api.deps import Context, authorise
 from service.api.openapi import errors_doc, json_body
 from service.errors import ModelRejectedError
 from service.lifecycle import Role, reload_model
-from service.rollout import Placed, load_canary, load_shadow, promote_canary, unload
+from service.rollout import Placed, load_canary, load_shadow, promote_canary, reshare, unload
 from service.schemas import (
     CanaryRequest,
     PlacedResponse,
@@ -142,14 +142,19 @@ def _side_body(model: type[BaseModel], summary: str, value: dict[str, object]) -
     description="Loads, checks and warms up the file like a hot swap, then scores `sample` of the "
     "served model's scoring calls with it too, on a thread of its own after the answers are sent: "
     "answers never change. Its score difference from the served model, its drift and its live "
-    "quality are exported under its version. Replaces any shadow.",
+    "quality are exported under its version. Replaces any shadow. Only a `sample` and a shadow "
+    "loaded: the same model, another sample (nothing is loaded).",
 )
 async def put_shadow(request: Request, ctx: Context) -> Response:
     authorise(request, ctx)
     target = await _body(request, ShadowRequest)
     s = ctx.settings
-    path = _path(target.model_path, s.shadow_model, "PI_SHADOW_MODEL")
     sample = s.shadow_sample if target.sample is None else target.sample
+    if target.model_path is None and target.sample is not None:
+        kept = await reshare(ctx.slot, "shadow", sample, lock=ctx.reload_lock)
+        if kept is not None:
+            return _placed("shadow", kept)
+    path = _path(target.model_path, s.shadow_model, "PI_SHADOW_MODEL")
     placed = await load_shadow(ctx.slot, s, ctx.metrics, path, sample, lock=ctx.reload_lock)
     return _placed("shadow", placed)
 
@@ -165,14 +170,20 @@ async def put_shadow(request: Request, ctx: Context) -> Response:
     description="Loads, checks and warms up the file like a hot swap, then answers `percent` of "
     "users with it on `/predict`, chosen by a hash of `user_id`: a user stays on one model across "
     "requests, replicas and restarts, and raising the percent only adds users. Each answer's "
-    "`model_version` names the model that produced it. Replaces any canary.",
+    "`model_version` names the model that produced it. Replaces any canary. Only a `percent` and "
+    "a canary loaded: the same model, another share (nothing is loaded). Batch requests are "
+    "answered by the served model.",
 )
 async def put_canary(request: Request, ctx: Context) -> Response:
     authorise(request, ctx)
     target = await _body(request, CanaryRequest)
     s = ctx.settings
-    path = _path(target.model_path, s.canary_model, "PI_CANARY_MODEL")
     percent = s.canary_percent if target.percent is None else target.percent
+    if target.model_path is None and target.percent is not None:
+        kept = await reshare(ctx.slot, "canary", percent, lock=ctx.reload_lock)
+        if kept is not None:
+            return _placed("canary", kept)
+    path = _path(target.model_path, s.canary_model, "PI_CANARY_MODEL")
     placed = await load_canary(ctx.slot, s, ctx.metrics, path, percent, lock=ctx.reload_lock)
     return _placed("canary", placed)
 

@@ -53,10 +53,14 @@ def _user(user_id: str, n_events: int = 2) -> dict[str, Any]:
 def models(tmp_path: Path) -> dict[str, Path]:
     return {
         "model-a": write_model(
-            tmp_path / "a.onnx", metadata=make_metadata(version="model-a", score_reference=REFERENCE), bias=-0.5
+            tmp_path / "a.onnx",
+            metadata=make_metadata(version="model-a", score_reference=REFERENCE),
+            bias=-0.5,
         ),
         "model-b": write_model(
-            tmp_path / "b.onnx", metadata=make_metadata(version="model-b", score_reference=REFERENCE), bias=0.7
+            tmp_path / "b.onnx",
+            metadata=make_metadata(version="model-b", score_reference=REFERENCE),
+            bias=0.7,
         ),
     }
 
@@ -164,3 +168,236 @@ def test_shadow_leaves_answers_unchanged_and_reports_its_difference(
 
 def json_probability(answer: bytes) -> float:
     return float(httpx.Response(200, content=answer).json()["probability"])
+
+
+def _versions(client: httpx.Client, users: list[str]) -> dict[str, str]:
+    return {u: client.post("/predict", json=_user(u)).json()["model_version"] for u in users}
+
+
+def _probabilities(client: httpx.Client, candidate: Path) -> dict[str, float]:
+    """What each model answers for the events every canary test sends (only the id varies)."""
+    out = {}
+    for version in ("model-a", "model-b"):
+        percent = 0 if version == "model-a" else 100
+        assert _put(client, "canary", model_path=str(candidate), percent=percent).status_code == 200
+        answer = client.post("/predict", json=_user("probe")).json()
+        assert answer["model_version"] == version
+        out[version] = answer["probability"]
+    assert out["model-a"] != out["model-b"]
+    return out
+
+
+def test_canary_answers_its_share_of_users_sticky_by_user_id(models: dict[str, Path], tmp_path: Path) -> None:
+    percent = 30.0
+    env = {**ENV, "PI_CANARY_MODEL": str(models["model-b"]), "PI_CANARY_PERCENT": str(percent)}
+    users = [f"user-{i:05d}" for i in range(1500)]
+    with running_service(models["model-a"], tmp_path / "first.log", env=env) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        # loaded from the settings once the served model was
+        wait_until(
+            lambda: ("canary", "model-b") in _loaded(client) or None, timeout=10, message="no canary loaded"
+        )
+        assert client.get("/v1/model").json()["loaded"][1]["percent"] == percent
+        first = _versions(client, users)
+        again = _versions(client, users[:300])
+        canary_users = _value(client, "purchase_intent_canary_users_scored_total")
+        expected = _probabilities(client, models["model-b"])
+        client.close()
+
+    share = sum(v == "model-b" for v in first.values()) / len(users)
+    assert abs(share - percent / 100) < 0.05, share  # 4 standard deviations at 1,500 users
+    # the documented rule exactly: blake2b of the user id, on the scale of 10,000
+    assert first == {u: "model-b" if in_canary(u, percent) else "model-a" for u in users}
+    assert again == {u: first[u] for u in users[:300]}  # sticky across requests
+    assert canary_users == sum(v == "model-b" for v in first.values()) + sum(
+        v == "model-b" for v in again.values()
+    )
+
+    # another process (another hash salt) over the admin API: the same users on the canary
+    with running_service(models["model-a"], tmp_path / "second.log", env=ENV) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        assert _loaded(client) == [("primary", "model-a")]
+        r = _put(client, "canary", model_path=str(models["model-b"]), percent=percent)
+        assert r.status_code == 200, r.text
+        assert r.json()["role"] == "canary"
+        answers = [client.post("/predict", json=_user(u)).json() for u in users[:500]]
+        assert {a["user_id"]: a["model_version"] for a in answers} == {u: first[u] for u in users[:500]}
+        # each answer is the one its named version computes
+        assert all(a["probability"] == expected[a["model_version"]] for a in answers)
+        # raising the share only adds users
+        assert _put(client, "canary", percent=60).json()["previous_version"] == "model-b"
+        wider = _versions(client, users[:500])
+        assert all(wider[u] == "model-b" for u in users[:500] if first[u] == "model-b")
+        assert sum(v == "model-b" for v in wider.values()) > sum(first[u] == "model-b" for u in users[:500])
+        # rollback: everyone back on the served model
+        assert client.delete("/admin/models/canary", headers=AUTH).json() == {
+            "role": "canary",
+            "unloaded_version": "model-b",
+        }
+        assert set(_versions(client, users[:200]).values()) == {"model-a"}
+        assert _loaded(client) == [("primary", "model-a")]
+        # batch requests are answered by the served model, as their one model_version says
+        assert _put(client, "canary", model_path=str(models["model-b"]), percent=100).status_code == 200
+        batch = client.post("/predict/batch", json={"users": [_user(u) for u in users[:20]]}).json()
+        assert batch["model_version"] == "model-a"
+        assert {p["probability"] for p in batch["predictions"]} == {expected["model-a"]}
+        client.close()
+
+
+def test_promote_under_load_fails_no_request(server: ServiceProcess, models: dict[str, Path]) -> None:
+    client = httpx.Client(base_url=server.url, timeout=30)
+    expected = _probabilities(client, models["model-b"])
+    assert client.delete("/admin/models/canary", headers=AUTH).status_code == 200
+    stop = threading.Event()
+    outcomes: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    problems: list[str] = []
+    lock = threading.Lock()
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                user = _user(f"w{worker}-{i}")
+                try:
+                    r = (
+                        c.post("/predict/batch", json={"users": [user] * 40})
+                        if worker == 3
+                        else c.post("/predict", json=user)
+                    )
+                except httpx.HTTPError as exc:
+                    with lock:
+                        outcomes[type(exc).__name__] += 1
+                    continue
+                with lock:
+                    outcomes[str(r.status_code)] += 1
+                    if r.status_code != 200:
+                        problems.append(r.text[:200])
+                        continue
+                    body = r.json()
+                    version = body["model_version"]
+                    seen[version] += 1
+                    probabilities = {p["probability"] for p in body.get("predictions", [body])}
+                    if probabilities != {expected.get(version)}:
+                        problems.append(f"{version}: {sorted(probabilities)[:3]}")
+
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    cycles = 10
+    try:
+        for k in range(cycles):
+            candidate = "model-b" if k % 2 == 0 else "model-a"
+            r = _put(client, "canary", model_path=str(models[candidate]), percent=50)
+            assert r.status_code == 200, r.text
+            time.sleep(0.1)
+            r = client.post("/admin/models/canary/promote", headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert r.json()["model_version"] == candidate
+            assert _loaded(client) == [("primary", candidate)]
+            assert client.post("/predict", json=_user(f"after-{k}")).json()["model_version"] == candidate
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    r = client.post("/admin/models/canary/promote", headers=AUTH)
+    assert (r.status_code, r.json()["error"]) == (409, "no_canary")
+    client.close()
+    total = sum(outcomes.values())
+    assert outcomes == Counter({"200": total}), (outcomes, problems[:5])
+    assert not problems, problems[:5]
+    assert total > 4 * cycles
+    assert set(seen) == {"model-a", "model-b"}, seen
+
+
+def test_bad_admin_requests_leave_the_serving_models_untouched(
+    server: ServiceProcess, models: dict[str, Path], tmp_path: Path
+) -> None:
+    client = httpx.Client(base_url=server.url, timeout=30)
+    user = _user("u-1")
+    answer = client.post("/predict", json=user).content
+    assert _put(client, "shadow", model_path=str(models["model-b"]), sample=0.5).status_code == 200
+    loaded = client.get("/v1/model").json()["loaded"]
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(models["model-b"].read_bytes()[:300])
+    meta = make_metadata(version="model-c", score_reference=REFERENCE)
+    bins, channels = meta.feature_spec.shape
+    wrong_spec = write_model(tmp_path / "spec.onnx", metadata=meta, shape=(bins + 1, channels))
+    horizon = write_model(
+        tmp_path / "horizon.onnx", metadata=dataclasses.replace(meta, horizon_weeks=meta.horizon_weeks + 4)
+    )
+    same_version = write_model(tmp_path / "again.onnx", metadata=make_metadata(version="model-a"))
+    cases: list[tuple[str, str, dict[str, object], int, str, str | None]] = []
+    for role, share in (("shadow", "sample"), ("canary", "percent")):
+        cases += [
+            (
+                role,
+                "missing file",
+                {"model_path": str(tmp_path / "absent.onnx")},
+                422,
+                "model_rejected",
+                None,
+            ),
+            (role, "corrupt file", {"model_path": str(corrupt)}, 422, "model_rejected", None),
+            (role, "wrong feature spec", {"model_path": str(wrong_spec)}, 422, "model_rejected", None),
+            (role, "another horizon", {"model_path": str(horizon)}, 422, "model_rejected", None),
+            (role, "the served version", {"model_path": str(same_version)}, 422, "model_rejected", None),
+            (
+                role,
+                "share too high",
+                {"model_path": str(models["model-b"]), share: 101},
+                422,
+                "invalid_input",
+                share,
+            ),
+            (
+                role,
+                "share negative",
+                {"model_path": str(models["model-b"]), share: -0.1},
+                422,
+                "invalid_input",
+                share,
+            ),
+            (
+                role,
+                "share a string",
+                {"model_path": str(models["model-b"]), share: "5"},
+                422,
+                "invalid_input",
+                share,
+            ),
+            (
+                role,
+                "unknown field",
+                {"model_path": str(models["model-b"]), "pct": 5},
+                422,
+                "invalid_input",
+                "pct",
+            ),
+            (role, "empty path", {"model_path": ""}, 422, "invalid_input", "model_path"),
+            (role, "no path configured", {}, 422, "model_rejected", None),
+        ]
+    for role, what, body, status, code, field in cases:
+        r = client.put(f"/admin/models/{role}", json=body, headers=AUTH)
+        assert (r.status_code, r.json()["error"]) == (status, code), (role, what, r.text)
+        if field is not None:
+            assert field in {d["field"] for d in r.json()["detail"]}, (role, what, r.text)
+        assert client.get("/v1/model").json()["loaded"] == loaded, (role, what)
+        assert client.post("/predict", json=user).content == answer, (role, what)
+    r = client.put(
+        "/admin/models/canary", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_json")
+    r = client.put("/admin/models/canary", json={"model_path": str(models["model-b"])})
+    assert (r.status_code, r.json()["error"]) == (401, "unauthorized")
+    r = client.delete("/admin/models/primary", headers=AUTH)
+    assert (r.status_code, r.json()["error"]) == (422, "invalid_input")
+    r = client.post("/admin/models/canary/promote", headers=AUTH)
+    assert (r.status_code, r.json()["error"]) == (409, "no_canary")
+    assert client.get("/v1/model").json()["loaded"] == loaded
+    assert client.post("/predict", json=user).content == answer
+    assert "Traceback" not in server.log.read_text()
+    client.close()
