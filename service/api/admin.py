@@ -205,17 +205,38 @@ async def promote(request: Request, ctx: Context) -> Response:
     return _placed("primary", placed)
 
 
-@router.delete(
-    "/admin/models/{role}",
-    response_model=UnloadResponse,
-    responses=errors_doc(401, (422, "`role` is neither `shadow` nor `canary` (`invalid_input`).")),
-    openapi_extra={"security": [{"bearer": []}]},
-    summary="Unload the shadow or the canary",
-    description="Unloading the canary is its rollback: its users go back to the served model with "
-    "their next request. Nothing to unload is not an error (`unloaded_version` is null).",
+_UNLOAD_DESCRIPTION = (
+    "Nothing to unload is not an error (`unloaded_version` is null). Unloading the canary is its "
+    "rollback: its users go back to the served model with their next request."
 )
-async def delete_model(role: Literal["shadow", "canary"], request: Request, ctx: Context) -> Response:
+
+
+async def _unload(request: Request, ctx: Context, role: Literal["shadow", "canary"]) -> Response:
     authorise(request, ctx)
     gone = await unload(ctx.slot, ctx.metrics, role, lock=ctx.reload_lock)
     answer = UnloadResponse(role=role, unloaded_version=gone)
     return Response(answer.model_dump_json(), media_type="application/json")
+
+
+@router.delete(
+    "/admin/models/shadow",
+    response_model=UnloadResponse,
+    responses=errors_doc(401),
+    openapi_extra={"security": [{"bearer": []}]},
+    summary="Unload the shadow model",
+    description=_UNLOAD_DESCRIPTION,
+)
+async def delete_shadow(request: Request, ctx: Context) -> Response:
+    return await _unload(request, ctx, "shadow")
+
+
+@router.delete(
+    "/admin/models/canary",
+    response_model=UnloadResponse,
+    responses=errors_doc(401),
+    openapi_extra={"security": [{"bearer": []}]},
+    summary="Unload the canary model (roll back)",
+    description=_UNLOAD_DESCRIPTION,
+)
+async def delete_canary(request: Request, ctx: Context) -> Response:
+    return await _unload(request, ctx, "canary")

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service.envelope import error_response, rejection
 from service.errors import ErrorDetail, ServiceError, field_path
@@ -37,6 +38,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             "method_not_allowed": "method not allowed on this endpoint",
         }.get(code, "the request cannot be processed")
         headers: dict[str, Any] | None = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed(request)}
         return error_response(exc.status_code, code, message, headers=headers)
 
     async def _request_validation(request: Request, exc: Exception) -> Response:
@@ -53,3 +56,15 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
+
+
+def _allowed(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's 405 names only the first route
+    that matched the path, which is wrong where two routes share it (``PUT`` and ``DELETE
+    /admin/models/shadow``)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))

@@ -394,7 +394,7 @@ def test_bad_admin_requests_leave_the_serving_models_untouched(
     r = client.put("/admin/models/canary", json={"model_path": str(models["model-b"])})
     assert (r.status_code, r.json()["error"]) == (401, "unauthorized")
     r = client.delete("/admin/models/primary", headers=AUTH)
-    assert (r.status_code, r.json()["error"]) == (422, "invalid_input")
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
     r = client.post("/admin/models/canary/promote", headers=AUTH)
     assert (r.status_code, r.json()["error"]) == (409, "no_canary")
     assert client.get("/v1/model").json()["loaded"] == loaded
