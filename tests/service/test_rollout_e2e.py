@@ -201,6 +201,12 @@ def test_canary_answers_its_share_of_users_sticky_by_user_id(models: dict[str, P
         first = _versions(client, users)
         again = _versions(client, users[:300])
         canary_users = _value(client, "purchase_intent_canary_users_scored_total")
+        # monitored under the version that answered: the canary's scores in its own drift window
+        on_canary = sum(v == "model-b" for v in [*first.values(), *again.values()])
+        _wait_for(client, "purchase_intent_score_window_size", on_canary, model_version="model-b")
+        assert _value(client, "purchase_intent_score_window_size", model_version="model-b") == on_canary
+        performance = client.get("/v1/model/performance").json()
+        assert {"model-a", "model-b"} <= {m["model_version"] for m in performance["models"]}
         expected = _probabilities(client, models["model-b"])
         client.close()
 
