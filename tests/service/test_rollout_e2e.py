@@ -407,3 +407,25 @@ def test_bad_admin_requests_leave_the_serving_models_untouched(
     assert client.post("/predict", json=user).content == answer
     assert "Traceback" not in server.log.read_text()
     client.close()
+
+
+def test_configured_models_that_fail_to_load_are_left_out(models: dict[str, Path], tmp_path: Path) -> None:
+    meta = make_metadata(version="model-c")
+    bins, channels = meta.feature_spec.shape
+    wrong_spec = write_model(tmp_path / "spec.onnx", metadata=meta, shape=(bins, channels + 1))
+    env = {**ENV, "PI_SHADOW_MODEL": str(tmp_path / "absent.onnx"), "PI_CANARY_MODEL": str(wrong_spec)}
+    with running_service(models["model-a"], tmp_path / "service.log", env=env) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        wait_until(
+            lambda: (
+                sum("not loaded, serving without" in line.get("message", "") for line in server.log_lines())
+                == 2
+                or None
+            ),
+            timeout=10,
+            message="no error line for each configured model",
+        )
+        assert _loaded(client) == [("primary", "model-a")]
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/predict", json=_user("u-1")).json()["model_version"] == "model-a"
+        client.close()
