@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from service.envelope import error_response, rejection
 from service.errors import ErrorDetail, ServiceError, field_path
@@ -38,8 +39,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             "method_not_allowed": "method not allowed on this endpoint",
         }.get(code, "the request cannot be processed")
         headers: dict[str, Any] | None = getattr(exc, "headers", None)
-        if exc.status_code == 405:
-            headers = {**(headers or {}), "Allow": _allowed(request)}
+        if exc.status_code == 405 and (allowed := _allowed(request)):
+            headers = {**(headers or {}), "Allow": allowed}
         return error_response(exc.status_code, code, message, headers=headers)
 
     async def _request_validation(request: Request, exc: Exception) -> Response:
@@ -58,13 +59,26 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
 
 
-def _allowed(request: Request) -> str:
-    """Every method some route serves at this path. Starlette's 405 names only the first route
-    that matched the path, which is wrong where two routes share it (``PUT`` and ``DELETE
-    /admin/models/shadow``)."""
+def _allowed(request: Request) -> str | None:
+    """Every method some route serves at this path, when no route took the request. Starlette's
+    405 names only the first route that matched the path, which is wrong where two routes share it
+    (``PUT`` and ``DELETE /admin/models/shadow``). ``None`` leaves the handler's own header (a
+    route that matched and refused, as ``DELETE /users/{id}`` does for ``/users/u-1/events``)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in _routes(request.app.router.routes):
         match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
+        if match is Match.FULL:
+            return None
+        if match is Match.PARTIAL:
             methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    return ", ".join(sorted(methods)) or None
+
+
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    # FastAPI wraps each included router; its routes are the ones that match paths
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route

@@ -403,6 +403,8 @@ def test_bad_admin_requests_leave_the_serving_models_untouched(
     assert (r.status_code, r.json()["error"]) == (404, "not_found")
     r = client.post("/admin/models/canary/promote", headers=AUTH)
     assert (r.status_code, r.json()["error"]) == (409, "no_canary")
+    r = client.post("/admin/models/shadow", headers=AUTH)  # two routes share the path: both named
+    assert (r.status_code, r.headers["allow"]) == (405, "DELETE, PUT")
     assert client.get("/v1/model").json()["loaded"] == loaded
     assert client.post("/predict", json=user).content == answer
     assert "Traceback" not in server.log.read_text()
