@@ -60,16 +60,24 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
 
 def _allowed(request: Request) -> str | None:
-    """Every method some route serves at this path, when no route took the request. Starlette's
-    405 names only the first route that matched the path, which is wrong where two routes share it
-    (``PUT`` and ``DELETE /admin/models/shadow``). ``None`` leaves the handler's own header (a
-    route that matched and refused, as ``DELETE /users/{id}`` does for ``/users/u-1/events``)."""
-    methods: set[str] = set()
-    for route in _routes(request.app.router.routes):
+    """Every method served at the path template Starlette's router chose. Its 405 names only the
+    first route that matched the path, which is wrong where two routes share a template (``PUT``
+    and ``DELETE /admin/models/shadow``). ``None`` leaves the handler's own header (a route that
+    took the request and refused it, as ``DELETE /users/{id}`` does for ``/users/u-1/events``)."""
+    routes = list(_routes(request.app.router.routes))
+    template = None
+    for route in routes:
         match, _ = route.matches(request.scope)
         if match is Match.FULL:
             return None
         if match is Match.PARTIAL:
+            template = getattr(route, "path", None)
+            break
+    if template is None:
+        return None
+    methods: set[str] = set()
+    for route in routes:
+        if getattr(route, "path", None) == template:
             methods |= getattr(route, "methods", None) or set()
     return ", ".join(sorted(methods)) or None
 
