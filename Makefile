@@ -54,6 +54,14 @@ gpu-env: $(VENV)/.stamp-dev
 	$(BIN)/pip uninstall --quiet -y onnxruntime onnxruntime-gpu
 	$(BIN)/pip install --quiet --no-deps 'onnxruntime-gpu==$(ORT_GPU_VERSION)'
 
+# On a machine with an NVIDIA GPU: every node on CUDA (onnxruntime's profile), answers within 1e-5
+# of the CPU's (onnxruntime and the service), then `make bench` on the GPU, its table appended to
+# bench/README.md ("GPU runs"). E.g. make gpu-check GPU_CHECK_ARGS="--bench-args '--duration 5s'".
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: gpu-env system-deps $(MODEL)
+	$(BIN)/python -m bench.gpu_check --model $(MODEL) $(GPU_CHECK_ARGS)
+
 # The served model is the production one: the out-of-time protocol at the latest cutoff the 13-week
 # horizon allows (fitted on features at 1997-12-30 with labels up to 1998-03-31, judged on the last 13
 # weeks of CDNOW). Its report quotes the rolling backtest as the estimate of how it will do: the last
@@ -119,6 +127,13 @@ BENCH_TRAIN_SCALE_ARGS ?= --today-wall-s 480
 bench-train-scale: $(VENV)/.stamp-train
 	$(BIN)/python -m bench.train_scale $(BENCH_TRAIN_SCALE_ARGS)
 
+# Scoped tokens on against off at 64 connections, and a rate limit's accuracy under wrk load
+# (bench/README.md, "Tokens and rate limits"). E.g. make bench-auth BENCH_AUTH_ARGS='--rate 200'.
+BENCH_AUTH_ARGS ?=
+.PHONY: bench-auth
+bench-auth: $(VENV)/.stamp-dev system-deps $(filter $(MODEL),$(BENCH_MODEL))
+	$(BIN)/python -m bench.auth --model $(BENCH_MODEL) $(BENCH_AUTH_ARGS)
+
 # Everything, end-to-end tests included: what CI runs.
 test: $(VENV)/.stamp-dev system-deps
 	$(BIN)/python -m pytest
@@ -136,6 +151,7 @@ lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/bandit -c pyproject.toml -r service model_export bench -q
 
 format: $(VENV)/.stamp-dev
 	$(BIN)/ruff format .

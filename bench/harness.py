@@ -96,7 +96,8 @@ def _check_answers(url: str, body: bytes, what: str, content_type: str = "applic
 
 def _metrics_text(server: processes.Server) -> str:
     try:
-        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
+        # http://127.0.0.1: a server this bench started
+        with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:  # nosec B310
             return str(response.read().decode())
     except OSError as exc:
         raise _gone(server, f"GET /metrics failed ({exc})") from exc
@@ -468,7 +469,8 @@ def run(options: Options, say: Say) -> Report:
     # has already switched micro-batching off for the first.
     service = _start_service("service", options, {"PI_STORE_PATH": str(workdir / "events.sqlite3")})
     with _running(service, say):
-        with urllib.request.urlopen(service.url + "/readyz", timeout=5) as response:
+        # http://127.0.0.1: a server this bench started
+        with urllib.request.urlopen(service.url + "/readyz", timeout=5) as response:  # nosec B310
             ready = json.loads(response.read())
         batched_answer = _check_answers(service.url + "/predict", predict_body, "service")
         if options.phases == "all":

@@ -33,7 +33,8 @@ from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import start_service, wait_until
 
-TOKEN = "soak-token"
+# the admin token of a throwaway local server
+TOKEN = "soak-token"  # nosec B105
 _EVENT = {"timestamp": "1997-09-01T00:00:00Z", "amount": 10.0, "quantity": 2}
 J = {"Content-Type": "application/json"}
 
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         stop_at = started + args.seconds
 
         def client(seed: int) -> None:
-            rng = random.Random(seed)
+            # reproducible load, not secrets
+            rng = random.Random(seed)  # nosec B311
             with httpx.Client(base_url=server.url, timeout=60) as c:
                 # bodies drawn afresh each round: new users for outcome recording, new shapes
                 rounds = (request for _ in itertools.count() for request in _requests(rng))

@@ -13,6 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -110,11 +113,33 @@ def partition_of(users: pa.Array, k: int) -> NDArray[np.int64]:
     return (hashes % np.uint64(k)).astype(np.int64)
 
 
+#: Descriptors kept free beside the spill files: the log being read, the output, onnxruntime,
+#: logging, a Ray driver's sockets.
+SPARE_FILES = 64
+
+
+def ensure_open_files(k: int) -> None:
+    """Make room for ``k`` spill files open at once: the soft descriptor limit raised towards the
+    hard one if needed, else a :class:`DataError` naming the fix, before anything is written."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = k + SPARE_FILES
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise DataError(
+        f"the log needs {k} spill files open at once but this process may open only {hard} files: "
+        "raise --chunk-rows (fewer, larger spill files) or the hard limit (ulimit -Hn)"
+    )
+
+
 class Spill:
     """Rows hash-partitioned by user into ``k`` Arrow IPC files: each user's rows in one file, in
     the log's order."""
 
     def __init__(self, directory: Path, k: int) -> None:
+        ensure_open_files(k)
         self.k = k
         self._paths = [directory / f"part-{i:05d}.arrow" for i in range(k)]
         self._sinks = [pa.OSFile(str(p), "wb") for p in self._paths]
@@ -245,8 +270,38 @@ def spilled(
     log_file = open_log(source, columns or {}, predictor.metadata.feature_spec.columns_read())
     out.parent.mkdir(parents=True, exist_ok=True)
     # next to the output by default: the disk meant for the results, not a /tmp that may be RAM
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.spill-", dir=spill_dir or out.parent) as scratch:
+    directory = spill_dir or out.parent
+    remove_stale_spills(directory, out)
+    prefix = f"{_spill_prefix(out)}{socket.gethostname()}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=directory) as scratch:
         yield log_file, _spill(log_file, Path(scratch), chunk_rows, progress, partitions_multiple_of)
+
+
+def _spill_prefix(out: Path) -> str:
+    return f".{out.name}.spill-"
+
+
+def remove_stale_spills(directory: Path, out: Path) -> None:
+    """Spill directories for ``out`` left by a run of this host that was killed (SIGKILL, power
+    loss) are removed: they can be as large as the log. A directory is stale when the process named
+    in it is gone; another host's are left alone, as a shared ``--spill-dir`` may hold them live."""
+    host = socket.gethostname()
+    for path in directory.glob(f"{_spill_prefix(out)}*"):
+        owner = path.name[len(_spill_prefix(out)) :].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit() or _alive(int(owner[1])):
+            continue
+        log.warning("removing %s, left by a run that did not finish (pid %s)", path, owner[1])
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def default_as_of(log_file: Log) -> int:

@@ -18,6 +18,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.auth import TokenFileError, hash_token
 from service.config import Settings
 from service.http_protocol import with_head_timeout
 from service.lifecycle import ModelSlot
@@ -40,7 +41,20 @@ def _parse_args(argv: list[str] | None) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
+def _hash_token() -> int:
+    """``python -m service hash-token``: a token on standard input -> the line's hash field."""
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("error: no token on standard input", file=sys.stderr)
+        return 2
+    print(hash_token(token))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["hash-token"]:
+        return _hash_token()
     overrides = _parse_args(argv)
     try:
         settings = Settings(**overrides)
@@ -63,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     slot = ModelSlot()
-    app = create_app(
-        settings, on_load_failure=on_load_failure if settings.exit_on_load_failure else None, slot=slot
-    )
+    try:
+        app = create_app(
+            settings, on_load_failure=on_load_failure if settings.exit_on_load_failure else None, slot=slot
+        )
+    except (TokenFileError, OSError) as exc:  # the tokens file: unreadable or malformed
+        logging.getLogger("service").error("cannot read PI_TOKENS_FILE: %s", exc)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

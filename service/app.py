@@ -23,7 +23,8 @@ from service.api import admin, batch, events, health, model, performance, predic
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
-from service.api.openapi import publish_request_schemas
+from service.api.openapi import publish_request_schemas, route_scopes
+from service.auth import Access
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import REJECT_REASONS
@@ -111,6 +112,7 @@ def create_app(
     )
     metrics.ready.set_function(lambda: 1.0 if model_slot.ready and (guarded is None or guarded.up) else 0.0)
     monitor = Monitor(settings, metrics.registry)
+    access = Access(settings, metrics.registry)  # reads the tokens file: a bad one fails here
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -141,6 +143,7 @@ def create_app(
             scorer=scorer,
             limiter=anyio.CapacityLimiter(settings.batch_threads),
             reload_lock=anyio.Lock(),
+            access=access,
             store=guarded,
             store_limiter=store_limiter,
             batcher=batcher,
@@ -204,8 +207,8 @@ def create_app(
     )
     for router in routers:
         app.include_router(router)
-    admin_enabled = settings.admin_token is not None
-    if admin_enabled:  # no token, no endpoint: a 404 like any unknown path
+    admin_enabled = settings.admin_token is not None or access.enabled
+    if admin_enabled:  # no way to authorise, no endpoint: a 404 like any unknown path
         app.include_router(admin.router)
     if guarded is not None:
         app.include_router(events.router)
@@ -219,8 +222,10 @@ def create_app(
     }
     # added first = inside RequestMiddleware, which times, logs and counts what this one refuses
     app.add_middleware(LimitMiddleware, **limits)
-    app.add_middleware(RequestMiddleware, metrics=metrics)
-    app.direct_predict = RequestMiddleware(LimitMiddleware(predict.serve_predict, **limits), metrics=metrics)
+    app.add_middleware(RequestMiddleware, metrics=metrics, access=access)
+    app.direct_predict = RequestMiddleware(
+        LimitMiddleware(predict.serve_predict, **limits), metrics=metrics, access=access
+    )
     app.predict_route = next(r for r in predict.router.routes if getattr(r, "path", None) == "/predict")
     publish_request_schemas(
         app,
@@ -234,6 +239,10 @@ def create_app(
             events.EventsRequest,
         ),
         bearer=admin_enabled,
+        scopes=(lambda: {op: access.requires(s) for op, s in route_scopes(app.routes).items()})
+        if access.enabled
+        else None,
+        rate_limited=frozenset(settings.rate_limits),
         # more users than this is a 413, more events (one user's, or one /events body) a 422
         list_limits=(
             (BatchPredictRequest, "users", settings.max_batch_users),

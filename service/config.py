@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.scopes import SCOPES
+
 #: Request latency buckets in seconds: a single request through the whole stack takes well under a
 #: millisecond on CPU, so the buckets start far below one (buckets that begin at milliseconds put
 #: every request in the first and leave the median unreadable) and reach 10 s for large batch
@@ -159,8 +161,26 @@ class Settings(BaseSettings):
     trickles its headers, or opens connections and sends nothing, cannot hold them forever)."""
 
     admin_token: SecretStr | None = None
-    """Bearer token for ``POST /admin/reload`` and ``/admin/models/...``; unset (the default)
-    disables those endpoints (404)."""
+    """Bearer token for the admin and user-data routes while ``PI_TOKENS_FILE`` is unset; with
+    neither set, those routes are not mounted (404)."""
+
+    tokens_file: Path | None = None
+    """Scoped bearer tokens, one ``name:sha256-hex-of-token:scope,scope`` line each (README,
+    "Tokens and scopes"); set, every route but the probes and docs needs a token holding its
+    scope. Re-read when it changes. Exclusive with ``PI_ADMIN_TOKEN``."""
+
+    metrics_require_token: bool = False
+    """With tokens on, ``/metrics`` and ``/v1/model/performance`` need the ``metrics`` scope too."""
+
+    rate_limits: dict[str, float] = Field(default_factory=dict)
+    """Requests a second per client and scope, e.g. ``{"predict": 200, "ingest": 50}`` (JSON); a
+    client is a token (by name), or an address while tokens are off. Unlisted scopes are unlimited."""
+
+    rate_limit_burst_seconds: float = Field(default=1.0, gt=0)
+    """A client's bucket holds this many seconds of its rate (at least one request)."""
+
+    audit_key: SecretStr | None = None
+    """Key of the HMAC that names users in the audit log; without it, a plain sha256 of the id."""
 
     store_backend: Literal["sqlite", "redis", "none"] = "sqlite"
     """Where ``POST /events`` stores purchase histories for predictions by user id: ``sqlite`` (an
@@ -180,6 +200,11 @@ class Settings(BaseSettings):
     store_timeout_seconds: float = Field(default=2.0, gt=0)
     """Most time one store call may wait (Redis socket timeout, SQLite lock wait); past it the
     request is a 503 ``store_unavailable``."""
+
+    store_erase_persist_seconds: float = Field(default=60.0, gt=0)
+    """Most time ``DELETE /users/{user_id}`` waits, on Redis, for the append-only file rewrite (and
+    snapshot, if configured) that drops the erased user from disk; past it the answer is a 503
+    ``store_unavailable`` and a retry repeats the rewrite. Grows with the store's size."""
 
     store_threads: int = Field(default=4, ge=1)
     """Worker threads for event writes and the admin history endpoints (reads for predictions use
@@ -297,6 +322,19 @@ class Settings(BaseSettings):
     def _check_shutdown(self) -> Settings:
         if self.shutdown_drain_seconds >= self.shutdown_grace_seconds:
             raise ValueError("shutdown_drain_seconds must be shorter than shutdown_grace_seconds")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> Settings:
+        if self.tokens_file is not None and self.admin_token is not None:
+            raise ValueError(
+                "PI_ADMIN_TOKEN and PI_TOKENS_FILE are exclusive: give a token the admin scope in the file"
+            )
+        unknown = sorted(set(self.rate_limits) - set(SCOPES))
+        if unknown:
+            raise ValueError(f"rate_limits: unknown scope(s) {unknown}; known: {', '.join(SCOPES)}")
+        if any(rate <= 0 for rate in self.rate_limits.values()):
+            raise ValueError("rate_limits: every rate must be > 0 requests a second")
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "request_timeout",
     "overloaded",
     "unauthorized",
+    "forbidden",
+    "rate_limited",
     "model_rejected",
     "no_canary",
     "not_ready",
@@ -137,6 +139,18 @@ class OverloadedError(RetryableError):
 class UnauthorizedError(ServiceError):
     status_code = 401
     code = "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    status_code = 403
+    code = "forbidden"
+
+
+class RateLimitedError(ServiceError):
+    """A 429; the caller sets ``Retry-After`` to when the client's bucket has a request again."""
+
+    status_code = 429
+    code = "rate_limited"
 
 
 class ModelRejectedError(ServiceError):

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import Access
 from service.envelope import error_response
 from service.metrics import UNMATCHED_ROUTE, Metrics
 
@@ -34,7 +35,7 @@ CLIENT_CLOSED = 499
 
 #: Request ids need to be unique, not secret: 128 bits from a PRNG seeded once from the OS, not a
 #: getrandom syscall per request as uuid4() makes.
-_IDS = random.Random(os.urandom(32))
+_IDS = random.Random(os.urandom(32))  # nosec B311
 
 
 def _request_id(scope: Scope) -> str:
@@ -53,9 +54,10 @@ def _route_label(scope: Scope) -> str:
 class RequestMiddleware:
     """Outermost user middleware, so it also times and catches what other middleware does."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, access: Access | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.access = access
         # Label children by (route, status class): ``labels()`` looks them up under a lock on
         # every call; the key sets are closed (route templates, five classes).
         self._counted: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
@@ -112,8 +114,12 @@ class RequestMiddleware:
             requests.inc()
             durations.observe(duration)
             path: str = scope["path"]
+            state = scope.get("state") or {}
+            audit = state.get("audit")
+            if audit is not None and self.access is not None:  # set by the route's scope check
+                user_id = (scope.get("path_params") or {}).get("user_id")
+                self.access.audit(audit[1], audit[0], scope["method"], route, user_id, status)
             if path not in QUIET_PATHS and logger.isEnabledFor(logging.INFO):
-                state = scope.get("state") or {}
                 _access_line(
                     {
                         "method": scope["method"],

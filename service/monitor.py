@@ -83,6 +83,9 @@ class Monitor:
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        # held from a flush's drain to its write, and by an erasure: a prediction drained before an
+        # erasure cannot be written after it
+        self._flush_lock = threading.Lock()
         self._models: OrderedDict[str, ModelMetadata] = OrderedDict()  # most recently served last
         self._scores: deque[tuple[str, NDArray[np.float32]]] = deque()
         self._pending_scores = 0
@@ -213,18 +216,27 @@ class Monitor:
     def flush(self, store: GuardedStore) -> None:
         """Write the buffered predictions (sampled, one per user, version and day) in one call."""
         assert self.recorder is not None
-        drained = self.recorder.drain()
-        self.recorded.labels("sampled_out").inc(drained.sampled_out)
-        self.recorded.labels("duplicate").inc(drained.duplicates)
-        if not drained.predictions:
-            return
-        try:
-            result = store.record(drained.predictions)
-        except StoreDownError:
-            self.recorded.labels("dropped").inc(len(drained.predictions))
-            raise
+        with self._flush_lock:
+            drained = self.recorder.drain()
+            self.recorded.labels("sampled_out").inc(drained.sampled_out)
+            self.recorded.labels("duplicate").inc(drained.duplicates)
+            if not drained.predictions:
+                return
+            try:
+                result = store.record(drained.predictions)
+            except StoreDownError:
+                self.recorded.labels("dropped").inc(len(drained.predictions))
+                raise
         self.recorded.labels("recorded").inc(result.stored)
         self.recorded.labels("duplicate").inc(result.duplicates)
+
+    def erase(self, store: GuardedStore, user_id: str) -> int:
+        """Forget the user in the store and in the buffer of predictions not yet written; returns
+        the raw events deleted. Blocks: call it in a worker thread."""
+        with self._flush_lock:
+            if self.recorder is not None:
+                self.recorder.forget(user_id)
+            return store.erase(user_id)
 
     def evaluate(self, store: GuardedStore, now: float) -> None:
         """One round of the outcome job: settle what is due, prune, score the window."""

@@ -115,6 +115,28 @@ class Recorder:
             self._users += n
         return 0
 
+    def forget(self, user_id: str) -> int:
+        """Drop the user's buffered predictions (erasure); returns how many."""
+        with self._lock:
+            kept: deque[_Served] = deque()
+            removed = 0
+            for call in self._calls:
+                if user_id not in call.user_ids:
+                    kept.append(call)
+                    continue
+                keep = np.array([u != user_id for u in call.user_ids], dtype=bool)
+                removed += int(keep.size - keep.sum())
+                if keep.any():
+                    ids = [u for u, k in zip(call.user_ids, keep.tolist(), strict=True) if k]
+                    kept.append(
+                        call._replace(
+                            user_ids=ids, as_of=call.as_of[keep], probabilities=call.probabilities[keep]
+                        )
+                    )
+            self._calls = kept
+            self._users -= removed
+        return removed
+
     def _sampled(self, user_id: str) -> bool:
         return zlib.crc32(user_id.encode()) < self._threshold
 

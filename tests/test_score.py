@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +361,58 @@ def test_cli_writes_the_file_and_a_report(
     with pytest.raises(SystemExit):
         main([*args, "--as-of", "2024-03-05T10:00:00"])  # no offset
     assert "no UTC offset" in capsys.readouterr().err
+
+
+def test_a_killed_runs_spill_files_are_removed_by_the_next_run(
+    tmp_path: Path, predictor: OnnxPredictor
+) -> None:
+    log = write(tmp_path / "log.csv", LOG)
+    host = socket.gethostname()
+    child = [sys.executable, "-c", "import os; print(os.getpid())"]
+    gone = subprocess.run(child, capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)  # a pid that existed and has exited
+    stale = tmp_path / f".s.parquet.spill-{host}-{dead}-abc123"
+    live = tmp_path / f".s.parquet.spill-{host}-{os.getpid()}-def456"  # a run still going
+    elsewhere = tmp_path / f".s.parquet.spill-other-host-{dead}-ghi789"  # a shared --spill-dir
+    other_output = tmp_path / f".t.parquet.spill-{host}-{dead}-jkl012"
+    for path in (stale, live, elsewhere, other_output):
+        path.mkdir()
+        (path / "part-00000.arrow").write_bytes(b"rows")
+    score_log(predictor, log, tmp_path / "s.parquet")
+    assert not stale.exists()
+    assert live.exists()
+    assert elsewhere.exists()
+    assert other_output.exists()
+
+
+def test_more_spill_files_than_the_process_may_open_fails_before_any_output(
+    tmp_path: Path, model: Path
+) -> None:
+    body = "".join(f"u{i},2024-01-{1 + i % 28:02d},{i}.5,1\n" for i in range(400))
+    log = write(tmp_path / "log.csv", HEADER + body)
+    out = tmp_path / "s.parquet"
+    args = ["score", "--model", str(model), "--data", str(log), "--out", str(out), "--no-progress"]
+
+    def cli(limit: int, chunk_rows: int) -> subprocess.CompletedProcess[str]:
+        # a hard limit can only be lowered, so in a child process
+        script = (
+            "import resource, sys; from model_export.__main__ import main; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); sys.exit(main(sys.argv[1:]))"
+        )
+        return subprocess.run(
+            [sys.executable, "-c", script, *args, "--chunk-rows", str(chunk_rows)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=120,
+        )
+
+    refused = cli(limit=300, chunk_rows=1)  # 400 spill files
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "needs 400 spill files open at once but this process may open only 300" in refused.stderr
+    assert "--chunk-rows" in refused.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".s.parquet*"))
+    fits = cli(limit=300, chunk_rows=2)  # 200 spill files and the spare ones fit
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert pq.read_table(out).num_rows == 400

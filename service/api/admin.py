@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from service.api.body import ModelT, check_content_type, parse_json
-from service.api.deps import Context, authorise
+from service.api.deps import Context, scoped
 from service.api.openapi import errors_doc, json_body
 from service.errors import ModelRejectedError
 from service.lifecycle import Role, reload_model
@@ -25,12 +25,14 @@ from service.schemas import (
     ShadowRequest,
     UnloadResponse,
 )
+from service.scopes import ADMIN
 
 router = APIRouter(tags=["admin"])
 
 
 @router.post(
     "/admin/reload",
+    dependencies=[scoped(ADMIN)],
     response_model=ReloadResponse,
     responses=errors_doc(
         400,
@@ -59,7 +61,6 @@ router = APIRouter(tags=["admin"])
     "it. A file that fails any step is refused and the old model keeps serving.",
 )
 async def reload(request: Request, ctx: Context) -> Response:
-    authorise(request, ctx)
     body = await request.body()
     target = ReloadRequest()
     if body:  # none at all; anything else is JSON, as on every route
@@ -133,6 +134,7 @@ def _side_body(model: type[BaseModel], summary: str, value: dict[str, object]) -
 
 @router.put(
     "/admin/models/shadow",
+    dependencies=[scoped(ADMIN)],
     response_model=PlacedResponse,
     responses=_ROLE_ERRORS,
     openapi_extra=_side_body(
@@ -146,7 +148,6 @@ def _side_body(model: type[BaseModel], summary: str, value: dict[str, object]) -
     "loaded: the same model, another sample (nothing is loaded).",
 )
 async def put_shadow(request: Request, ctx: Context) -> Response:
-    authorise(request, ctx)
     target = await _body(request, ShadowRequest)
     s = ctx.settings
     sample = s.shadow_sample if target.sample is None else target.sample
@@ -161,6 +162,7 @@ async def put_shadow(request: Request, ctx: Context) -> Response:
 
 @router.put(
     "/admin/models/canary",
+    dependencies=[scoped(ADMIN)],
     response_model=PlacedResponse,
     responses=_ROLE_ERRORS,
     openapi_extra=_side_body(
@@ -175,7 +177,6 @@ async def put_shadow(request: Request, ctx: Context) -> Response:
     "answered by the served model.",
 )
 async def put_canary(request: Request, ctx: Context) -> Response:
-    authorise(request, ctx)
     target = await _body(request, CanaryRequest)
     s = ctx.settings
     percent = s.canary_percent if target.percent is None else target.percent
@@ -190,6 +191,7 @@ async def put_canary(request: Request, ctx: Context) -> Response:
 
 @router.post(
     "/admin/models/canary/promote",
+    dependencies=[scoped(ADMIN)],
     response_model=PlacedResponse,
     responses=errors_doc(401, (409, "No canary is loaded (`no_canary`).")),
     openapi_extra={"security": [{"bearer": []}]},
@@ -199,7 +201,6 @@ async def put_canary(request: Request, ctx: Context) -> Response:
     "canary afterwards. (A rollback is `DELETE /admin/models/canary`.)",
 )
 async def promote(request: Request, ctx: Context) -> Response:
-    authorise(request, ctx)
     placed = await promote_canary(ctx.slot, ctx.metrics, lock=ctx.reload_lock)
     request.state.model_version = placed.served.predictor.metadata.model_version
     return _placed("primary", placed)
@@ -211,8 +212,7 @@ _UNLOAD_DESCRIPTION = (
 )
 
 
-async def _unload(request: Request, ctx: Context, role: Literal["shadow", "canary"]) -> Response:
-    authorise(request, ctx)
+async def _unload(ctx: Context, role: Literal["shadow", "canary"]) -> Response:
     gone = await unload(ctx.slot, ctx.metrics, role, lock=ctx.reload_lock)
     answer = UnloadResponse(role=role, unloaded_version=gone)
     return Response(answer.model_dump_json(), media_type="application/json")
@@ -220,23 +220,25 @@ async def _unload(request: Request, ctx: Context, role: Literal["shadow", "canar
 
 @router.delete(
     "/admin/models/shadow",
+    dependencies=[scoped(ADMIN)],
     response_model=UnloadResponse,
     responses=errors_doc(401),
     openapi_extra={"security": [{"bearer": []}]},
     summary="Unload the shadow model",
     description=_UNLOAD_DESCRIPTION,
 )
-async def delete_shadow(request: Request, ctx: Context) -> Response:
-    return await _unload(request, ctx, "shadow")
+async def delete_shadow(ctx: Context) -> Response:
+    return await _unload(ctx, "shadow")
 
 
 @router.delete(
     "/admin/models/canary",
+    dependencies=[scoped(ADMIN)],
     response_model=UnloadResponse,
     responses=errors_doc(401),
     openapi_extra={"security": [{"bearer": []}]},
     summary="Unload the canary model (roll back)",
     description=_UNLOAD_DESCRIPTION,
 )
-async def delete_canary(request: Request, ctx: Context) -> Response:
-    return await _unload(request, ctx, "canary")
+async def delete_canary(ctx: Context) -> Response:
+    return await _unload(ctx, "canary")

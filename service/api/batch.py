@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from service.api.body import media_type_of, parse_json, respond
 from service.api.columns import check_events, check_timestamps, resolve_columns
-from service.api.deps import AppContext, get_context
+from service.api.deps import AppContext, get_context, scoped
 from service.api.openapi import PREDICT_ERRORS, batch_body, errors_doc
 from service.bulk import (
     ARROW_MEDIA_TYPE,
@@ -33,6 +33,7 @@ from service.schemas import (
     ColumnarPredictResponse,
     Prediction,
 )
+from service.scopes import PREDICT
 
 router = APIRouter(tags=["predict"])
 
@@ -121,6 +122,7 @@ _ARROW_ANSWER: dict[int | str, dict[str, Any]] = {
 
 @router.post(
     "/predict/batch",
+    dependencies=[scoped(PREDICT)],
     response_model=BatchPredictResponse | ColumnarPredictResponse,
     responses=errors_doc(*PREDICT_ERRORS)
     | _ARROW_ANSWER

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from service.api.deps import AppContext
+from service.auth import require_inline, require_stored
 from service.columns import EventColumns, out_of_range
 from service.errors import ErrorDetail, InvalidInputError, too_many_events
 from service.history import StoredUsers, merge_histories, read_histories
@@ -46,6 +47,8 @@ def resolve_columns(
     ``field(i)`` names user ``i`` in error details (``""`` for a single user, ``"users[3]."``).
     """
     missing = [i for i, u in enumerate(users) if u.events is None]
+    if len(missing) < len(users):
+        require_inline()
     if not missing:
         return request_columns(users, now)
     store = ctx.store
@@ -54,6 +57,7 @@ def resolve_columns(
             "events are required: no event store is configured (PI_STORE_BACKEND=none)",
             [ErrorDetail(f"{field(i)}events", "missing", "Field required") for i in missing][:_MAX_LISTED],
         )
+    require_stored()
     if not may_block:
         raise StoreReadNeeded
     stored = read_histories(store, [users[i].user_id for i in missing])

@@ -1,20 +1,21 @@
 """What a request handler gets from the app: the lifespan state, through one dependency, and the
-checks routes share (a served model, the event store, the admin token)."""
+checks routes share (a served model, the event store, the route's scope)."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Request
+from starlette.types import Scope
 
+from service.auth import AUDITED, Access, Principal
 from service.batching import Batcher
 from service.config import Settings
-from service.errors import NotReadyError, StoreUnavailableError, UnauthorizedError
+from service.errors import NotReadyError, ServiceError, StoreUnavailableError
 from service.history import HistoryReads
 from service.lifecycle import LoadedModel, ModelSlot
 from service.limits import Admission
@@ -36,6 +37,7 @@ class AppContext:
     scorer: Scorer
     limiter: anyio.CapacityLimiter  # threads for large requests; created inside the running loop
     reload_lock: anyio.Lock  # one model load at a time: the first load and hot swaps
+    access: Access  # tokens, scopes, rate limits, audit (service/auth.py)
     store: GuardedStore | None = None  # the event store (PI_STORE_BACKEND), None when "none"
     store_limiter: anyio.CapacityLimiter | None = None  # threads for writes and admin history calls
     batcher: Batcher | None = None  # micro-batching of small /predict calls; None when switched off
@@ -76,17 +78,37 @@ async def in_store_thread(ctx: AppContext, fn: Callable[[], T]) -> T:
         raise StoreUnavailableError.retry_later(str(exc)) from None
 
 
-def authorise(request: Request, ctx: AppContext) -> None:
-    """A 401 unless the request carries the admin bearer token."""
-    expected = ctx.settings.admin_token
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # compare_digest: the time taken must not tell how much of a guessed token was right
-    if (
-        expected is None
-        or scheme.lower() != "bearer"
-        or not secrets.compare_digest(token.strip().encode(), expected.get_secret_value().encode())
-    ):
-        raise UnauthorizedError(
-            "a valid admin token is required: Authorization: Bearer <PI_ADMIN_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+class Scoped:
+    """The dependency every route declares (``dependencies=[scoped(scope)]``): the token check,
+    the rate limit, and for audited scopes the note the request middleware logs once answered.
+    A class, so a test can read each route's scope off its dependencies."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+    async def __call__(self, request: Request) -> None:
+        ctx: AppContext = request.state.context
+        check_scope(ctx, request.scope, self.scope)
+
+
+def check_scope(ctx: AppContext, scope: Scope, required: str) -> Principal:
+    """:meth:`Access.check` for an ASGI request; audited scopes leave their note in its state."""
+    access = ctx.access
+    required = access.requires(required)
+    audited = required in AUDITED
+    try:
+        principal = access.identify(scope["headers"], required)
+    except ServiceError:
+        if audited:
+            scope["state"]["audit"] = (required, None)
+        raise
+    if audited:
+        scope["state"]["audit"] = (required, principal)
+    client = scope.get("client")
+    access.authorize(principal, required, client[0] if client else None)
+    return principal
+
+
+def scoped(scope: str) -> Any:
+    """``Depends`` on :class:`Scoped`: the route needs ``scope`` (``service.scopes``)."""
+    return Depends(Scoped(scope))

@@ -17,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from service.api.body import check_content_type, parse_json, read_body
-from service.api.deps import AppContext, Context, in_store_thread, require_store
+from service.api.deps import AppContext, Context, in_store_thread, require_store, scoped
 from service.api.openapi import errors_doc, json_body
 from service.errors import too_many_events
 from service.schemas import EVENT_TIMESTAMP_DESCRIPTION, Event, Timestamp
+from service.scopes import INGEST
 from service.store import NewEvent
 from service.store.base import event_key
 
@@ -99,6 +100,7 @@ def _ingest(ctx: AppContext, body: bytes) -> bytes:
 
 @router.post(
     "/events",
+    dependencies=[scoped(INGEST)],
     response_model=EventsResponse,
     responses=errors_doc(
         400,

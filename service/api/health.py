@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from service.api.deps import Context
+from service.api.deps import Context, scoped
 from service.schemas import HealthResponse, ReadinessResponse
+from service.scopes import PUBLIC
 
 router = APIRouter(tags=["health"])
 
@@ -15,6 +16,7 @@ _ALIVE = HealthResponse(status="ok").model_dump_json().encode()
 
 @router.get(
     "/healthz",
+    dependencies=[scoped(PUBLIC)],
     response_model=HealthResponse,
     summary="Liveness: the process answers",
     description="Always 200 while the process runs, whatever the model's state. Use it as the "
@@ -26,6 +28,7 @@ async def healthz() -> Response:
 
 @router.get(
     "/readyz",
+    dependencies=[scoped(PUBLIC)],
     response_model=ReadinessResponse,
     responses={
         503: {

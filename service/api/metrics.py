@@ -6,13 +6,15 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from starlette.responses import Response
 
-from service.api.deps import Context
+from service.api.deps import Context, scoped
+from service.scopes import METRICS
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get(
     "/metrics",
+    dependencies=[scoped(METRICS)],
     summary="Prometheus metrics",
     description="Prometheus text exposition format 0.0.4, which every Prometheus 2.x and 3.x "
     "scrapes; the README lists each metric.",

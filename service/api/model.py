@@ -7,16 +7,18 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from service.api.deps import AppContext, Context, require_model
+from service.api.deps import AppContext, Context, require_model, scoped
 from service.api.openapi import errors_doc
 from service.lifecycle import LoadedModel, Role, loaded_models
 from service.schemas import LoadedModelResponse, ModelResponse, RuntimeResponse
+from service.scopes import PREDICT
 
 router = APIRouter(tags=["model"])
 
 
 @router.get(
     "/v1/model",
+    dependencies=[scoped(PREDICT)],
     response_model=ModelResponse,
     responses=errors_doc((503, "No model loaded yet.")),
     summary="The served model's metadata",

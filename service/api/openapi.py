@@ -9,13 +9,15 @@ app answers (``POST /predict``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.bulk import ARROW_MEDIA_TYPE
@@ -27,6 +29,7 @@ from service.schemas import (
     ErrorResponse,
     PredictRequest,
 )
+from service.scopes import PUBLIC
 from service.timestamps import EARLIEST, LATEST
 
 #: What an error status means wherever a route does not say more.
@@ -133,6 +136,8 @@ def publish_request_schemas(
     *,
     bearer: bool,
     list_limits: Sequence[tuple[type[BaseModel], str, int]],
+    scopes: Callable[[], dict[tuple[str, str], str]] | None = None,
+    rate_limited: frozenset[str] = frozenset(),
 ) -> None:
     """Add the hand-parsed request bodies' schemas to the document (and the bearer scheme), with
     what this deployment enforces that the models cannot say: ``list_limits`` as ``maxItems``
@@ -157,10 +162,59 @@ def publish_request_schemas(
             _limit_lists(components, list_limits)
             if "/users/{user_id}" in schema["paths"]:
                 _link_user_operations(schema["paths"])
+            if scopes is not None:
+                _declare_scopes(schema["paths"], scopes(), rate_limited)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _declare_scopes(
+    paths: dict[str, Any], scopes: dict[tuple[str, str], str], rate_limited: frozenset[str]
+) -> None:
+    """With tokens on: every operation that needs a token says so (``security``, its scope as
+    ``x-scope``, the 401 and 403 it can answer, and the 429 where its scope is rate limited)."""
+    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for (method, path), scope in scopes.items():
+        operation = paths.get(_PATH_PARAM.sub(r"{\1}", path), {}).get(method.lower())
+        if operation is None or scope == PUBLIC:
+            continue
+        operation["security"] = [{"bearer": []}]
+        operation["x-scope"] = scope
+        responses = operation.setdefault("responses", {})
+        responses.setdefault("401", {"description": _ERROR_DESCRIPTIONS[401], "content": envelope})
+        responses.setdefault(
+            "403", {"description": f"The token lacks the `{scope}` scope (`forbidden`).", "content": envelope}
+        )
+        if scope in rate_limited:
+            responses.setdefault(
+                "429",
+                {
+                    "description": "Over this client's rate for the scope (`rate_limited`); "
+                    "retry after `Retry-After`.",
+                    "content": envelope,
+                },
+            )
+
+
+def route_scopes(routes: Sequence[BaseRoute]) -> dict[tuple[str, str], str]:
+    """(method, path template) -> the scope its route declares (``service.api.deps.Scoped``),
+    looking into included routers (FastAPI keeps them as entries of their own)."""
+    out: dict[tuple[str, str], str] = {}
+    for route in routes:
+        original = getattr(route, "original_router", None)
+        if original is not None:
+            out |= route_scopes(original.routes)
+        elif isinstance(route, APIRoute):
+            for dependency in route.dependant.dependencies:
+                scope = getattr(dependency.call, "scope", None)
+                if isinstance(scope, str):
+                    out |= {(method, route.path): scope for method in route.methods or ()}
+    return out
+
+
+_PATH_PARAM = re.compile(r"\{(\w+):\w+\}")  # "{user_id:text}" in a route, "{user_id}" in the document
 
 
 def _limit_lists(components: dict[str, Any], limits: Sequence[tuple[type[BaseModel], str, int]]) -> None:

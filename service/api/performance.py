@@ -8,15 +8,16 @@ import math
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from service.api.deps import Context
+from service.api.deps import Context, scoped
 from service.api.openapi import errors_doc
-from service.errors import ErrorDetail, UnknownModelVersionError
+from service.errors import ErrorDetail, InvalidInputError, UnknownModelVersionError
 from service.monitor import Monitor, offline_metrics, report_versions
 from service.quality import Quality
+from service.scopes import METRICS
 
 router = APIRouter(tags=["model"])
 
@@ -195,6 +196,7 @@ def _model(monitor: Monitor, version: str, served: str | None) -> ModelPerforman
 
 @router.get(
     "/v1/model/performance",
+    dependencies=[scoped(METRICS)],
     response_model=PerformanceResponse,
     responses=errors_doc(
         (
@@ -210,11 +212,21 @@ def _model(monitor: Monitor, version: str, served: str | None) -> ModelPerforman
     "against the model's reference distribution. The last computed figures, as `/metrics` exports them.",
 )
 async def performance(
+    request: Request,
     ctx: Context,
     model_version: Annotated[
         str | None, Query(min_length=1, max_length=256, description="Only this version.")
     ] = None,
 ) -> Response:
+    unknown = [name for name in request.query_params if name != "model_version"]
+    if unknown:  # a misspelt filter would otherwise answer every version, silently
+        raise InvalidInputError(
+            "unknown query parameter",
+            [
+                ErrorDetail(field=name[:64], type="unknown_parameter", message="not a parameter")
+                for name in unknown[:8]
+            ],
+        )
     monitor = ctx.monitor
     assert monitor is not None
     served = ctx.slot.served

@@ -28,8 +28,9 @@ from service.api.columns import (
     resolve_columns,
     with_stored,
 )
-from service.api.deps import AppContext
+from service.api.deps import AppContext, check_scope, scoped
 from service.api.openapi import PREDICT_ERRORS, add_direct_route, errors_doc, json_body
+from service.auth import require_stored
 from service.batching import Batcher, BatcherStoppedError, QueueFullError
 from service.columns import EventColumns
 from service.envelope import rejection
@@ -37,6 +38,7 @@ from service.errors import NotReadyError, OverloadedError, ServiceError
 from service.lifecycle import LoadedModel
 from service.rollout import route
 from service.schemas import EXAMPLE_USER, PredictRequest, PredictResponse
+from service.scopes import PREDICT
 
 router = APIRouter(tags=["predict"])
 
@@ -124,6 +126,7 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
         scope["state"]["model_version"] = served.predictor.metadata.model_version  # the access log
     reads = ctx.history_reads
     if user.events is None and reads is not None:  # by user id: one store read per gathered batch
+        require_stored()
         history = await reads.read(user.user_id)
         stored = {} if history is None else {user.user_id: history}
         columns = with_stored(ctx, served, [user], now, stored, _no_field)
@@ -153,6 +156,7 @@ async def serve_predict(scope: Scope, receive: Receive, send: Send) -> None:
     """
     ctx: AppContext = scope["state"]["context"]
     try:
+        check_scope(ctx, scope, PREDICT)
         answer = await _predict(scope, receive, ctx)
     except ServiceError as exc:
         await rejection(exc, ctx.metrics)(scope, receive, send)
@@ -175,6 +179,7 @@ add_direct_route(
     serve_predict,
     name="predict",
     methods=["POST"],
+    dependencies=[scoped(PREDICT)],  # declared for the route table; serve_predict checks it itself
     response_model=PredictResponse,
     responses=errors_doc(*PREDICT_ERRORS),
     openapi_extra=json_body(

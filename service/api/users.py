@@ -16,11 +16,12 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from service.api.deps import Context, authorise, in_store_thread, require_store
+from service.api.deps import Context, in_store_thread, require_store, scoped
 from service.api.openapi import errors_doc
 from service.columns import Folded
 from service.errors import ErrorDetail, UnknownUserError
 from service.features import SECONDS_PER_DAY
+from service.scopes import USERS_DELETE, USERS_READ
 from service.store import StoredEvent, event_id_of
 
 
@@ -115,6 +116,7 @@ def _folded(f: Folded) -> FoldedOut:
 
 @router.get(
     "/users/{user_id:text}/events",
+    dependencies=[scoped(USERS_READ)],
     response_model=UserEventsPage,
     responses=errors_doc(*_ERRORS, (404, "No stored history (`unknown_user`).")),
     openapi_extra={"security": [{"bearer": []}]},
@@ -127,7 +129,6 @@ async def user_events(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    authorise(request, ctx)
     store, _ = require_store(ctx)
     page = await in_store_thread(ctx, lambda: store.page(user_id, offset, limit))
     if page is None:
@@ -150,20 +151,24 @@ async def user_events(
 
 @router.delete(
     "/users/{user_id:text}",
+    dependencies=[scoped(USERS_DELETE)],
     response_model=ErasureResponse,
     responses=errors_doc(*_ERRORS),
     openapi_extra={"security": [{"bearer": []}]},
     summary="Forget a user (erasure)",
-    description="Deletes the user's raw events and compacted counters. Idempotent: erasing an "
-    "unknown user answers 200 with `deleted_events: 0`.",
+    description="Deletes the user's raw events, compacted counters and recorded predictions, and "
+    "answers once no file of the store holds them any more (SQLite: secure delete and a WAL "
+    "checkpoint; Redis: an append-only-file rewrite and, if snapshots are configured, a snapshot). "
+    "Idempotent: erasing an unknown user answers 200 with `deleted_events: 0`.",
 )
 async def erase_user(request: Request, ctx: Context, user_id: UserId) -> Response:
     if user_id.endswith("/events") and request.scope.get("raw_path", b"").endswith(b"/events"):
         # `/users/u-7/events` sent as is names the events listing, which has no DELETE; a user id
         # that ends in "/events" is erased with its "/" percent-encoded, as for any id
         raise HTTPException(405, headers={"Allow": "GET"})
-    authorise(request, ctx)
     store, _ = require_store(ctx)
-    deleted = await in_store_thread(ctx, lambda: store.erase(user_id))
+    monitor = ctx.monitor
+    erase = (lambda: monitor.erase(store, user_id)) if monitor is not None else (lambda: store.erase(user_id))
+    deleted = await in_store_thread(ctx, erase)
     body = ErasureResponse(user_id=user_id, deleted_events=deleted)
     return Response(body.model_dump_json(), media_type="application/json")

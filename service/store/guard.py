@@ -46,6 +46,7 @@ def open_store(settings: Settings) -> EventStore | None:
             settings.redis_url.get_secret_value(),
             prefix=settings.redis_key_prefix,
             timeout=settings.store_timeout_seconds,
+            persist_timeout=settings.store_erase_persist_seconds,
         )
     return None
 

@@ -17,7 +17,8 @@ gone (the user was erased meanwhile) is dropped when met. ``<prefix>clock`` hold
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,7 @@ def _fold(rows: list[tuple[int, float, int, float]]) -> Folded:
 class RedisStore:
     backend = "redis"
 
-    def __init__(self, url: str, *, prefix: str, timeout: float) -> None:
+    def __init__(self, url: str, *, prefix: str, timeout: float, persist_timeout: float = 60.0) -> None:
         self._client: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
         )
@@ -158,6 +159,9 @@ class RedisStore:
         self._due_key = f"{prefix}pred-due"
         self._settled_key = f"{prefix}pred-settled"
         self._recorded_key = f"{prefix}pred-recorded"
+        self._persist_timeout = persist_timeout
+        # an erasure whose rewrite did not finish: the next erase redoes it, even of an unknown user
+        self._unpersisted = False
 
     def _events_key(self, user_id: str) -> str:
         return f"{self._prefix}ev:{user_id}"
@@ -221,8 +225,51 @@ class RedisStore:
         pipe.delete(self._events_key(user_id), self._fold_key(user_id), predictions)
         for key in (self._due_key, self._settled_key, self._recorded_key) if members else ():
             pipe.zrem(key, *members)
-        count = pipe.execute()[0]
-        return int(count)
+        count = int(pipe.execute()[0])
+        if count or members or self._unpersisted:
+            self._unpersisted = True
+            self._persist_erasure()
+            self._unpersisted = False
+        return count
+
+    def _persist_erasure(self) -> None:
+        """Rewrite what Redis keeps on disk, so the deleted keys leave it now rather than at the
+        next automatic rewrite: the append-only file (its old increments hold every write), and the
+        snapshot if one is configured. Waits for a rewrite started after the delete (one already
+        running forked before it, so Redis queues another and both are waited for)."""
+        deadline = time.monotonic() + self._persist_timeout
+        info: dict[str, Any] = self._client.info("persistence")
+        if int(info.get("aof_enabled", 0)):
+            done = int(info["aof_rewrites"])
+            self._client.bgrewriteaof()
+            self._wait_persisted(deadline, "aof_rewrite", lambda i: int(i["aof_rewrites"]) > done)
+            if self._client.info("persistence").get("aof_last_bgrewrite_status") != "ok":
+                raise redis.RedisError("append-only file rewrite failed: erased keys may remain on disk")
+        if self._snapshots_configured():
+            info = self._client.info("persistence")
+            # a save already running forked before the delete: SCHEDULE queues one after it
+            wanted = int(info["rdb_saves"]) + (2 if int(info["rdb_bgsave_in_progress"]) else 1)
+            self._client.bgsave(schedule=True)
+            self._wait_persisted(deadline, "rdb_bgsave", lambda i: int(i["rdb_saves"]) >= wanted)
+
+    def _snapshots_configured(self) -> bool:
+        try:
+            save = self._client.config_get("save").get("save", "")
+        except redis.ResponseError:  # CONFIG disabled (managed Redis): snapshots are its operator's
+            return False
+        return bool(str(save).strip())
+
+    def _wait_persisted(self, deadline: float, what: str, finished: Callable[[dict[str, Any]], bool]) -> None:
+        while True:
+            info = self._client.info("persistence")
+            busy = int(info.get(f"{what}_in_progress", 0)) or int(info.get(f"{what}_scheduled", 0))
+            if not busy and finished(info):
+                return
+            if time.monotonic() > deadline:
+                raise redis.TimeoutError(
+                    f"{what} still running after the erasure: erased keys may remain on disk"
+                )
+            time.sleep(0.01)
 
     def compact(self, before_day: int, ingested_before: float) -> Compacted:
         users = events = 0

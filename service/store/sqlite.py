@@ -101,18 +101,20 @@ _DUE = (
     "WHERE day < :before_day AND ingested_at >= :ingested_before)"
 )
 # "WHERE true": without a WHERE, SQLite would read ON CONFLICT as a join constraint
-_FOLD = f"""
-INSERT INTO folded (user_id, purchase_days, first_day, last_day, amount, quantity)
-SELECT user_id, COUNT(DISTINCT day), MIN(day), MAX(day), SUM(amount), SUM(quantity)
-FROM (SELECT DISTINCT user_id, ts, day, amount, quantity FROM events WHERE {_DUE})
-WHERE true GROUP BY user_id
-ON CONFLICT (user_id) DO UPDATE SET
-    purchase_days = purchase_days + excluded.purchase_days,
-    first_day = MIN(first_day, excluded.first_day),
-    last_day = MAX(last_day, excluded.last_day),
-    amount = amount + excluded.amount,
-    quantity = quantity + excluded.quantity
-"""
+# (nosec B608 here and below: the f-strings insert module constants or "?" marks, never values,
+# which are always bound parameters)
+_FOLD = (
+    "INSERT INTO folded (user_id, purchase_days, first_day, last_day, amount, quantity)\n"  # nosec B608
+    "SELECT user_id, COUNT(DISTINCT day), MIN(day), MAX(day), SUM(amount), SUM(quantity)\n"
+    f"FROM (SELECT DISTINCT user_id, ts, day, amount, quantity FROM events WHERE {_DUE})\n"
+    "WHERE true GROUP BY user_id\n"
+    "ON CONFLICT (user_id) DO UPDATE SET\n"
+    "    purchase_days = purchase_days + excluded.purchase_days,\n"
+    "    first_day = MIN(first_day, excluded.first_day),\n"
+    "    last_day = MAX(last_day, excluded.last_day),\n"
+    "    amount = amount + excluded.amount,\n"
+    "    quantity = quantity + excluded.quantity\n"
+)
 
 
 class SQLiteStore:
@@ -135,6 +137,9 @@ class SQLiteStore:
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            # deleted rows overwritten with zeros, not left in free space (erasure); some builds
+            # default to it, this makes it so everywhere
+            conn.execute("PRAGMA secure_delete = ON")
         except BaseException:
             conn.close()
             raise
@@ -228,7 +233,7 @@ class SQLiteStore:
         marks = ",".join("?" * len(ids))
         # one statement: raw events and folded counters from the same snapshot
         sql = (
-            f"SELECT user_id, 0, ts, amount, quantity, 0, 0 FROM events WHERE user_id IN ({marks}) "
+            f"SELECT user_id, 0, ts, amount, quantity, 0, 0 FROM events WHERE user_id IN ({marks}) "  # nosec B608
             "UNION ALL SELECT user_id, 1, purchase_days, amount, quantity, first_day, last_day "
             f"FROM folded WHERE user_id IN ({marks})"
         )
@@ -270,13 +275,25 @@ class SQLiteStore:
             deleted = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
             conn.execute("DELETE FROM folded WHERE user_id = ?", (user_id,))
             conn.execute("DELETE FROM predictions WHERE user_id = ?", (user_id,))
+        self._checkpoint()
         return int(deleted)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it: the erased rows' older page images
+        live in the WAL until then. Waits for readers (busy_timeout); if one still holds an old
+        snapshot, the erasure is reported as failed, so the caller retries rather than trusting it."""
+        with self._write_lock:
+            busy, _, _ = self._writer_conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError(
+                "WAL checkpoint blocked by a reader: erased rows may remain in the WAL"
+            )
 
     def compact(self, before_day: int, ingested_before: float) -> Compacted:
         params = {"before_day": before_day, "ingested_before": ingested_before}
         with self._write() as conn:
             users = conn.execute(_FOLD, params).rowcount
-            events = conn.execute(f"DELETE FROM events WHERE {_DUE}", params).rowcount
+            events = conn.execute(f"DELETE FROM events WHERE {_DUE}", params).rowcount  # nosec B608
         return Compacted(users=int(users), events=int(events))
 
     def record(self, predictions: Sequence[Prediction]) -> Appended:
@@ -294,7 +311,7 @@ class SQLiteStore:
     def due(self, matured_by: int, limit: int) -> list[Prediction]:
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT {_PREDICTION_COLUMNS} FROM predictions WHERE outcome IS NULL AND matures_at <= ? "
+                f"SELECT {_PREDICTION_COLUMNS} FROM predictions WHERE outcome IS NULL AND matures_at <= ? "  # nosec B608
                 "ORDER BY matures_at LIMIT ?",
                 (matured_by, limit),
             ).fetchall()

@@ -165,6 +165,7 @@ class RedisProcess:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -186,6 +187,7 @@ class RedisProcess:
                 "--appendfsync", "always",
                 "--save", "",
                 "--daemonize", "no",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -219,8 +221,8 @@ class RedisProcess:
 
 
 @contextmanager
-def running_redis(workdir: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(free_port(), workdir)
+def running_redis(workdir: Path, *extra_args: str) -> Iterator[RedisProcess]:
+    server = RedisProcess(free_port(), workdir, extra_args=extra_args)
     server.start()
     try:
         yield server

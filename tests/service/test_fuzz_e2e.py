@@ -12,6 +12,7 @@ traceback or a server path.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode, checks
 from schemathesis.core.result import Ok
 
+from service.scopes import SCOPES
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, running_service
@@ -63,16 +65,26 @@ def _candidate(model: Path, role: str) -> Path:
     return model.with_name(f"{role}.onnx")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[ServiceProcess]:
+@pytest.fixture(scope="module", params=["admin-token", "scoped-tokens"])
+def server(
+    tmp_path_factory: pytest.TempPathFactory, model: Path, request: pytest.FixtureRequest
+) -> Iterator[ServiceProcess]:
+    """Fuzzed twice: tokens off (the admin token guards the admin and user-data routes) and on
+    (``PI_TOKENS_FILE``: every operation but the probes declares bearer security, which
+    schemathesis's ``ignored_auth`` check then holds it to)."""
     tmp = tmp_path_factory.mktemp("fuzz")
     env = {
-        "PI_ADMIN_TOKEN": TOKEN,
         "PI_MAX_BATCH_USERS": str(MAX_USERS),
         "PI_MAX_EVENTS_PER_USER": str(MAX_EVENTS),
         "PI_SHADOW_MODEL": str(_candidate(model, "shadow")),
         "PI_CANARY_MODEL": str(_candidate(model, "canary")),
     }
+    if request.param == "admin-token":
+        env["PI_ADMIN_TOKEN"] = TOKEN
+    else:
+        tokens = tmp / "tokens"
+        tokens.write_text(f"fuzz:{hashlib.sha256(TOKEN.encode()).hexdigest()}:{','.join(SCOPES)}\n")
+        env |= {"PI_TOKENS_FILE": str(tokens), "PI_METRICS_REQUIRE_TOKEN": "true"}
     with running_service(model, tmp / "service.log", env=env) as proc:
         yield proc
     print(f"fuzzed: {sum(SENT.values())} requests, by status {dict(sorted(SENT.items()))}")
@@ -160,7 +172,7 @@ def _within_documented_rules(
         role = case.path.rsplit("/", 1)[1]
         path = _candidate(model, role)
         if role == "canary":
-            served = httpx.get(f"{server.url}/v1/model", timeout=10).json()["model_version"]
+            served = httpx.get(f"{server.url}/v1/model", headers=AUTH, timeout=10).json()["model_version"]
             path = model if served == "fuzz-canary" else path
         given: dict[str, Any] = case.body if isinstance(case.body, dict) else {}
         case.body = {**given, "model_path": str(path)}

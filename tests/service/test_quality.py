@@ -207,6 +207,26 @@ def test_the_recorder_keeps_the_first_per_user_version_and_day_and_stays_bounded
     assert recorder.add("v", 7, _columns(["c", "d", "e"], [t] * 3), probs, 2.0) == 0  # type: ignore[arg-type]
 
 
+def test_an_erased_user_leaves_the_buffer_and_the_others_stay() -> None:
+    recorder = Recorder(sample_rate=1.0, max_users=6)
+    t = 10_000 * DAY
+    probs = np.array([0.1, 0.2, 0.3], dtype=np.float32)
+    assert recorder.add("v", 7, _columns(["a", "gone", "b"], [t, t + DAY, t]), probs, 1.0) == 0  # type: ignore[arg-type]
+    assert recorder.add("v", 7, _columns(["gone"], [t]), probs[:1], 2.0) == 0  # type: ignore[arg-type]
+    assert recorder.forget("gone") == 2
+    assert recorder.forget("nobody") == 0
+    # the room the erased rows took is free again: 2 waiting, 4 more fit
+    assert recorder.add("v", 7, _columns(["c", "d", "e"], [t] * 3), probs, 3.0) == 0  # type: ignore[arg-type]
+    drained = recorder.drain()
+    assert [(p.user_id, p.probability, p.as_of) for p in drained.predictions] == [
+        ("a", float(np.float32(0.1)), t),
+        ("b", float(np.float32(0.3)), t),
+        ("c", float(np.float32(0.1)), t),
+        ("d", float(np.float32(0.2)), t),
+        ("e", float(np.float32(0.3)), t),
+    ]
+
+
 def test_sampling_keeps_a_user_always_or_never() -> None:
     t = 10_000 * DAY
     users = [f"user-{k}" for k in range(2000)]
