@@ -76,6 +76,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3,
         help="alternating rounds of /predict with model monitoring on and off (default 3; 0 = none)",
     )
+    parser.add_argument(
+        "--shadow-sample",
+        type=float,
+        default=0.1,
+        help="each monitoring round also runs a server with a shadow model (a copy of --model "
+        "under another version) scoring this fraction of calls (default 0.1; 0 = none)",
+    )
     return parser.parse_args(argv)
 
 
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_users=args.batch_users,
             phases="all" if args.only is None else args.only,
             monitoring_rounds=args.monitoring_rounds,
+            shadow_sample=args.shadow_sample,
         )
         try:
             result = harness.run(options, _say)

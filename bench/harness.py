@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import onnx
+
 from bench import bodies, floors, machine, processes, wrk
 from bench.bodies import V2_PATH
 from bench.report import (
     BY_ID_PATH,
     MONITORED_SERVER,
     NEW_USER_PATH,
+    SHADOWED_SERVER,
     UNBATCHED_SERVER,
     UNMONITORED_SERVER,
     HttpPhase,
@@ -37,6 +40,7 @@ from bench.report import (
     Report,
     RunSettings,
 )
+from service.artifact import ModelMetadata
 from service.bulk import ARROW_MEDIA_TYPE
 from service.config import Settings
 from service.schemas import BatchPredictRequest, PredictRequest
@@ -59,6 +63,7 @@ class Options:
     events: int = bodies.EVENTS_PER_USER
     phases: Phases = "all"
     monitoring_rounds: int = 3
+    shadow_sample: float = 0.1  # of the shadowed server's scoring calls; 0: no shadowed server
 
 
 @dataclass(frozen=True)
@@ -331,9 +336,26 @@ DRIFT_WINDOW_METRIC = "purchase_intent_score_window_size"
 _MONITOR_SETTLE_S = 2.0
 
 
+#: Scoring calls the shadow model scored, and those its full queue dropped.
+SHADOW_SCORED_METRIC = 'purchase_intent_shadow_calls_total{result="scored"}'
+SHADOW_DROPPED_METRIC = 'purchase_intent_shadow_calls_total{result="dropped"}'
+
+
 def _monitoring_env(store: Path, on: bool) -> dict[str, str]:
     flag = "true" if on else "false"
     return {"PI_OUTCOMES": flag, "PI_DRIFT": flag, "PI_STORE_BACKEND": "sqlite", "PI_STORE_PATH": str(store)}
+
+
+def shadow_copy(model: Path, out: Path) -> Path:
+    """``model`` under another version (``<version>-shadow``): a shadow must have a version of its
+    own, and the same graph costs what a retrained model of the same architecture would."""
+    proto = onnx.load(str(model))
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = ModelMetadata.from_props(props)
+    renamed = dataclasses.replace(meta, model_version=f"{meta.model_version}-shadow")
+    onnx.helper.set_model_props(proto, {**props, **renamed.to_props()})
+    onnx.save(proto, str(out))
+    return out
 
 
 def _measure_monitoring(
@@ -349,20 +371,41 @@ def _measure_monitoring(
     """
     connections = max(options.connections)
     phases: list[HttpPhase] = []
-    recorded = drift_scores = 0.0
+    recorded = drift_scores = shadow_scored = shadow_dropped = 0.0
+    servers: list[tuple[str, bool]] = [(MONITORED_SERVER, True), (UNMONITORED_SERVER, False)]
+    shadow_env: dict[str, str] = {}
+    if options.shadow_sample > 0:
+        servers.append((SHADOWED_SERVER, True))
+        shadow = shadow_copy(options.model, options.workdir / "shadow.onnx")
+        shadow_env = {"PI_SHADOW_MODEL": str(shadow), "PI_SHADOW_SAMPLE": str(options.shadow_sample)}
+    reference_answer = b""
     for k in range(options.monitoring_rounds):
-        for name, on in ((MONITORED_SERVER, True), (UNMONITORED_SERVER, False)):
+        for name, on in servers:
             # a store of its own each round: the user ids start again, and would all be duplicates
             env = _monitoring_env(options.workdir / f"{name}-{k + 1}.sqlite3", on)
+            if name == SHADOWED_SERVER:
+                env |= shadow_env
             server = _start_service(name, options, env, log=f"{name}-{k + 1}")
             with _running(server, say):
-                _check_answers(server.url + "/predict", predict_body, name)
+                if name == SHADOWED_SERVER:
+                    _wait_for_shadow(server)
+                answer = _check_answers(server.url + "/predict", predict_body, name)
+                # the shadow must not change an answer: every server answers the same bytes
+                reference_answer = reference_answer or answer
+                if answer != reference_answer:
+                    raise BenchError(f"{name} answered {answer[:300]!r}, not {reference_answer[:300]!r}")
                 _warm_up(server, script, options, say)
                 phase = _http_phase(server, "/predict", script, connections, 1, options, say)
                 phases.append(dataclasses.replace(phase, path=NEW_USER_PATH))
                 time.sleep(_MONITOR_SETTLE_S if on else 0.0)
                 written = _metric_sum(server, RECORDED_METRIC) or 0.0
                 held = _metric_sum(server, DRIFT_WINDOW_METRIC) or 0.0
+                if name == SHADOWED_SERVER:
+                    scored = _metric(server, SHADOW_SCORED_METRIC) or 0.0
+                    if scored <= 0:
+                        raise BenchError(f"{name}: the shadow model scored no call")
+                    shadow_scored += scored
+                    shadow_dropped += _metric(server, SHADOW_DROPPED_METRIC) or 0.0
             if on and (written <= 0 or (reference and held <= 0)):
                 raise BenchError(
                     f"{name}: {written:.0f} predictions recorded, {held:.0f} scores held for drift"
@@ -376,8 +419,24 @@ def _measure_monitoring(
         reference=reference,
         recorded=int(recorded),
         drift_window=int(drift_scores),
+        shadow_sample=options.shadow_sample,
+        shadow_scored=int(shadow_scored),
+        shadow_dropped=int(shadow_dropped),
     )
     return phases, check
+
+
+def _wait_for_shadow(server: processes.Server, timeout_s: float = 30.0) -> None:
+    """The shadow loads after the served model (readiness does not wait for it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        # http://127.0.0.1: a server this bench started
+        with urllib.request.urlopen(server.url + "/v1/model", timeout=5) as response:  # nosec B310
+            roles = [m["role"] for m in json.loads(response.read())["loaded"]]
+        if "shadow" in roles:
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{server.name}: no shadow model loaded within {timeout_s:g} s; see its log")
 
 
 def run(options: Options, say: Say) -> Report:

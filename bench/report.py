@@ -46,6 +46,8 @@ MICROBATCH_TIE = 0.05
 
 #: Model monitoring on ÷ off at 64 connections: what recording and drift may cost.
 TARGET_MONITORING_RATIO_64 = 0.95
+#: A shadow model on a sample of calls ÷ monitoring without one, at 64 connections.
+TARGET_SHADOW_RATIO_64 = 0.85
 
 #: Which phases a run measures: all, only those of ``/predict`` (``--only predict``), or only the
 #: monitoring comparison (``--only monitoring``).
@@ -55,6 +57,8 @@ UNBATCHED_SERVER = "service-unbatched"
 #: The servers of the monitoring comparison: outcome recording and drift on, and both off.
 MONITORED_SERVER = "service-monitored"
 UNMONITORED_SERVER = "service-unmonitored"
+#: Monitored as above, with a shadow model scoring a sample of the calls (``--shadow-sample``).
+SHADOWED_SERVER = "service-shadowed"
 _MONITORING_SERVERS = (MONITORED_SERVER, UNMONITORED_SERVER)
 #: Their phase: ``/predict`` with a new user id on every request (recording keeps one per user and day).
 NEW_USER_PATH = "/predict, a new user each request"
@@ -108,6 +112,9 @@ class MonitoringCheck:
     reference: bool  # the model file has a score reference: drift really ran
     recorded: int  # predictions the monitored servers wrote for their outcome, all rounds
     drift_window: int  # scores the monitored server held for drift at the end of a round
+    shadow_sample: float = 0.0  # the shadowed server's PI_SHADOW_SAMPLE; 0: none ran
+    shadow_scored: int = 0  # scoring calls its shadow model scored, all rounds
+    shadow_dropped: int = 0  # and those its full queue dropped
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,11 @@ def ratios(report: Report) -> dict[str, float]:
         out[f"monitoring_c{on[0].connections}"] = sum(p.requests_per_s for p in on) / sum(
             p.requests_per_s for p in off
         )
+    shadowed = _monitoring_phases(report, SHADOWED_SERVER)
+    if shadowed and on and sum(p.requests_per_s for p in on) > 0:
+        out[f"shadow_c{shadowed[0].connections}"] = sum(p.requests_per_s for p in shadowed) / sum(
+            p.requests_per_s for p in on
+        )
     return out
 
 
@@ -241,6 +253,8 @@ def targets(report: Report) -> dict[str, bool]:
         out["v2_vs_columns_ratio"] = r["v2_vs_columns"] >= TARGET_V2_RATIO
     if "monitoring_c64" in r:
         out["monitoring_c64_ratio"] = r["monitoring_c64"] >= TARGET_MONITORING_RATIO_64
+    if "shadow_c64" in r:
+        out["shadow_c64_ratio"] = r["shadow_c64"] >= TARGET_SHADOW_RATIO_64
     # the target is about the whole benchmark's load, bulk bodies included
     if report.settings.phases == "all":
         out["peak_rss"] = report.peak_rss_mb <= TARGET_PEAK_RSS_MB
@@ -439,6 +453,68 @@ def monitoring_rows(report: Report) -> list[tuple[str, ...]]:
     return out
 
 
+_SHADOW_COLUMNS = (
+    "round",
+    "shadow req/s",
+    "shadow p99 ms",
+    "no shadow req/s",
+    "no shadow p99 ms",
+    "ratio",
+    "target",
+)
+
+
+def shadow_rows(report: Report) -> list[tuple[str, ...]]:
+    """``/predict`` with a shadow model against the monitored server without one, round by round."""
+    shadowed, on = (_monitoring_phases(report, server) for server in (SHADOWED_SERVER, MONITORED_SERVER))
+    out: list[tuple[str, ...]] = []
+    for k, (a, b) in enumerate(zip(shadowed, on, strict=False)):
+        ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("nan")
+        out.append(
+            (
+                str(k + 1),
+                _num(a.requests_per_s) + _errors(a),
+                _ms(a.p99_ms),
+                _num(b.requests_per_s) + _errors(b),
+                _ms(b.p99_ms),
+                f"{ratio:.3f} x",
+                "",
+            )
+        )
+    r, met = ratios(report), targets(report)
+    if shadowed and on:
+        key = f"shadow_c{shadowed[0].connections}"
+        target = (
+            f"≥ {TARGET_SHADOW_RATIO_64}x: {_verdict(met['shadow_c64_ratio'])}"
+            if "shadow_c64_ratio" in met
+            else "judged at 64 connections"
+        )
+        out.append(
+            (
+                "all (mean req/s)",
+                _num(sum(p.requests_per_s for p in shadowed) / len(shadowed)),
+                _ms(max(p.p99_ms for p in shadowed)),
+                _num(sum(p.requests_per_s for p in on) / len(on)),
+                _ms(max(p.p99_ms for p in on)),
+                f"{r[key]:.3f} x" if key in r else "",
+                target,
+            )
+        )
+    return out
+
+
+def _shadow_line(report: Report) -> str:
+    check = report.monitoring
+    if check is None or not _monitoring_phases(report, SHADOWED_SERVER):
+        return ""
+    return (
+        f"The same load with a shadow model (the served file under another version) scoring "
+        f"{check.shadow_sample:.0%} of the scoring calls after each answer (PI_SHADOW_SAMPLE="
+        f"{check.shadow_sample:g}; {check.shadow_scored:,} calls scored, {check.shadow_dropped:,} "
+        f"dropped by its full queue), against the monitored server without one, in the same rounds:"
+    )
+
+
 def _monitoring_line(report: Report) -> str:
     check = report.monitoring
     on = _monitoring_phases(report, MONITORED_SERVER)
@@ -500,6 +576,10 @@ def markdown(report: Report) -> str:
     if monitoring:
         lines += ["", _monitoring_line(report), ""] if lines else [_monitoring_line(report), ""]
         lines += markdown_table(_MONITORING_COLUMNS, monitoring)
+    shadow = shadow_rows(report)
+    if shadow:
+        lines += ["", _shadow_line(report), ""]
+        lines += markdown_table(_SHADOW_COLUMNS, shadow)
     return "\n".join(header + lines) + "\n"
 
 

@@ -2,8 +2,9 @@
 
     python -m bench.soak [--seconds 180] [--clients 4] [--model PATH]     (or: make soak)
 
-Single and batch predictions (rows, columnar JSON, Arrow, V2 inference), every kind of bad request, probes,
-scrapes and a model hot swap every few seconds. Model monitoring runs as by default: each
+Single and batch predictions (rows, columnar JSON, Arrow, V2 inference), every kind of bad
+request, probes, scrapes and a model hot swap every few seconds, with a shadow model scoring half
+of the calls beside whichever model serves. Model monitoring runs as by default: each
 prediction names a new user, so outcome recording writes to the event store all along; purchases
 stored by ``POST /events``, some of them after the horizon, move the event clock, so the outcome
 job settles and scores predictions; the synthetic models carry a score reference, so drift runs.
@@ -153,6 +154,8 @@ _MONITORING = {
         'purchase_intent_outcome_predictions_total{result="dropped"}',
         "purchase_intent_drift_dropped_scores_total ",
     ),
+    "shadow calls scored": ('purchase_intent_shadow_calls_total{result="scored"}',),
+    "shadow calls dropped": ('purchase_intent_shadow_calls_total{result="dropped"}',),
 }
 
 
@@ -189,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--swap-every", type=float, default=5.0, help="seconds between hot swaps")
     parser.add_argument("--model", type=Path, help="default: a synthetic model (the tests' one)")
+    parser.add_argument(
+        "--shadow-sample",
+        type=float,
+        default=0.5,
+        help="a shadow model (a third synthetic one) scores this fraction of calls all along; 0: none",
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -201,10 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                 metadata=make_metadata(version=f"soak-{i}", score_reference=reference),
                 bias=b,
             )
-            for i, b in enumerate((-0.5, 0.3))
+            for i, b in enumerate((-0.5, 0.3, 0.1))
         ]
+    shadow = models.pop() if not args.model else None
     # the outcome job every few seconds rather than every minute: it runs often enough to show
     env = {"PI_ADMIN_TOKEN": TOKEN, "PI_SHUTDOWN_DRAIN_SECONDS": "0", "PI_OUTCOMES_INTERVAL_SECONDS": "5"}
+    if shadow is not None and args.shadow_sample > 0:  # beside every hot swap of the served model
+        env |= {"PI_SHADOW_MODEL": str(shadow), "PI_SHADOW_SAMPLE": str(args.shadow_sample)}
     server = start_service(models[0], workdir / "service.log", env=env)
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()

@@ -35,14 +35,18 @@ from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.monitor import Monitor, watch
 from service.predictor import Predictor
+from service.rollout import load_configured
 from service.schemas import (
     BatchPredictRequest,
+    CanaryRequest,
     ColumnarEvents,
     ColumnarPredictRequest,
     PredictRequest,
     ReloadRequest,
+    ShadowRequest,
 )
 from service.scoring import Scorer
+from service.shadow import ShadowScorer
 from service.store import EventStore, GuardedStore, StoreDownError, open_store
 from service.store.metrics import StoreMetrics
 from service.store.upkeep import compact_periodically, watch_health
@@ -113,7 +117,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        scorer = Scorer(metrics, monitor)
+        shadow = ShadowScorer(
+            model_slot, metrics.registry, queue_size=settings.shadow_queue_size, monitor=monitor
+        )
+        shadow.start()
+        scorer = Scorer(metrics, monitor, shadow)
         batcher = None
         if settings.microbatch:
             batcher = Batcher(
@@ -151,8 +159,9 @@ def create_app(
             upkeep.append(asyncio.create_task(watch_health(guarded, limiter)))
             upkeep.append(asyncio.create_task(compact_periodically(guarded, settings, model_slot, limiter)))
         upkeep.append(asyncio.create_task(watch(monitor, model_slot, guarded)))
-        loading = asyncio.create_task(
-            load_model(
+
+        async def load_models() -> None:
+            await load_model(
                 model_slot,
                 settings,
                 metrics,
@@ -160,7 +169,9 @@ def create_app(
                 predictor=predictor,
                 on_failure=on_load_failure,
             )
-        )
+            await load_configured(model_slot, settings, metrics, lock=context.reload_lock)
+
+        loading = asyncio.create_task(load_models())
         try:
             yield {"context": context}
         finally:
@@ -171,6 +182,7 @@ def create_app(
                     await task
             if batcher is not None:
                 await batcher.stop()
+            await anyio.to_thread.run_sync(shadow.stop)
             if history_reads is not None:
                 await history_reads.stop()
             if guarded is not None:
@@ -224,6 +236,8 @@ def create_app(
             BatchPredictRequest,
             ColumnarPredictRequest,
             ReloadRequest,
+            ShadowRequest,
+            CanaryRequest,
             events.EventsRequest,
             InferenceRequest,
         ),

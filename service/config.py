@@ -280,6 +280,26 @@ class Settings(BaseSettings):
     """Model versions with live-quality and drift series at once: those most recently served by
     this process (a bound on the ``model_version`` label)."""
 
+    shadow_model: Path | None = None
+    """A second model file scored beside the served one on a sample of requests, after the answer
+    is sent and never changing it (its score difference, drift and live quality are exported).
+    Also set by ``PUT /admin/models/shadow``."""
+
+    shadow_sample: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Fraction of scoring calls the shadow model also scores (a micro-batch is sampled whole)."""
+
+    shadow_queue_size: int = Field(default=256, ge=1)
+    """Scoring calls waiting for the shadow model; one more is dropped and counted, so a slow
+    shadow costs answers nothing but coverage."""
+
+    canary_model: Path | None = None
+    """A second model file that answers ``PI_CANARY_PERCENT`` of users on ``/predict``, chosen by a
+    hash of the user id (a user stays on one model across requests, replicas and restarts). Also
+    set by ``PUT /admin/models/canary``."""
+
+    canary_percent: float = Field(default=5.0, ge=0.0, le=100.0)
+    """Percent of users the canary model answers, percent."""
+
     exit_on_load_failure: bool = True
     """Exit non-zero when the model cannot be loaded at start-up; false keeps the process up and not
     ready (a later ``/admin/reload`` can still load one)."""

@@ -30,6 +30,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "forbidden",
     "rate_limited",
     "model_rejected",
+    "no_canary",
     "not_ready",
     "unknown_user",
     "unknown_model_version",
@@ -155,6 +156,11 @@ class RateLimitedError(ServiceError):
 class ModelRejectedError(ServiceError):
     status_code = 422
     code = "model_rejected"
+
+
+class NoCanaryError(ServiceError):
+    status_code = 409
+    code = "no_canary"
 
 
 class UnknownUserError(ServiceError):

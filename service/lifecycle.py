@@ -29,6 +29,7 @@ from service.predictor import Predictor, ProviderError, load_predictor
 logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "draining"]
+Role = Literal["primary", "shadow", "canary"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,33 @@ class LoadedModel:
     loaded_at: float  # unix time
 
 
+@dataclass(frozen=True)
+class Shadow:
+    """A model scored beside the served one on a sample of scoring calls, off the request path."""
+
+    served: LoadedModel
+    sample: float  # fraction of scoring calls
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A model that answers a share of users, chosen by a hash of their id."""
+
+    served: LoadedModel
+    percent: float  # of users
+
+
 class ModelSlot:
-    """Holds the served model (or why there is none). Read from any thread, written by one task."""
+    """Holds the served model (or why there is none), and the shadow and canary models beside it.
+    Read from any thread, written by one task at a time (under the reload lock); each field is
+    replaced whole, so a reader sees an old model or a new one, never half of either."""
 
     def __init__(self) -> None:
         self.status: Status = "loading"
         self.reason: str | None = "loading and warming up the model"
         self.served: LoadedModel | None = None
+        self.shadow: Shadow | None = None
+        self.canary: Canary | None = None
         self.draining = False
 
     @property
@@ -93,8 +114,8 @@ async def load_model(
             if on_failure is not None:
                 on_failure(exc.reason)
             return
-        _publish(slot, metrics, served)
-    logger.info("model ready", extra=_describe(served))
+        publish_primary(slot, metrics, served)
+    logger.info("model ready", extra=describe(served))
 
 
 @dataclass(frozen=True)
@@ -110,21 +131,31 @@ async def reload_model(
     :class:`ModelRejectedError` and keep serving the old one. Reloads run one at a time."""
     async with lock:
         try:
-            served = await _prepare(settings, path, None)
-        except _LoadError as exc:
+            served = await prepare_candidate(settings, path, slot, what="model reload")
+        except ModelRejectedError:
             metrics.model_reloads.labels("failure").inc()
-            logger.error(
-                f"model reload refused, the served model stays: {exc.reason}",
-                extra={"model_path": str(path), "model_version": _version(slot)},
-            )
-            # The client gets the cause without the server's directory layout.
-            safe = exc.reason.replace(str(path), path.name)
-            raise ModelRejectedError(f"model refused, the served model stays: {safe}") from None
+            raise
         previous = _version(slot)
-        _publish(slot, metrics, served)
+        publish_primary(slot, metrics, served)
         metrics.model_reloads.labels("success").inc()
-    logger.info("model reloaded", extra={**_describe(served), "previous_version": previous})
+    logger.info("model reloaded", extra={**describe(served), "previous_version": previous})
     return Reloaded(served, previous)
+
+
+async def prepare_candidate(settings: Settings, path: Path, slot: ModelSlot, *, what: str) -> LoadedModel:
+    """Load, validate and warm up ``path`` beside the served model (a hot swap, a shadow, a
+    canary), or raise :class:`ModelRejectedError` with the cause; nothing that serves is touched.
+    Call it under the reload lock."""
+    try:
+        return await _prepare(settings, path, None)
+    except _LoadError as exc:
+        logger.error(
+            f"{what} refused, the served model stays: {exc.reason}",
+            extra={"model_path": str(path), "model_version": _version(slot)},
+        )
+        # The client gets the cause without the server's directory layout.
+        safe = exc.reason.replace(str(path), path.name)
+        raise ModelRejectedError(f"model refused, the served model stays: {safe}") from None
 
 
 class _LoadError(Exception):
@@ -150,9 +181,27 @@ async def _prepare(settings: Settings, path: Path | None, predictor: Predictor |
     return LoadedModel(predictor, time.perf_counter() - started, time.time())
 
 
-def _publish(slot: ModelSlot, metrics: Metrics, served: LoadedModel) -> None:
+def loaded_models(slot: ModelSlot) -> list[tuple[Role, LoadedModel]]:
+    """What is loaded, by role: the served model first, then the shadow and the canary."""
+    out: list[tuple[Role, LoadedModel]] = []
+    if slot.served is not None:
+        out.append(("primary", slot.served))
+    if slot.shadow is not None:
+        out.append(("shadow", slot.shadow.served))
+    if slot.canary is not None:
+        out.append(("canary", slot.canary.served))
+    return out
+
+
+def publish_roles(slot: ModelSlot, metrics: Metrics) -> None:
+    metrics.set_loaded((role, m.predictor.metadata.model_version) for role, m in loaded_models(slot))
+
+
+def publish_primary(slot: ModelSlot, metrics: Metrics, served: LoadedModel) -> None:
+    """Serve ``served`` from the next request on (one assignment) and point the gauges at it."""
     runtime = served.predictor.runtime
     slot.publish(served)
+    publish_roles(slot, metrics)
     metrics.set_model(
         version=served.predictor.metadata.model_version,
         provider=runtime.provider,
@@ -167,7 +216,7 @@ def _version(slot: ModelSlot) -> str | None:
     return None if served is None else served.predictor.metadata.model_version
 
 
-def _describe(served: LoadedModel) -> dict[str, object]:
+def describe(served: LoadedModel) -> dict[str, object]:
     runtime = served.predictor.runtime
     return {
         "model_version": served.predictor.metadata.model_version,

@@ -172,6 +172,17 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.model_reloads.labels(result)
+        self.loaded_models = Gauge(
+            f"{p}_loaded_model_info",
+            "1 per loaded model, labelled with its role (primary, shadow or canary) and version.",
+            ["role", "model_version"],
+            registry=registry,
+        )
+        self.canary_users = Counter(
+            f"{p}_canary_users_scored",
+            "Users answered by the canary model (counted in users_scored too).",
+            registry=registry,
+        )
         self.ready = Gauge(
             f"{p}_ready", "1 when the service is ready to predict (what /readyz reports).", registry=registry
         )
@@ -187,3 +198,9 @@ class Metrics:
         self.provider_fallback.set(1 if fallback else 0)
         self.model_load_duration.set(load_seconds)
         self.model_load_timestamp.set(loaded_at)
+
+    def set_loaded(self, models: Iterable[tuple[str, str]]) -> None:
+        """Point the loaded-model gauge at ``(role, version)`` pairs: only loaded models keep a series."""
+        self.loaded_models.clear()
+        for role, version in models:
+            self.loaded_models.labels(role, version).set(1)

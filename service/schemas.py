@@ -9,7 +9,7 @@ between the encoder's daily bins, so it is a 422 rather than a guess.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -506,6 +506,25 @@ class ModelResponse(BaseModel):
     n_seeds: int
     format_version: int
     runtime: RuntimeResponse
+    loaded: list[LoadedModelResponse] = Field(
+        description="Every model loaded, the served one (`primary`) first, then a `shadow` and a "
+        "`canary` when loaded (`PUT /admin/models/{role}`)."
+    )
+
+
+class LoadedModelResponse(BaseModel):
+    """One loaded model and its share of the traffic."""
+
+    role: Literal["primary", "shadow", "canary"]
+    model_version: str
+    horizon_days: int
+    threshold: float
+    sample: float | None = Field(
+        description="Shadow: the fraction of scoring calls it also scores (after the answer)."
+    )
+    percent: float | None = Field(description="Canary: the percent of users it answers.")
+    load_seconds: float
+    loaded_at: str = Field(description="RFC 3339, UTC.")
 
 
 class ReloadRequest(BaseModel):
@@ -528,3 +547,67 @@ class ReloadResponse(BaseModel):
     model_version: str
     previous_version: str | None = Field(description="Null when no model was serving before.")
     load_seconds: float = Field(description="Load, validation and warm-up time of the new model.")
+
+
+ModelPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+
+
+class ShadowRequest(BaseModel):
+    """What ``PUT /admin/models/shadow`` should load beside the served model."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={"examples": [{"model_path": "models/next/model.onnx", "sample": 0.1}]},
+    )
+
+    model_path: ModelPath | None = Field(
+        default=None,
+        description="A model file on the server; default: the configured `PI_SHADOW_MODEL`.",
+    )
+    sample: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Fraction of scoring calls the shadow also scores; default `PI_SHADOW_SAMPLE`.",
+    )
+
+
+class CanaryRequest(BaseModel):
+    """What ``PUT /admin/models/canary`` should load beside the served model."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={"examples": [{"model_path": "models/next/model.onnx", "percent": 5}]},
+    )
+
+    model_path: ModelPath | None = Field(
+        default=None,
+        description="A model file on the server; default: the configured `PI_CANARY_MODEL`.",
+    )
+    percent: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="Percent of users (by a hash of `user_id`) the canary answers; default "
+        "`PI_CANARY_PERCENT`.",
+    )
+
+
+class PlacedResponse(BaseModel):
+    """The model now loaded in a role, and the one it replaced there."""
+
+    role: Literal["primary", "shadow", "canary"]
+    model_version: str
+    previous_version: str | None = Field(description="Null when that role was empty.")
+    load_seconds: float = Field(description="Load, validation and warm-up time of the model.")
+
+
+class UnloadResponse(BaseModel):
+    """What ``DELETE /admin/models/{role}`` unloaded."""
+
+    role: Literal["shadow", "canary"]
+    unloaded_version: str | None = Field(description="Null when none was loaded (nothing to do).")

@@ -8,6 +8,7 @@ and an offline score of the same user at the same ``as_of`` identical.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,38 +19,36 @@ from service.metrics import Metrics
 from service.monitor import Monitor
 from service.predictor import Predictor
 
+if TYPE_CHECKING:  # shadow.py scores with this module's encode()
+    from service.shadow import ShadowScorer
+
 
 class Scorer:
     """Encodes and scores a batch of users in one inference call, recording what it did (and, with
-    a ``monitor``, handing the answers over for drift and outcomes)."""
+    a ``monitor``, handing the answers over for drift and outcomes; with a ``shadow``, offering the
+    call to the shadow model, which scores it later on its own thread)."""
 
-    def __init__(self, metrics: Metrics, monitor: Monitor | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, monitor: Monitor | None = None, shadow: ShadowScorer | None = None
+    ) -> None:
         self._metrics = metrics
         self._monitor = monitor
+        self._shadow = shadow
 
     def score(self, predictor: Predictor, columns: EventColumns) -> NDArray[np.float32]:
         """``float32 [n_users]`` probabilities, in the order of ``columns``."""
         t0 = time.perf_counter()
-        features = encode_batch(
-            columns.timestamps,
-            columns.amounts,
-            columns.quantities,
-            columns.offsets,
-            columns.as_of,
-            predictor.metadata.feature_spec,
-            columns.folded,
-        )
+        features = encode(columns, predictor)
         t1 = time.perf_counter()
         probabilities = predictor.predict(features)
         t2 = time.perf_counter()
-        if probabilities.shape != (columns.n_users,) or not np.all(np.isfinite(probabilities)):
-            # Warm-up checked the model on zeros; real inputs are bounded by the schema, so this is
-            # a model bug, and a 500 is more honest than a NaN (or null) probability.
-            raise RuntimeError(f"model returned {probabilities.shape} non-finite or misshapen output")
+        check_output(probabilities, columns.n_users)
         self._metrics.encoding_duration.observe(t1 - t0)
         self._record(probabilities, t2 - t1)
         if self._monitor is not None:
             self._monitor.scored(predictor.metadata, columns, probabilities)
+        if self._shadow is not None:
+            self._shadow.offer(predictor, columns, probabilities)
         return probabilities
 
     def score_features(self, predictor: Predictor, features: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -58,8 +57,7 @@ class Scorer:
         t0 = time.perf_counter()
         probabilities = predictor.predict(features)
         elapsed = time.perf_counter() - t0
-        if probabilities.shape != features.shape[:1] or not np.all(np.isfinite(probabilities)):
-            raise RuntimeError(f"model returned {probabilities.shape} non-finite or misshapen output")
+        check_output(probabilities, features.shape[0])
         self._record(probabilities, elapsed)
         return probabilities
 
@@ -70,3 +68,23 @@ class Scorer:
         m.batch_size.observe(n)
         m.users_scored.inc(n)
         m.probability.observe_many(probabilities)
+
+
+def encode(columns: EventColumns, predictor: Predictor) -> NDArray[np.float32]:
+    """``columns`` as ``predictor``'s input tensor, by its own feature spec."""
+    return encode_batch(
+        columns.timestamps,
+        columns.amounts,
+        columns.quantities,
+        columns.offsets,
+        columns.as_of,
+        predictor.metadata.feature_spec,
+        columns.folded,
+    )
+
+
+def check_output(probabilities: NDArray[np.float32], n_users: int) -> None:
+    if probabilities.shape != (n_users,) or not np.all(np.isfinite(probabilities)):
+        # Warm-up checked the model on zeros; real inputs are bounded by the schema, so this is
+        # a model bug, and a 500 is more honest than a NaN (or null) probability.
+        raise RuntimeError(f"model returned {probabilities.shape} non-finite or misshapen output")

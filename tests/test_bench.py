@@ -13,15 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pyarrow.ipc
 import pytest
 
 from bench import __main__ as bench_main
 from bench import bodies, floors, harness, processes, report, wrk
 from bench.machine import describe
+from service.artifact import ModelMetadata
 from service.config import Settings
 from service.schemas import BatchPredictRequest, PredictRequest
 from tests.conftest import TinyModel
+from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 
 # Captured from `wrk -t1 -c16 -d3s --latency` against bench.constant_app; a `done()` hook printed
@@ -150,6 +153,36 @@ def test_the_monitoring_comparison_is_judged_on_all_rounds_together(tmp_path: Pa
     assert "judged at 64 connections" in report.markdown(elsewhere)
     data = json.loads(report.write_json(result, tmp_path / "m.json").read_text())
     assert data["monitoring"]["recorded"] == 120_000
+
+
+def test_the_shadow_comparison_is_judged_against_monitoring_without_one() -> None:
+    result = _monitoring_report([5000, 5000], [5200, 5200])
+    shadowed = [
+        dataclasses.replace(_phase(report.SHADOWED_SERVER, "/predict", 64, rps), path=report.NEW_USER_PATH)
+        for rps in (4000, 4600)
+    ]
+    assert result.monitoring is not None
+    check = dataclasses.replace(result.monitoring, shadow_sample=0.1, shadow_scored=900, shadow_dropped=3)
+    result = dataclasses.replace(result, http=[*result.http, *shadowed], monitoring=check)
+    assert report.ratios(result)["shadow_c64"] == pytest.approx(8_600 / 10_000)
+    assert report.targets(result) == {"monitoring_c64_ratio": True, "shadow_c64_ratio": True}
+    table = report.markdown(result)
+    assert "scoring 10% of the scoring calls" in table
+    assert "900 calls scored, 3 dropped" in table
+    assert "| 1 | 4,000 | 20.0 | 5,000 | 20.0 | 0.800 x |  |" in table
+    assert "| all (mean req/s) | 4,300 | 20.0 | 5,000 | 20.0 | 0.860 x | ≥ 0.85x: met |" in table
+    slow = dataclasses.replace(result, http=[*result.http[:-1]])
+    assert report.targets(slow)["shadow_c64_ratio"] is False
+    assert "≥ 0.85x: **missed**" in report.markdown(slow)
+
+
+def test_the_shadow_copy_is_the_same_graph_under_another_version(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m.onnx", metadata=make_metadata(version="v1"))
+    copy = harness.shadow_copy(model, tmp_path / "shadow.onnx")
+    original, renamed = (onnx.load(str(p)) for p in (model, copy))
+    props = {p.key: p.value for p in renamed.metadata_props}
+    assert ModelMetadata.from_props(props).model_version == "v1-shadow"
+    assert renamed.graph == original.graph
 
 
 def test_bulk_bodies_hold_the_same_users_as_the_rows() -> None:
@@ -436,8 +469,10 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         # model monitoring on, then off: a new user each request
         ("service-monitored", report.NEW_USER_PATH, 4),
         ("service-unmonitored", report.NEW_USER_PATH, 4),
+        # monitored, with a shadow model on a tenth of the calls
+        ("service-shadowed", report.NEW_USER_PATH, 4),
     ]
-    assert [p["body"] for p in data["http"]][-10:-4] == [
+    assert [p["body"] for p in data["http"]][-11:-5] == [
         "rows",
         "columns",
         "arrow",
@@ -461,8 +496,10 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
         "microbatching_c1",
         "microbatching_c4",
         "monitoring_c4",
+        "shadow_c4",
     }
     assert data["monitoring"]["recorded"] > 0  # the monitored server wrote what it served
+    assert data["monitoring"]["shadow_scored"] > 0  # and the shadowed one's shadow scored calls
     assert "| service /predict by user id | 4 |" in done.stdout
     assert "x inline events (history in SQLite)" in done.stdout
     assert data["peak_rss_mb"] > 0

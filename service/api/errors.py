@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 
 from service.envelope import error_response, rejection
 from service.errors import ErrorDetail, ServiceError, field_path
@@ -37,6 +39,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             "method_not_allowed": "method not allowed on this endpoint",
         }.get(code, "the request cannot be processed")
         headers: dict[str, Any] | None = getattr(exc, "headers", None)
+        if exc.status_code == 405 and (allowed := _allowed(request)):
+            headers = {**(headers or {}), "Allow": allowed}
         return error_response(exc.status_code, code, message, headers=headers)
 
     async def _request_validation(request: Request, exc: Exception) -> Response:
@@ -53,3 +57,36 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
+
+
+def _allowed(request: Request) -> str | None:
+    """Every method served at the path template Starlette's router chose. Its 405 names only the
+    first route that matched the path, which is wrong where two routes share a template (``PUT``
+    and ``DELETE /admin/models/shadow``). ``None`` leaves the handler's own header (a route that
+    took the request and refused it, as ``DELETE /users/{id}`` does for ``/users/u-1/events``)."""
+    routes = list(_routes(request.app.router.routes))
+    template = None
+    for route in routes:
+        match, _ = route.matches(request.scope)
+        if match is Match.FULL:
+            return None
+        if match is Match.PARTIAL:
+            template = getattr(route, "path", None)
+            break
+    if template is None:
+        return None
+    methods: set[str] = set()
+    for route in routes:
+        if getattr(route, "path", None) == template:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods)) or None
+
+
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    # FastAPI wraps each included router; its routes are the ones that match paths
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route

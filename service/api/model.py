@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from service.api.deps import Context, require_model, scoped
+from service.api.deps import AppContext, Context, require_model, scoped
 from service.api.openapi import errors_doc
-from service.schemas import ModelResponse, RuntimeResponse
+from service.lifecycle import LoadedModel, Role, loaded_models
+from service.schemas import LoadedModelResponse, ModelResponse, RuntimeResponse
 from service.scopes import PREDICT, PREDICT_STORED
 
 router = APIRouter(tags=["model"])
@@ -22,7 +23,8 @@ router = APIRouter(tags=["model"])
     responses=errors_doc((503, "No model loaded yet.")),
     summary="The served model's metadata",
     description="Version, feature spec, decision threshold, horizon and training metrics as "
-    "written by the exporter, plus the execution providers asked for and actually used.",
+    "written by the exporter, plus the execution providers asked for and actually used; "
+    "`loaded` lists every model loaded (served, shadow, canary) with its share of the traffic.",
 )
 async def model_info(ctx: Context) -> Response:
     served = require_model(ctx)
@@ -50,7 +52,27 @@ async def model_info(ctx: Context) -> Response:
             provider_fallback=runtime.fallback,
             batch_sizes=list(runtime.batch_sizes),
             load_seconds=served.load_seconds,
-            loaded_at=datetime.fromtimestamp(served.loaded_at, tz=UTC).isoformat(timespec="milliseconds"),
+            loaded_at=_rfc3339(served.loaded_at),
         ),
+        loaded=[_loaded(ctx, role, model) for role, model in loaded_models(ctx.slot)],
     )
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _rfc3339(unix: float) -> str:
+    return datetime.fromtimestamp(unix, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _loaded(ctx: AppContext, role: Role, model: LoadedModel) -> LoadedModelResponse:
+    meta = model.predictor.metadata
+    shadow, canary = ctx.slot.shadow, ctx.slot.canary
+    return LoadedModelResponse(
+        role=role,
+        model_version=meta.model_version,
+        horizon_days=meta.horizon_days,
+        threshold=meta.threshold,
+        sample=shadow.sample if role == "shadow" and shadow is not None else None,
+        percent=canary.percent if role == "canary" and canary is not None else None,
+        load_seconds=model.load_seconds,
+        loaded_at=_rfc3339(model.loaded_at),
+    )

@@ -4,7 +4,8 @@ The app answers it with :func:`serve_predict`, a plain ASGI function called befo
 routing (``service.app.ServiceApp``); the route declared here documents it and, reached through
 FastAPI, is answered by the same function. A small body is parsed and checked on the event loop,
 then scored in the micro-batcher's next call (``service/batching.py``); a large one, a long
-history, is parsed and scored in a worker thread.
+history, is parsed and scored in a worker thread. A user in a loaded canary's share is answered
+by the canary (``service/rollout.py``), and the answer names it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from service.columns import EventColumns
 from service.envelope import rejection
 from service.errors import NotReadyError, OverloadedError, ServiceError
 from service.lifecycle import LoadedModel
+from service.rollout import route
 from service.schemas import EXAMPLE_USER, PredictRequest, PredictResponse
 from service.scopes import PREDICT, PREDICT_STORED
 
@@ -76,8 +78,18 @@ def _answer_one(served: LoadedModel, user_id: str, probability: float) -> bytes:
     return answer
 
 
+def _route(ctx: AppContext, served: LoadedModel, user_id: str) -> LoadedModel:
+    """The canary for a user in its share (counted), else the model the request started with."""
+    canary = route(ctx.slot, served, user_id)
+    if canary is None:
+        return served
+    ctx.metrics.canary_users.inc()
+    return canary
+
+
 def _score_one(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool) -> bytes:
     user = _parse_user(ctx, body)
+    served = _route(ctx, served, user.user_id)
     columns = resolve_columns(ctx, served, [user], now, _no_field, may_block=may_block)
     _check_one(columns)
     return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
@@ -114,6 +126,9 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
         return await offload(ctx, _score_one, served, body, deadline)
     now = int(time.time())
     user = _parse_user(ctx, body)
+    if ctx.slot.canary is not None:
+        served = _route(ctx, served, user.user_id)
+        scope["state"]["model_version"] = served.predictor.metadata.model_version  # the access log
     reads = ctx.history_reads
     if user.events is None and reads is not None:  # by user id: one store read per gathered batch
         require_stored()

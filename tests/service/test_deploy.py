@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.drift import ScoreReference, psi
 from tests import waiting
 from tests.service.conftest import wait_ready
+from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import require_binary, start_service, wait_until
 from tests.service.test_monitor import VERSION, client_for, mature_predictions, settings_for
@@ -64,8 +65,15 @@ def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
     predictions and a model that has a score reference (so every monitoring series is there)."""
     registry = CollectorRegistry()
     reference = ScoreReference.of(np.linspace(0.3, 0.7, 500))
-    with client_for(settings_for(tmp_path, drift_min_scores=1), reference, registry) as client:
+    shadow = write_model(tmp_path / "shadow.onnx", metadata=make_metadata(version="shadow-1"), bias=0.2)
+    settings = settings_for(tmp_path, drift_min_scores=1, shadow_model=shadow, shadow_sample=1.0)
+    with client_for(settings, reference, registry) as client:
         wait_ready(client)
+        waiting.wait_until(
+            lambda: client.get("/v1/model").json()["loaded"][-1]["role"] == "shadow" or None,
+            timeout=10,
+            message="no shadow loaded",
+        )
         client.post(
             "/predict",
             json={
@@ -81,6 +89,11 @@ def exported(tmp_path: Path) -> tuple[set[str], set[str]]:
             ),
             timeout=10,
             message="no PSI",
+        )
+        waiting.wait_until(
+            lambda: registry.get_sample_value("purchase_intent_shadow_calls_total", {"result": "scored"}),
+            timeout=10,
+            message="the shadow scored nothing",
         )
         text = client.get("/metrics").text
     names: set[str] = set()
@@ -159,6 +172,8 @@ def test_dashboard_and_rules_use_only_metrics_and_labels_the_service_exports(
         "calibration",
         "psi",
         "kolmogorov-smirnov",
+        "shadow",
+        "canary",
     ):
         assert topic in titles
     for panel in _panels():

@@ -13,8 +13,10 @@ from prometheus_client import CollectorRegistry
 
 from service.config import Settings
 from service.errors import REJECT_REASONS
+from service.lifecycle import ModelSlot
 from service.metrics import Metrics
 from service.monitor import Monitor
+from service.shadow import ShadowScorer
 from service.store.metrics import StoreMetrics
 from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, running_service
@@ -88,6 +90,7 @@ def test_every_metric_is_documented() -> None:
     Metrics(registry, latency_buckets=(0.1,), reject_reasons=REJECT_REASONS, process_metrics=False)
     StoreMetrics(registry, latency_buckets=(0.1,))
     Monitor(Settings(), registry)  # every family is collected, with or without samples
+    ShadowScorer(ModelSlot(), registry, queue_size=1)
     for family in registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"| `{name}` |" in text, name

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -26,6 +27,7 @@ from schemathesis import GenerationMode, checks
 from schemathesis.core.result import Ok
 
 from service.scopes import SCOPES
+from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
 from tests.service.processes import ServiceProcess, running_service
 
@@ -52,7 +54,15 @@ ARROW = "application/vnd.apache.arrow.stream"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("model") / "model.onnx")
+    """The served model; a shadow and a canary candidate beside it (``_candidate``)."""
+    served = write_model(tmp_path_factory.mktemp("model") / "model.onnx")
+    for role in ("shadow", "canary"):
+        write_model(_candidate(served, role), metadata=make_metadata(version=f"fuzz-{role}"), bias=0.2)
+    return served
+
+
+def _candidate(model: Path, role: str) -> Path:
+    return model.with_name(f"{role}.onnx")
 
 
 @pytest.fixture(scope="module", params=["admin-token", "scoped-tokens"])
@@ -66,6 +76,8 @@ def server(
     env = {
         "PI_MAX_BATCH_USERS": str(MAX_USERS),
         "PI_MAX_EVENTS_PER_USER": str(MAX_EVENTS),
+        "PI_SHADOW_MODEL": str(_candidate(model, "shadow")),
+        "PI_CANARY_MODEL": str(_candidate(model, "canary")),
     }
     if request.param == "admin-token":
         env["PI_ADMIN_TOKEN"] = TOKEN
@@ -123,6 +135,13 @@ OPERATIONS = [
     ("POST", "/predict/batch", GenerationMode.NEGATIVE),
     ("POST", "/admin/reload", GenerationMode.POSITIVE),
     ("POST", "/admin/reload", GenerationMode.NEGATIVE),
+    ("PUT", "/admin/models/shadow", GenerationMode.POSITIVE),
+    ("PUT", "/admin/models/shadow", GenerationMode.NEGATIVE),
+    ("PUT", "/admin/models/canary", GenerationMode.POSITIVE),
+    ("PUT", "/admin/models/canary", GenerationMode.NEGATIVE),
+    ("POST", "/admin/models/canary/promote", GenerationMode.POSITIVE),
+    ("DELETE", "/admin/models/shadow", GenerationMode.POSITIVE),
+    ("DELETE", "/admin/models/canary", GenerationMode.POSITIVE),
     ("POST", "/events", GenerationMode.POSITIVE),
     ("POST", "/events", GenerationMode.NEGATIVE),
     ("GET", "/users/{user_id}/events", GenerationMode.POSITIVE),
@@ -164,10 +183,23 @@ def _columns_agree(columns: dict[str, Any]) -> None:
         columns["as_of"] = [*columns["as_of"], *[None] * users][:users]
 
 
-def _within_documented_rules(case: schemathesis.Case[Any], model: Path) -> schemathesis.Case[Any]:
+def _within_documented_rules(
+    case: schemathesis.Case[Any], model: Path, server: ServiceProcess
+) -> schemathesis.Case[Any]:
     """A schema-valid request that also meets what a schema cannot say, so that a refusal of it is
     a broken promise: lists that agree in length, and a model file that exists on the server (a
-    missing one is a documented 422 ``model_rejected``; test_admin.py covers it)."""
+    missing one is a documented 422 ``model_rejected``; test_admin.py covers it) and, for a shadow
+    or canary, is not loaded in another role (a promoted canary is the served model: the canary is
+    then the first served model's file)."""
+    if case.method.upper() == "PUT" and case.path in ("/admin/models/shadow", "/admin/models/canary"):
+        role = case.path.rsplit("/", 1)[1]
+        path = _candidate(model, role)
+        if role == "canary":
+            served = httpx.get(f"{server.url}/v1/model", headers=AUTH, timeout=10).json()["model_version"]
+            path = model if served == "fuzz-canary" else path
+        given: dict[str, Any] = case.body if isinstance(case.body, dict) else {}
+        case.body = {**given, "model_path": str(path)}
+        return case
     body = case.body
     if not isinstance(body, dict):
         return case
@@ -218,7 +250,7 @@ def test_coverage_cases_keep_the_contract(
             continue
         meta = case.meta
         if meta is not None and meta.generation.mode.is_positive:
-            _within_documented_rules(case, model)
+            _within_documented_rules(case, model, server)
         _call(case, server)
 
 
@@ -233,7 +265,7 @@ def test_no_request_breaks_the_contract(
 ) -> None:
     strategy = api_schema[path][method].as_strategy(generation_mode=mode)
     if mode.is_positive:
-        strategy = strategy.map(lambda case: _within_documented_rules(case, model))
+        strategy = strategy.map(lambda case: _within_documented_rules(case, model, server))
 
     @given(case=strategy)
     @settings(
