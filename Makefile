@@ -175,7 +175,7 @@ $(PEERS_VENV)/.stamp: pyproject.toml requirements.lock
 
 # The other peers, each in its own venv (bench/.venv-<peer>), pinned to the versions bench/README.md
 # names; onnxruntime as in requirements.lock, numpy too except where a peer needs numpy < 2, and our
-# package without its dependencies for the shared encoder. MLServer breaks on newer uvloop.
+# package without its dependencies for the shared encoder. MLServer takes uvloop unpinned: pinned here.
 PEERS_PINS_mlserver := mlserver==1.7.1 uvloop==0.21.0
 PEERS_PINS_kserve   := kserve==0.21.0
 PEERS_PINS_pytriton := nvidia-pytriton==0.7.0

@@ -79,7 +79,7 @@ def _started(servers: list[processes.Server]) -> Iterator[None]:
 def _probability(server: processes.Server, path: str, body: bytes) -> float:
     status, answer = processes.post(server.url + path, body)
     if status != 200:
-        raise AnswerError(f"{server.name}: POST {path} answered {status}: {answer[:300]!r}")
+        raise AnswerError(f"POST {path} answered {status}: {answer[:300]!r}")
     return probability(answer)
 
 

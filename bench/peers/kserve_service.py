@@ -30,6 +30,15 @@ class PurchaseIntent(kserve.Model):  # type: ignore[misc]
         self.ready = True
         return True
 
+    # With --workers > 1 KServe pickles the model into each worker process; an onnxruntime session
+    # does not pickle, so each worker opens its own.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_model"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.load()
+
     def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
         return self._model.predict(payload)
 

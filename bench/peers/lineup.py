@@ -146,6 +146,16 @@ def lineup() -> list[Peer]:
         Peer("BentoML 1.4.40, 2 workers", "peers", _bentoml(2)),
         Peer("MLServer 1.7.1, custom handler", "mlserver", _mlserver(v2=False)),
         Peer("MLServer 1.7.1, V2 + adaptive batching", "mlserver", _mlserver(v2=True)),
+        # Kept although it cannot answer: MLServer's parallel wrapper hides the handler's `request`
+        # parameter from FastAPI, so every call is a 422; the run records that, not a timing.
+        Peer(
+            "MLServer 1.7.1, custom handler, 2 parallel workers", "mlserver", _mlserver(v2=False, workers=2)
+        ),
+        Peer(
+            "MLServer 1.7.1, V2 + adaptive batching, 2 parallel workers",
+            "mlserver",
+            _mlserver(v2=True, workers=2),
+        ),
         Peer("KServe 0.21.0", "kserve", _kserve(1)),
         Peer("KServe 0.21.0, 2 workers", "kserve", _kserve(2)),
         Peer("PyTriton 0.7.0 (Triton 2.51), dynamic batching", "pytriton", _pytriton),
