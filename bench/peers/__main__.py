@@ -131,7 +131,7 @@ def _measure_peer(
 ) -> tuple[float, list[Row]]:
     """Start ``peer``, check its answer against ``ours``, load it; raise on any failure."""
     venv = args.venvs / f".venv-{peer.venv}"
-    if not (venv / "bin/python").is_file():
+    if not (venv / ".stamp").is_file():  # the Makefile stamps a venv once every install step passed
         raise processes.StartError(f"{venv} is not installed (make bench-peers installs it)")
     launch = peer.launch(venv, args.model.resolve(), workdir)
     slug = "".join(ch if ch.isalnum() else "-" for ch in peer.name.lower())
