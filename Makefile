@@ -173,5 +173,29 @@ $(PEERS_VENV)/.stamp: pyproject.toml requirements.lock
 	$(PEERS_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
-bench-peers: $(VENV)/.stamp-train system-deps $(PEERS_VENV)/.stamp $(filter $(MODEL),$(BENCH_MODEL))
-	$(BIN)/python -m bench.peers --model $(BENCH_MODEL) --bentoml $(PEERS_VENV)/bin/bentoml $(PEERS_ARGS)
+# The other peers, each in its own venv (bench/.venv-<peer>), pinned to the versions bench/README.md
+# names; onnxruntime as in requirements.lock, numpy too except where a peer needs numpy < 2, and our
+# package without its dependencies for the shared encoder. MLServer takes uvloop unpinned: pinned here.
+PEERS_PINS_mlserver := mlserver==1.7.1 uvloop==0.21.0
+PEERS_PINS_kserve   := kserve==0.21.0
+PEERS_PINS_pytriton := nvidia-pytriton==0.7.0
+PEERS_PINS_litserve := litserve==0.2.19
+PEERS_NUMPY_pytriton := 'numpy<2'
+bench/.venv-%/.stamp: pyproject.toml requirements.lock
+	rm -rf bench/.venv-$*
+	$(PYTHON) -m venv bench/.venv-$*
+	bench/.venv-$*/bin/pip install --quiet --upgrade pip
+	bench/.venv-$*/bin/pip install --quiet $(PEERS_PINS_$*) \
+	  $$(grep -E '^onnxruntime==' requirements.lock) \
+	  $(or $(PEERS_NUMPY_$*),$$(grep -E '^numpy==' requirements.lock))
+	bench/.venv-$*/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+PEERS_OTHERS := mlserver kserve pytriton litserve
+# A peer whose install fails does not stop the run: the run records it as not installed (no .stamp).
+bench-peers: $(VENV)/.stamp-train system-deps $(filter $(MODEL),$(BENCH_MODEL))
+	@for p in peers $(PEERS_OTHERS); do \
+	  $(MAKE) --no-print-directory bench/.venv-$$p/.stamp \
+	    || echo "bench-peers: installing bench/.venv-$$p failed (above); going on without it" >&2; \
+	done
+	$(BIN)/python -m bench.peers --model $(BENCH_MODEL) $(PEERS_ARGS)

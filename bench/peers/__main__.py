@@ -1,11 +1,11 @@
-"""``python -m bench.peers --model PATH --bentoml bench/.venv-peers/bin/bentoml``: us next to BentoML.
+"""``python -m bench.peers --model PATH``: our service next to every peer of bench/peers/lineup.py.
 
-One run: our service (``python -m service``, this venv) and the BentoML service of
-``bench/peers/bentoml_service.py`` (``bentoml serve`` from the peers venv) on free loopback ports;
-both must answer the same probability for the same 20-event body, then each is loaded with wrk at
-every connection count (ours first, then BentoML; the other one sits idle). The table goes to
-stdout, progress to stderr, JSON to ``bench/results/peers-<time>.json``. Every server it started is
-stopped (its whole process group) on success, failure, Ctrl-C or SIGTERM. See bench/README.md.
+One run: our service (``python -m service``, this venv), then each peer from its own venv
+(``bench/.venv-<peer>``), one server up at a time on a free loopback port. Each peer must answer
+the probability ours answered for the same 20-event body before wrk loads it at every connection
+count; a peer that is not installed, fails to start or disagrees is recorded and skipped. The table
+goes to stdout, progress to stderr, JSON to ``bench/results/peers-<time>.json``. Every server it
+started is stopped (with whatever it spawned) on success, failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,68 +17,25 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
 from bench import bodies, machine, processes, wrk
 from bench.__main__ import parse_duration
+from bench.peers.lineup import V2_BODY, Peer, lineup, v2_body
+from bench.peers.table import OURS, AnswerError, Row, best_peers, check_answer, markdown, probability, verdict
 
 REPO = Path(__file__).resolve().parents[2]
 _RESULTS = REPO / "bench" / "results"
-OURS = "ours"
-BENTOML = "bentoml"
-#: Largest allowed difference between the two servers' probabilities for the same body.
-TOLERANCE = 1e-6
 
 Say = Callable[[str], None]
 
 
 class PeersError(RuntimeError):
-    """The run cannot be a fair comparison (a server failed, or the answers differ)."""
-
-
-@dataclass(frozen=True)
-class Row:
-    server: str
-    connections: int
-    requests: int
-    requests_per_s: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-
-
-def ratios(rows: Sequence[Row]) -> dict[int, float]:
-    """Ours ÷ BentoML requests/s at each connection count both were measured at."""
-    ours = {r.connections: r.requests_per_s for r in rows if r.server == OURS}
-    peer = {r.connections: r.requests_per_s for r in rows if r.server == BENTOML}
-    return {c: ours[c] / peer[c] for c in sorted(ours) if c in peer and peer[c] > 0}
-
-
-def markdown(rows: Sequence[Row]) -> str:
-    """One table: both servers side by side per connection count, and the throughput ratio."""
-    by = {(r.server, r.connections): r for r in rows}
-    ratio = ratios(rows)
-    lines = [
-        "| conns | ours req/s | ours p50 ms | ours p99 ms | BentoML req/s | BentoML p50 ms "
-        "| BentoML p99 ms | ours / BentoML req/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for c in sorted({r.connections for r in rows}):
-        cells = [str(c)]
-        for server in (OURS, BENTOML):
-            r = by.get((server, c))
-            if r is None:
-                cells += ["", "", ""]
-                continue
-            flag = f" ({r.errors} errors!)" if r.errors else ""
-            cells += [f"{r.requests_per_s:,.0f}{flag}", f"{r.p50_ms:.3g}", f"{r.p99_ms:.3g}"]
-        cells.append(f"{ratio[c]:.2f} x" if c in ratio else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """The run cannot be a fair comparison (our own server failed)."""
 
 
 def descendants(pid: int) -> list[int]:
@@ -119,28 +76,22 @@ def _started(servers: list[processes.Server]) -> Iterator[None]:
             _stop(server)
 
 
-def _probability(server: processes.Server, body: bytes) -> float:
-    status, answer = processes.post(server.url + "/predict", body)
+def _probability(server: processes.Server, path: str, body: bytes) -> float:
+    status, answer = processes.post(server.url + path, body)
     if status != 200:
-        raise PeersError(f"{server.name}: POST /predict answered {status}: {answer[:300]!r}")
-    return float(json.loads(answer)["probability"])
+        raise AnswerError(f"POST {path} answered {status}: {answer[:300]!r}")
+    return probability(answer)
 
 
-def _load(server: processes.Server, script: Path, args: argparse.Namespace, say: Say) -> list[Row]:
+def _load(server: processes.Server, url: str, script: Path, args: argparse.Namespace, say: Say) -> list[Row]:
     if args.warmup > 0:
         say(f"{server.name}: warming up for {args.warmup} s")
-        wrk.run(
-            server.url + "/predict", script=script, connections=max(args.connections), duration_s=args.warmup
-        )
+        wrk.run(url, script=script, connections=max(args.connections), duration_s=args.warmup)
     rows = []
     for c in args.connections:
-        say(f"{server.name} /predict: {c} connection(s) for {args.duration} s")
+        say(f"{server.name}: {c} connection(s) for {args.duration} s")
         result = wrk.run(
-            server.url + "/predict",
-            script=script,
-            connections=c,
-            duration_s=args.duration,
-            timeout_s=max(10, args.duration),
+            url, script=script, connections=c, duration_s=args.duration, timeout_s=max(10, args.duration)
         )
         if result.errors:
             say(f"  {result.errors} errors ({result.socket_errors} socket, {result.non_2xx} non-2xx)")
@@ -158,73 +109,94 @@ def _load(server: processes.Server, script: Path, args: argparse.Namespace, say:
     return rows
 
 
-def run(args: argparse.Namespace, workdir: Path, say: Say) -> tuple[list[Row], dict[str, object]]:
-    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    facts = machine.describe()
-    body = bodies.predict_body()
-    (workdir / "predict.json").write_bytes(body)
-    script = wrk.write_post_script(workdir / "predict.lua", workdir / "predict.json")
-    model = args.model.resolve()
+def _measure_ours(args: argparse.Namespace, workdir: Path, say: Say) -> tuple[float, list[Row]]:
+    body_file = workdir / "predict.json"
+    script = wrk.write_post_script(workdir / "predict.lua", body_file)
+    port = processes.free_port()
+    argv = [sys.executable, "-m", "service", "--model", str(args.model.resolve())]
+    argv += ["--host", processes.HOST, "--port", str(port)]
+    env = {"PI_STORE_PATH": str(workdir / "events.sqlite3")}
     servers: list[processes.Server] = []
     with _started(servers):
-        port = processes.free_port()
-        ours = processes.start(
-            OURS,
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--model",
-                str(model),
-                *("--host", processes.HOST, "--port", str(port)),
-            ],
-            port,
-            workdir / "ours.log",
-            cwd=REPO,
-            env={"PI_STORE_PATH": str(workdir / "events.sqlite3")},
+        server = processes.start(OURS, argv, port, workdir / "ours.log", cwd=REPO, env=env)
+        servers.append(server)
+        processes.wait_ready(server)
+        ours = _probability(server, "/predict", body_file.read_bytes())
+        say(f"ours answers {ours!r}")
+        return ours, _load(server, server.url + "/predict", script, args, say)
+
+
+def _measure_peer(
+    peer: Peer, ours: float, args: argparse.Namespace, workdir: Path, say: Say
+) -> tuple[float, list[Row]]:
+    """Start ``peer``, check its answer against ``ours``, load it; raise on any failure."""
+    venv = args.venvs / f".venv-{peer.venv}"
+    if not (venv / ".stamp").is_file():  # the Makefile stamps a venv once every install step passed
+        raise processes.StartError(f"{venv} is not installed (make bench-peers installs it)")
+    launch = peer.launch(venv, args.model.resolve(), workdir)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in peer.name.lower())
+    body = (workdir / "predict.json").read_bytes()
+    if launch.body == V2_BODY:
+        body = v2_body(body)
+    body_file = workdir / f"{slug}.json"
+    body_file.write_bytes(body)
+    script = wrk.write_post_script(workdir / f"{slug}.lua", body_file)
+    env = {"PI_PEER_MODEL": str(args.model.resolve()), "PYTHONPATH": str(REPO), **launch.env}
+    servers: list[processes.Server] = []
+    with _started(servers):
+        server = processes.start(
+            peer.name, launch.argv, launch.port, workdir / f"{slug}.log", cwd=REPO, env=env
         )
-        servers.append(ours)
-        port = processes.free_port()
-        peer = processes.start(
-            BENTOML,
-            [
-                str(args.bentoml),
-                "serve",
-                "bench.peers.bentoml_service:PurchaseIntent",
-                *("--host", processes.HOST, "--port", str(port), "--working-dir", str(REPO)),
-            ],
-            port,
-            workdir / "bentoml.log",
-            cwd=REPO,
-            env={
-                "PI_PEER_MODEL": str(model),
-                "BENTOML_HOME": str(workdir / "bentoml-home"),
-                "BENTOML_DO_NOT_TRACK": "true",
-            },
-        )
-        servers.append(peer)
-        for server in servers:
-            processes.wait_ready(server)
-        answers = {s.name: _probability(s, body) for s in servers}
-        say(f"probabilities for the same body: {answers}")
-        if abs(answers[OURS] - answers[BENTOML]) > TOLERANCE:
-            raise PeersError(f"the servers disagree beyond {TOLERANCE}: {answers}")
-        rows = _load(ours, script, args, say)
-        say("stopping ours")
-        _stop(ours)
-        rows += _load(peer, script, args, say)
-    return rows, {
-        "started_at": started_at,
-        "model": str(args.model),
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "wrk": wrk.version(),
-        "probabilities": answers,
-        "machine": asdict(facts),
-        "load_average_after": machine.load_average(),
-        "rows": [asdict(r) for r in rows],
-        "ratios": {str(c): v for c, v in ratios(rows).items()},
-    }
+        servers.append(server)
+        processes.wait_ready(server, launch.ready_path, timeout=args.start_timeout)
+        theirs = _probability(server, launch.predict_path, body)
+        check_answer(peer.name, theirs, ours)
+        say(f"{peer.name} answers {theirs!r}")
+        return theirs, _load(server, server.url + launch.predict_path, script, args, say)
+
+
+def run(
+    args: argparse.Namespace, workdir: Path, say: Say
+) -> tuple[list[Row], dict[str, str], dict[str, object]]:
+    """The rows, the peers not measured (name → why), and the JSON record."""
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    facts = machine.describe()
+    (workdir / "predict.json").write_bytes(bodies.predict_body())
+    try:
+        ours, rows = _measure_ours(args, workdir, say)
+    except (AnswerError, processes.StartError, wrk.WrkError) as exc:
+        raise PeersError(f"our service: {exc}") from exc
+    answers = {OURS: ours}
+    failures: dict[str, str] = {}
+    for peer in lineup():
+        if args.only and not any(word.lower() in peer.name.lower() for word in args.only):
+            continue
+        try:
+            answers[peer.name], peer_rows = _measure_peer(peer, ours, args, workdir, say)
+        except (AnswerError, processes.StartError, wrk.WrkError, OSError) as exc:
+            failures[peer.name] = str(exc)
+            say(f"{peer.name}: skipped: {exc}")
+            continue
+        rows += peer_rows
+    best = best_peers(rows)
+    return (
+        rows,
+        failures,
+        {
+            "started_at": started_at,
+            "model": str(args.model),
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "wrk": wrk.version(),
+            "probabilities": answers,
+            "failures": failures,
+            "machine": asdict(facts),
+            "load_average_after": machine.load_average(),
+            "rows": [asdict(r) for r in rows],
+            "ours_over_best_peer": {str(c): asdict(b) for c, b in best.items()},
+            "verdict": verdict(best),
+        },
+    )
 
 
 def _connections(text: str) -> tuple[int, ...]:
@@ -244,16 +216,20 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="the model.onnx both servers serve")
-    parser.add_argument("--bentoml", type=Path, default=REPO / "bench/.venv-peers/bin/bentoml")
+    parser.add_argument("--model", type=Path, required=True, help="the model.onnx every server serves")
+    parser.add_argument("--venvs", type=Path, default=REPO / "bench", help="where bench/.venv-<peer> live")
+    parser.add_argument("--only", type=lambda t: t.split(","), help="peers whose name has one of these words")
+    parser.add_argument(
+        "--start-timeout", type=float, default=120, help="seconds a peer may take to be ready"
+    )
     parser.add_argument("--duration", type=parse_duration, default=10, help="per phase (default 10s)")
     parser.add_argument("--warmup", type=parse_duration, default=2, help="per server (default 2s; 0 = none)")
     parser.add_argument("--connections", type=_connections, default=(1, 16, 64), help="default 1,16,64")
     parser.add_argument("--json", type=Path, help="default bench/results/peers-<time>.json")
     parser.add_argument("--workdir", type=Path, help="keep the body, Lua script and server logs here")
     args = parser.parse_args(argv)
-    if not args.model.is_file() or not args.bentoml.is_file():
-        _say(f"not found: {args.model if not args.model.is_file() else args.bentoml} (run make bench-peers)")
+    if not args.model.is_file():
+        _say(f"not found: {args.model} (run make bench-peers)")
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -261,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir if args.workdir is not None else Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         try:
-            rows, result = run(args, workdir, _say)
+            rows, failures, result = run(args, workdir, _say)
         except KeyboardInterrupt:
             _say("interrupted; every server it started is stopped")
             return 130
-        except (PeersError, processes.StartError, wrk.WrkError) as exc:
+        except PeersError as exc:
             _say(f"failed: {exc}")
             return 1
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -273,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(markdown(rows))
+    for name, error in failures.items():
+        sys.stdout.write(f"\n- {name}: not measured: {error.splitlines()[0]}")
+    sys.stdout.write(f"\n\nverdict (ours >= 2 x the best peer at every concurrency): {result['verdict']}\n")
     _say(f"wrote {path}")
     return 0
 

@@ -50,7 +50,8 @@ class PredictOutput(BaseModel):
     model_version: str
 
 
-@bentoml.service(workers=1, traffic={"timeout": 30})
+# The worker count comes from the environment too: the bench runs this file at 1 and 2 workers.
+@bentoml.service(workers=int(os.environ.get("PI_PEER_WORKERS", "1")), traffic={"timeout": 30})
 class PurchaseIntent:
     def __init__(self) -> None:
         options = ort.SessionOptions()
