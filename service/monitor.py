@@ -458,8 +458,9 @@ class MonitorCollector(Collector):
         )
         reference = GaugeMetricFamily(
             f"{p}_score_reference_proportion",
-            "Share of the model's evaluation users in each reference bin (lower, le].",
-            labels=["model_version", "le", "lower"],
+            "Share of the model's evaluation users in each reference bin (lower, upper]; `upper`, "
+            "not `le`, which Prometheus keeps for histograms (deploy/rules.yml maps it onto `le`).",
+            labels=["model_version", "upper", "lower"],
         )
         for version in versions:
             state = m.drift_of(version)

@@ -240,7 +240,7 @@ def test_drift_compares_recent_scores_with_the_reference(
     ]
     assert got == [float(c) for c in cumulative]
     share = registry.get_sample_value(
-        "purchase_intent_score_reference_proportion", {**labels, "le": edges[1], "lower": edges[0]}
+        "purchase_intent_score_reference_proportion", {**labels, "upper": edges[1], "lower": edges[0]}
     )
     assert share == reference.proportions[1]
     drift = model_of(performance(api, model_version=VERSION))["drift"]
