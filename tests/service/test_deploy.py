@@ -358,6 +358,10 @@ def test_nginx_balances_requests_over_two_real_replicas(tmp_path: Path) -> None:
             scored.append(float(line.split()[1]))
         assert sum(scored) == 21
         assert min(scored) >= 5, f"one replica got almost nothing: {scored}"
+        # one replica gone (a restart, a crash): its refused connections move to the other
+        replicas[1].stop()
+        after = [httpx.post(f"{url}/predict", json=body, timeout=10) for _ in range(10)]
+        assert [a.status_code for a in after] == [200] * 10
     finally:
         lb.terminate()
         lb.wait(timeout=10)
