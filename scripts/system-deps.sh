@@ -2,7 +2,8 @@
 # Debian packages the project drives for real: Prometheus (server + promtool) scrapes the service in
 # the tests; wrk loads it in `make bench`; redis-server backs the event store's redis tests;
 # chromium renders /docs and /redoc offline; nginx balances the compose replicas (its config is run in
-# the tests); kubectl renders the Kubernetes overlays (kustomize).
+# the tests); kubectl renders the Kubernetes overlays (kustomize); node and npm install and run the
+# ServiceMonitor's schema check (deploy/k8s/crd-check).
 # Installs only what is missing, so a machine that has them needs neither root nor network.
 set -euo pipefail
 missing=()
