@@ -13,12 +13,15 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
+import time
 import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -28,7 +31,9 @@ from service.app import create_app
 from service.config import Settings
 from service.errors import REJECT_REASONS
 from service.metrics import Metrics
-from tests.service.processes import require_binary
+from tests import waiting
+from tests.service.onnx_models import write_model
+from tests.service.processes import free_port, require_binary, start_service, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -357,3 +362,69 @@ def test_the_tools_the_tests_need_are_installed_by_make() -> None:
     deps = (ROOT / "scripts" / "system-deps.sh").read_text()
     for tool in ("kubectl", "nodejs", "nginx", "chromium"):
         assert f"missing+=({tool})" in deps, tool
+
+
+@pytest.mark.slow
+def test_a_service_with_the_manifest_s_settings_answers_its_probes_and_stops_in_time(tmp_path: Path) -> None:
+    """``python -m service`` with the single overlay's environment (only the address, the model
+    file and the store's directory moved to this machine): each probe answers 200, and on SIGTERM
+    readiness fails at once and the process is gone before the pod's grace period would end."""
+    objects = _render("single")
+    container = _container(objects)
+    cpu_limit = _cpu_cores(container["resources"]["limits"]["cpu"])
+    env = {n: v.get("value", str(cpu_limit)) for n, v in _env(container).items()}
+    env[f"{PREFIX}STORE_PATH"] = str(tmp_path / "events.sqlite3")
+    server = start_service(write_model(tmp_path / "model.onnx"), tmp_path / "service.log", env=env)
+    try:
+        wait_until(f"{server.url}/readyz", server.process)
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            path = container[kind]["httpGet"]["path"]
+            assert httpx.get(server.url + path, timeout=5).status_code == 200, kind
+        sent = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 503
+        server.process.wait(timeout=60)
+        stopped = time.monotonic() - sent
+    finally:
+        server.stop()
+    grace = _one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    sleep = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert stopped < grace - sleep
+
+
+@pytest.mark.slow
+def test_the_redis_command_starts_a_real_redis_that_fsyncs_every_write(tmp_path: Path) -> None:
+    """The StatefulSet's command, as written, run by Debian's redis-server (data in a temporary
+    directory, on a free loopback port)."""
+    import redis
+
+    binary = require_binary("redis-server", package="redis-server")
+    (container,) = _one(_render("replicas"), "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    command = list(container["command"])
+    assert command[0] == "redis-server"
+    command[command.index("--dir") + 1] = str(tmp_path)
+    port = free_port()
+    with (tmp_path / "redis.log").open("wb") as log:
+        process = subprocess.Popen(
+            [binary, *command[1:], "--port", str(port), "--bind", "127.0.0.1"], stdout=log, stderr=log
+        )
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        waiting.wait_until(lambda: _pings(client), timeout=15, message="redis-server did not answer")
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        assert client.config_get("save") == {"save": ""}
+        assert client.config_get("dir") == {"dir": str(tmp_path)}
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _pings(client: Any) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
