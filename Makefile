@@ -36,6 +36,22 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-ray
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[train,dev,ray]'
 	touch $@
 
+# The Kubernetes manifest checkers tests/service/test_k8s.py runs: checkov in a venv of its own (it
+# pins packaging and other libraries below what requirements.lock holds), and prometheus-operator's
+# CRD schema from the npm registry, pinned by its package-lock.json (npm comes from system-deps).
+CHECKOV_VENV := .venv-checkov
+CRD_CHECK := deploy/k8s/crd-check
+$(CHECKOV_VENV)/.stamp:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==3.3.30'
+	touch $@
+
+$(CRD_CHECK)/node_modules/.stamp: $(CRD_CHECK)/package-lock.json | system-deps
+	npm ci --prefix $(CRD_CHECK) --no-audit --no-fund --silent
+	touch $@
+
+MANIFEST_TOOLS := $(CHECKOV_VENV)/.stamp $(CRD_CHECK)/node_modules/.stamp
+
 # Re-resolve the runtime dependencies in a scratch venv (no torch, no extras) and pin them.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -135,11 +151,11 @@ bench-auth: $(VENV)/.stamp-dev system-deps $(filter $(MODEL),$(BENCH_MODEL))
 	$(BIN)/python -m bench.auth --model $(BENCH_MODEL) $(BENCH_AUTH_ARGS)
 
 # Everything, end-to-end tests included: what CI runs.
-test: $(VENV)/.stamp-dev system-deps
+test: $(VENV)/.stamp-dev system-deps $(MANIFEST_TOOLS)
 	$(BIN)/python -m pytest
 
 # The quick loop while editing: no real server, Redis, Prometheus or CLI training (the `slow` marker).
-test-fast: $(VENV)/.stamp-dev system-deps
+test-fast: $(VENV)/.stamp-dev system-deps $(MANIFEST_TOOLS)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Minutes of mixed traffic + hot swaps against a real server; prints requests, errors, RSS growth.
@@ -158,7 +174,7 @@ format: $(VENV)/.stamp-dev
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(CRD_CHECK)/node_modules .mypy_cache .ruff_cache .pytest_cache
 
 # BentoML serving the same model and body next to the service (bench/README.md, "Peers"), in its own
 # venv: BentoML's dependencies never enter .venv. onnxruntime and numpy pinned as in requirements.lock;

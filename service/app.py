@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import admin, batch, events, health, model, performance, predict, users, v2
+from service.api import admin, batch, docs, events, health, model, performance, predict, users, v2
 from service.api import metrics as metrics_route
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
@@ -196,6 +196,7 @@ def create_app(
         version=metadata.version("purchase-intent"),  # written once, in pyproject.toml
         description=_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from the package's own assets (service/api/docs.py), not a CDN
         redoc_url=None,
     )
     routers = (
@@ -206,6 +207,7 @@ def create_app(
         health.router,
         metrics_route.router,
         v2.router,
+        docs.router,
     )
     for router in routers:
         app.include_router(router)

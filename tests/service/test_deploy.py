@@ -3,7 +3,7 @@
 Prometheus's own ``promtool`` checks the scrape config and every dashboard query; every metric and
 label the dashboard uses must appear in what the service really exports; the compose file and the
 Grafana provisioning parse and point at files that exist; the image's HEALTHCHECK command is run
-against a real server process.
+against a real server process; the replicas' nginx config is run by nginx in front of two real ones.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -28,7 +29,7 @@ from tests import waiting
 from tests.service.conftest import wait_ready
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
-from tests.service.processes import require_binary, start_service, wait_until
+from tests.service.processes import free_port, require_binary, start_service, wait_until
 from tests.service.test_monitor import VERSION, client_for, mature_predictions, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,7 +227,7 @@ def test_the_psi_prometheus_recomputes_is_the_service_s() -> None:
 def test_compose_file_parses_and_points_at_real_files() -> None:
     compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"service", "prometheus", "grafana", "redis", "replica-a", "replica-b"}
+    assert set(services) == {"service", "prometheus", "grafana", "redis", "replica-a", "replica-b", "lb"}
     build = services["service"]["build"]
     assert (ROOT / build["context"] / "Dockerfile").is_file()
     stages = re.findall(
@@ -279,6 +280,108 @@ def test_compose_runs_two_replicas_on_one_durable_redis() -> None:
         body = _stage(dockerfile, stage)
         assert "PI_STORE_PATH=/data/events.sqlite3" in body, stage
         assert "chown 10001:10001 /data" in body, stage
+
+
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+
+
+def test_compose_puts_nginx_in_front_of_the_replicas() -> None:
+    compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    lb = services["lb"]
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+(-alpine)?", lb["image"]), "pin the nginx image's version"
+    assert lb["profiles"] == ["replicas"]
+    assert set(lb["depends_on"]) == {"replica-a", "replica-b"}
+    assert lb["read_only"] is True
+    (mount,) = lb["volumes"]
+    source, target, mode = mount.split(":")
+    assert (ROOT / source).resolve() == NGINX_CONF
+    assert (target, mode) == ("/etc/nginx/nginx.conf", "ro")
+    conf = NGINX_CONF.read_text()
+    # every path nginx writes is on one of the tmpfs mounts
+    for path in re.findall(r"^\s*(?:pid|\w+_temp_path)\s+(\S+);", conf, flags=re.M):
+        assert any(path.startswith(tmpfs + "/") for tmpfs in lb["tmpfs"]), path
+    upstreams = re.findall(r"^\s*server\s+([\w.-]+):(\d+);", conf, flags=re.M)
+    ports = {name: services[name]["environment"]["PI_PORT"] for name in ("replica-a", "replica-b")}
+    assert sorted(upstreams) == sorted(ports.items())
+    (listen,) = re.findall(r"^\s*listen\s+(\d+);", conf, flags=re.M)
+    assert lb["ports"] == [f"127.0.0.1:{listen}:{listen}"]
+
+
+def _nginx_for_test(conf: str, upstreams: list[str], port: int, workdir: Path) -> str:
+    """The compose file's nginx config with the replica names pointed at ``upstreams`` and every
+    path it writes moved into ``workdir``; each rewrite must match, so a reshaped config fails."""
+    rewrites = [
+        (r"server replica-a:8000;", f"server {upstreams[0]};"),
+        (r"server replica-b:8000;", f"server {upstreams[1]};"),
+        (r"listen 8080;", f"listen 127.0.0.1:{port};"),
+    ]
+    for pattern, replacement in rewrites:
+        conf, count = re.subn(re.escape(pattern), replacement, conf)
+        assert count == 1, pattern
+    conf, count = re.subn(r"/var/(cache|run)/nginx", str(workdir), conf)
+    assert count == 6
+    return conf
+
+
+@pytest.mark.slow
+def test_nginx_balances_requests_over_two_real_replicas(tmp_path: Path) -> None:
+    nginx = require_binary("nginx", package="nginx")
+    model = write_model(tmp_path / "model.onnx")
+    replicas = [start_service(model, tmp_path / f"replica-{n}.log") for n in "ab"]
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        _nginx_for_test(
+            NGINX_CONF.read_text(), [r.url.removeprefix("http://") for r in replicas], port, tmp_path
+        )
+    )
+    check = subprocess.run(
+        [nginx, "-t", "-c", str(conf), "-p", str(tmp_path), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stderr
+    with (tmp_path / "nginx.log").open("wb") as log:
+        lb = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(tmp_path), "-e", "stderr", "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for replica in replicas:
+            wait_until(f"{replica.url}/readyz", replica.process)
+        wait_until(f"{url}/readyz", lb)
+        body = {
+            "user_id": "u",
+            "events": [{"timestamp": "1997-01-01T00:00:00Z", "amount": 1.0, "quantity": 1}],
+        }
+        answers = [httpx.post(f"{url}/predict", json=body, timeout=10) for _ in range(20)]
+        assert {a.status_code for a in answers} == {200}
+        assert len({a.json()["probability"] for a in answers}) == 1
+        tagged = httpx.post(f"{url}/predict", json=body, headers={"X-Request-ID": "lb-test-1"}, timeout=10)
+        assert tagged.headers["x-request-id"] == "lb-test-1"  # the client's id reaches a replica
+        bad = httpx.post(f"{url}/predict", content=b"{", headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400
+        assert bad.json()["error"] == "invalid_json"  # the service's envelope, not an nginx page
+        scored = []
+        for replica in replicas:
+            metrics = httpx.get(f"{replica.url}/metrics", timeout=10).text
+            (line,) = (x for x in metrics.splitlines() if x.startswith("purchase_intent_users_scored_total "))
+            scored.append(float(line.split()[1]))
+        assert sum(scored) == 21
+        assert min(scored) >= 5, f"one replica got almost nothing: {scored}"
+        # one replica gone (a restart, a crash): its refused connections move to the other
+        replicas[1].stop()
+        after = [httpx.post(f"{url}/predict", json=body, timeout=10) for _ in range(10)]
+        assert [a.status_code for a in after] == [200] * 10
+    finally:
+        lb.terminate()
+        lb.wait(timeout=10)
+        for replica in replicas:
+            replica.stop()
 
 
 def test_grafana_provisioning_parses_and_matches_the_dashboard() -> None:
