@@ -218,14 +218,23 @@ class RedisStore:
 
     def erase(self, user_id: str) -> int:
         predictions = self._predictions_key(user_id)
-        fields: list[bytes] = self._client.hkeys(predictions)  # type: ignore[assignment]
-        members = [json.dumps([user_id, *json.loads(f)]) for f in fields]
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hlen(self._events_key(user_id))
-        pipe.delete(self._events_key(user_id), self._fold_key(user_id), predictions)
-        for key in (self._due_key, self._settled_key, self._recorded_key) if members else ():
-            pipe.zrem(key, *members)
-        count = int(pipe.execute()[0])
+        with self._client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    # a prediction recorded between reading its fields and deleting would leave
+                    # its index entries (which name the user) behind: EXEC fails instead, and we retry
+                    pipe.watch(predictions)  # type: ignore[no-untyped-call]
+                    fields: list[bytes] = pipe.hkeys(predictions)  # type: ignore[assignment]
+                    members = [json.dumps([user_id, *json.loads(f)]) for f in fields]
+                    pipe.multi()
+                    pipe.hlen(self._events_key(user_id))
+                    pipe.delete(self._events_key(user_id), self._fold_key(user_id), predictions)
+                    for key in (self._due_key, self._settled_key, self._recorded_key) if members else ():
+                        pipe.zrem(key, *members)
+                    count = int(pipe.execute()[0])
+                    break
+                except redis.WatchError:
+                    continue
         if count or members or self._unpersisted:
             self._unpersisted = True
             self._persist_erasure()
