@@ -132,6 +132,7 @@ async def reload_model(
     async with lock:
         try:
             served = await prepare_candidate(settings, path, slot, what="model reload")
+            _check_version_free(slot, served)
         except ModelRejectedError:
             metrics.model_reloads.labels("failure").inc()
             raise
@@ -179,6 +180,18 @@ async def _prepare(settings: Settings, path: Path | None, predictor: Predictor |
         logger.exception("unexpected error while loading the model")
         raise _LoadError(f"unexpected {type(exc).__name__} while loading the model") from None
     return LoadedModel(predictor, time.perf_counter() - started, time.time())
+
+
+def _check_version_free(slot: ModelSlot, candidate: LoadedModel) -> None:
+    """A reload must not serve the version loaded as the shadow or canary: metrics, outcomes and
+    drift are kept by version, and the shadow would be compared with itself."""
+    version = candidate.predictor.metadata.model_version
+    for role, other in loaded_models(slot):
+        if role != "primary" and other.predictor.metadata.model_version == version:
+            raise ModelRejectedError(
+                f"model refused, the served model stays: model_version {version} is loaded as the "
+                f"{role}; promote the canary, or unload the {role} first"
+            )
 
 
 def loaded_models(slot: ModelSlot) -> list[tuple[Role, LoadedModel]]:

@@ -405,6 +405,10 @@ def test_bad_admin_requests_leave_the_serving_models_untouched(
     assert (r.status_code, r.json()["error"]) == (409, "no_canary")
     r = client.post("/admin/models/shadow", headers=AUTH)  # two routes share the path: both named
     assert (r.status_code, r.headers["allow"]) == (405, "DELETE, PUT")
+    # a hot reload to the shadow's own version: the shadow would be compared with itself
+    r = client.post("/admin/reload", json={"model_path": str(models["model-b"])}, headers=AUTH)
+    assert (r.status_code, r.json()["error"]) == (422, "model_rejected"), r.text
+    assert "loaded as the shadow" in r.json()["message"]
     assert client.get("/v1/model").json()["loaded"] == loaded
     assert client.post("/predict", json=user).content == answer
     assert "Traceback" not in server.log.read_text()
