@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
+from typing import Any
 
 import numpy as np
 import pydantic_core
@@ -87,9 +89,12 @@ def _route(ctx: AppContext, served: LoadedModel, user_id: str) -> LoadedModel:
     return canary
 
 
-def _score_one(ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool) -> bytes:
+def _score_one(
+    ctx: AppContext, served: LoadedModel, body: bytes, now: int, may_block: bool, *, state: dict[str, Any]
+) -> bytes:
     user = _parse_user(ctx, body)
     served = _route(ctx, served, user.user_id)
+    state["model_version"] = served.predictor.metadata.model_version  # the access log names the canary
     columns = resolve_columns(ctx, served, [user], now, _no_field, may_block=may_block)
     _check_one(columns)
     return _answer_one(served, user.user_id, float(ctx.scorer.score(served.predictor, columns)[0]))
@@ -123,7 +128,7 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
     other requests' (``HistoryReads``); the batcher is skipped when it is off or nobody else waits."""
     served, body, deadline = await receive_body(scope, receive, ctx)
     if len(body) > ctx.settings.inline_max_body_bytes:
-        return await offload(ctx, _score_one, served, body, deadline)
+        return await offload(ctx, partial(_score_one, state=scope["state"]), served, body, deadline)
     now = int(time.time())
     user = _parse_user(ctx, body)
     if ctx.slot.canary is not None:
@@ -139,7 +144,7 @@ async def _predict(scope: Scope, receive: Receive, ctx: AppContext) -> bytes:
         try:
             columns = resolve_columns(ctx, served, [user], now, _no_field, may_block=False)
         except StoreReadNeeded:  # no gathering reader: parse, read and score in a worker, alone
-            return await offload(ctx, _score_one, served, body, deadline)
+            return await offload(ctx, partial(_score_one, state=scope["state"]), served, body, deadline)
     _check_one(columns)
     if ctx.batcher is None or await no_other_requests(ctx):
         probabilities = ctx.scorer.score(served.predictor, columns)

@@ -10,6 +10,7 @@ request; bad admin requests must be refused with the serving models untouched.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections import Counter
@@ -247,7 +248,15 @@ def test_canary_answers_its_share_of_users_sticky_by_user_id(models: dict[str, P
         batch = client.post("/predict/batch", json={"users": [_user(u) for u in users[:20]]}).json()
         assert batch["model_version"] == "model-a"
         assert {p["probability"] for p in batch["predictions"]} == {expected["model-a"]}
+        # a large body is scored in a worker thread: the access log still names the canary
+        large = {**_user("user-large"), "events": EVENTS * 80}  # past PI_INLINE_MAX_BODY_BYTES
+        assert len(json.dumps(large)) > 8192
+        answered = client.post("/predict", json=large)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["model_version"] == "model-b"
         client.close()
+    logged = [x for x in server.log_lines() if x.get("path") == "/predict"]
+    assert logged[-1]["model_version"] == "model-b"
 
 
 def test_promote_under_load_fails_no_request(server: ServiceProcess, models: dict[str, Path]) -> None:
