@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import tempfile
 import threading
 import urllib.error
@@ -78,22 +77,8 @@ def script(directory: Path, name: str, body: Path, token: str) -> Path:
 
 
 def start(name: str, model: Path, workdir: Path, env: dict[str, str]) -> processes.Server:
-    port = processes.free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "service",
-        "--model",
-        str(model),
-        "--host",
-        processes.HOST,
-        "--port",
-        str(port),
-    ]
     env = {"PI_STORE_PATH": str(workdir / f"{name}.sqlite3"), **env}
-    server = processes.start(name, argv, port, workdir / f"{name}.log", cwd=REPO, env=env)
-    processes.wait_ready(server)
-    return server
+    return processes.start_service(name, model, workdir, env, cwd=REPO)
 
 
 def post(url: str, body: bytes, token: str) -> tuple[int, dict[str, str]]:

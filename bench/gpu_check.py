@@ -117,22 +117,8 @@ def max_difference(model: Path, provider: str, batch: NDArray[np.float32]) -> fl
 
 
 def _service(name: str, model: Path, workdir: Path, env: dict[str, str]) -> processes.Server:
-    port = processes.free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "service",
-        "--model",
-        str(model),
-        "--host",
-        processes.HOST,
-        "--port",
-        str(port),
-    ]
     env = {"PI_STORE_BACKEND": "none", **env}
-    server = processes.start(name, argv, port, workdir / f"{name}.log", cwd=REPO, env=env)
-    processes.wait_ready(server, timeout=180)
-    return server
+    return processes.start_service(name, model, workdir, env, cwd=REPO, ready_timeout=180)
 
 
 GPU_ENV = {"PI_PROVIDERS": "cuda", "PI_REQUIRE_GPU": "true"}

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -68,6 +69,21 @@ def start(
             start_new_session=True,
         )
     return Server(name, process, f"http://{HOST}:{port}", log)
+
+
+def start_service(
+    name: str, model: Path, workdir: Path, env: dict[str, str], *, cwd: Path, ready_timeout: float = 60.0
+) -> Server:
+    """``python -m service`` on ``model`` on a free port, its log ``workdir/<name>.log``, ready."""
+    port = free_port()
+    argv = [sys.executable, "-m", "service", "--model", str(model), "--host", HOST, "--port", str(port)]
+    server = start(name, argv, port, workdir / f"{name}.log", cwd=cwd, env=env)
+    try:
+        wait_ready(server, timeout=ready_timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def wait_ready(server: Server, path: str = "/readyz", timeout: float = 60.0) -> None:
