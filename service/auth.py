@@ -1,7 +1,8 @@
 """Who is calling and what they may do: scoped bearer tokens, per-client rate limits, the audit trail.
 
-Every route declares one scope (``service/api/deps.py``: ``scoped``; the direct ``/predict`` route
-calls :meth:`Access.check` itself). With ``PI_TOKENS_FILE`` set, a request must carry a bearer
+Every route declares one scope (``service/api/deps.py``: ``scoped``, which calls
+:meth:`Access.identify` then :meth:`Access.authorize`; the direct ``/predict`` route calls the
+same ``check_scope`` itself). With ``PI_TOKENS_FILE`` set, a request must carry a bearer
 token from that file holding the route's scope: 401 without a valid token, 403 with one that
 lacks the scope. Without it (the quick start), the data plane is open and the admin and user-data
 routes take ``PI_ADMIN_TOKEN``, as before tokens existed.

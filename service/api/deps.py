@@ -95,7 +95,9 @@ class Scoped:
 def check_scope(
     ctx: AppContext, scope: Scope, required: str, also: frozenset[str] = frozenset()
 ) -> Principal:
-    """:meth:`Access.check` for an ASGI request; audited scopes leave their note in its state."""
+    """The token check of a request to a route of scope ``required`` (or one of ``also``): who
+    calls (401 if unknown), whether they may (403, 429); audited scopes leave their note in the
+    request's state for the access middleware."""
     access = ctx.access
     required = access.requires(required)
     audited = required in AUDITED
