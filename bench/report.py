@@ -416,8 +416,16 @@ _MONITORING_COLUMNS = ("round", "on req/s", "on p99 ms", "off req/s", "off p99 m
 def monitoring_rows(report: Report) -> list[tuple[str, ...]]:
     """``/predict`` with monitoring on against off, round by round, then all rounds together."""
     on, off = (_monitoring_phases(report, server) for server in _MONITORING_SERVERS)
+    return _paired_rows(report, on, off, "monitoring", TARGET_MONITORING_RATIO_64)
+
+
+def _paired_rows(
+    report: Report, these: list[HttpPhase], those: list[HttpPhase], name: str, target_ratio: float
+) -> list[tuple[str, ...]]:
+    """Two servers' rounds side by side (req/s, p99, ratio), then the mean over all rounds with the
+    ratio :func:`ratios` computed as ``<name>_c<connections>`` and its verdict at 64 connections."""
     out: list[tuple[str, ...]] = []
-    for k, (a, b) in enumerate(zip(on, off, strict=False)):
+    for k, (a, b) in enumerate(zip(these, those, strict=False)):
         ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("nan")
         out.append(
             (
@@ -431,21 +439,20 @@ def monitoring_rows(report: Report) -> list[tuple[str, ...]]:
             )
         )
     r, met = ratios(report), targets(report)
-    if on and off:
-        c = on[0].connections
-        key = f"monitoring_c{c}"
+    if these and those:
+        key = f"{name}_c{these[0].connections}"
         target = (
-            f"≥ {TARGET_MONITORING_RATIO_64}x: {_verdict(met['monitoring_c64_ratio'])}"
-            if "monitoring_c64_ratio" in met
+            f"≥ {target_ratio}x: {_verdict(met[f'{name}_c64_ratio'])}"
+            if f"{name}_c64_ratio" in met
             else "judged at 64 connections"
         )
         out.append(
             (
                 "all (mean req/s)",
-                _num(sum(p.requests_per_s for p in on) / len(on)),
-                _ms(max(p.p99_ms for p in on)),
-                _num(sum(p.requests_per_s for p in off) / len(off)),
-                _ms(max(p.p99_ms for p in off)),
+                _num(sum(p.requests_per_s for p in these) / len(these)),
+                _ms(max(p.p99_ms for p in these)),
+                _num(sum(p.requests_per_s for p in those) / len(those)),
+                _ms(max(p.p99_ms for p in those)),
                 f"{r[key]:.3f} x" if key in r else "",
                 target,
             )
@@ -467,40 +474,7 @@ _SHADOW_COLUMNS = (
 def shadow_rows(report: Report) -> list[tuple[str, ...]]:
     """``/predict`` with a shadow model against the monitored server without one, round by round."""
     shadowed, on = (_monitoring_phases(report, server) for server in (SHADOWED_SERVER, MONITORED_SERVER))
-    out: list[tuple[str, ...]] = []
-    for k, (a, b) in enumerate(zip(shadowed, on, strict=False)):
-        ratio = a.requests_per_s / b.requests_per_s if b.requests_per_s else float("nan")
-        out.append(
-            (
-                str(k + 1),
-                _num(a.requests_per_s) + _errors(a),
-                _ms(a.p99_ms),
-                _num(b.requests_per_s) + _errors(b),
-                _ms(b.p99_ms),
-                f"{ratio:.3f} x",
-                "",
-            )
-        )
-    r, met = ratios(report), targets(report)
-    if shadowed and on:
-        key = f"shadow_c{shadowed[0].connections}"
-        target = (
-            f"≥ {TARGET_SHADOW_RATIO_64}x: {_verdict(met['shadow_c64_ratio'])}"
-            if "shadow_c64_ratio" in met
-            else "judged at 64 connections"
-        )
-        out.append(
-            (
-                "all (mean req/s)",
-                _num(sum(p.requests_per_s for p in shadowed) / len(shadowed)),
-                _ms(max(p.p99_ms for p in shadowed)),
-                _num(sum(p.requests_per_s for p in on) / len(on)),
-                _ms(max(p.p99_ms for p in on)),
-                f"{r[key]:.3f} x" if key in r else "",
-                target,
-            )
-        )
-    return out
+    return _paired_rows(report, shadowed, on, "shadow", TARGET_SHADOW_RATIO_64)
 
 
 def _shadow_line(report: Report) -> str:
