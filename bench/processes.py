@@ -64,7 +64,9 @@ def start(
             argv,
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            # one worker process unless the bench asks for more: the floors it is compared with
+            # are one process each
+            env={"PI_WORKERS": "1", **os.environ, **(env or {})},
             cwd=cwd,
             start_new_session=True,
         )

@@ -1,8 +1,10 @@
 """``python -m service --model PATH [--host H] [--port P]``: settings -> logging -> uvicorn.
 
 Command-line flags override the ``PI_*`` environment variables (see :class:`service.config.Settings`).
-One uvicorn worker per process on purpose: Prometheus counters live in the process, and several
-workers behind one port would make a scrape sample one of them at random. Scale with replicas.
+With ``--workers N`` above 1 (the default is the CPUs this process may use) a parent process
+shares one socket among N worker processes (``service/workers.py``); their metrics, readiness and
+admin changes span all of them (``service/cluster.py``), so a scrape or a reload never depends
+on which worker answers.
 """
 
 from __future__ import annotations
@@ -10,20 +12,25 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from service.app import create_app
-from service.auth import TokenFileError, hash_token
+from service.auth import Access, TokenFileError, hash_token
+from service.cluster import Cluster
 from service.config import Settings
 from service.http_protocol import with_head_timeout
 from service.lifecycle import ModelSlot
 from service.logs import configure_logging
 from service.server import DrainingServer
+from service.workers import EXIT_LOAD_FAILED, Supervisor, per_worker, usable_cpus
 
 
 def _parse_args(argv: list[str] | None) -> dict[str, Any]:
@@ -36,8 +43,17 @@ def _parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--host", help="interface to bind (PI_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (PI_PORT, default 8000; 0 picks a free one)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(PI_LOG_LEVEL)")
+    parser.add_argument(
+        "--workers", type=int, help="worker processes (PI_WORKERS; default: the usable CPU count)"
+    )
     args = parser.parse_args(argv)
-    overrides = {"model_path": args.model, "host": args.host, "port": args.port, "log_level": args.log_level}
+    overrides = {
+        "model_path": args.model,
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "workers": args.workers,
+    }
     return {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -51,19 +67,50 @@ def _hash_token() -> int:
     return 0
 
 
+def _settings(overrides: dict[str, Any]) -> Settings | None:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            name = ".".join(str(p) for p in error["loc"])
+            print(f"error: setting {name} (PI_{name.upper()}): {error['msg']}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["hash-token"]:
         return _hash_token()
     overrides = _parse_args(argv)
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False, include_input=False):
-            name = ".".join(str(p) for p in error["loc"])
-            print(f"error: setting {name} (PI_{name.upper()}): {error['msg']}", file=sys.stderr)
+    settings = _settings(overrides)
+    if settings is None:
         return 2
+    workers = settings.workers if settings.workers is not None else usable_cpus()
+    if workers == 1:
+        return serve(overrides)
     configure_logging(settings.log_level)
+    if settings.model_path is None:
+        logging.getLogger("service").error("no model configured: pass --model PATH or set PI_MODEL_PATH")
+        return 2
+    if settings.tokens_file is not None:  # fail here, once, rather than in every worker
+        try:
+            Access(settings, CollectorRegistry())
+        except (TokenFileError, OSError) as exc:
+            logging.getLogger("service").error("cannot read PI_TOKENS_FILE: %s", exc)
+            return 2
+    return Supervisor(overrides, settings, workers).run()
+
+
+def serve(
+    overrides: dict[str, Any], *, cluster: Cluster | None = None, sock: socket.socket | None = None
+) -> int:
+    """One process serving: the whole service, or worker ``cluster.index`` of several on ``sock``."""
+    settings = _settings(overrides)
+    if settings is None:
+        return 2
+    if cluster is not None:
+        settings = settings.model_copy(update=per_worker(settings, cluster.size))
+    configure_logging(settings.log_level, worker=None if cluster is None else cluster.index)
     if settings.model_path is None:
         logging.getLogger("service").error("no model configured: pass --model PATH or set PI_MODEL_PATH")
         return 2
@@ -76,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    slot = ModelSlot()
+    slot = ModelSlot(None if cluster is None else cluster.generation)
     try:
         app = create_app(
-            settings, on_load_failure=on_load_failure if settings.exit_on_load_failure else None, slot=slot
+            settings,
+            on_load_failure=on_load_failure if settings.exit_on_load_failure else None,
+            slot=slot,
+            cluster=cluster,
         )
     except (TokenFileError, OSError) as exc:  # the tokens file: unreadable or malformed
         logging.getLogger("service").error("cannot read PI_TOKENS_FILE: %s", exc)
@@ -96,7 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
         http=with_head_timeout(settings.header_timeout_seconds),  # uvicorn has no header deadline
     )
-    server = DrainingServer(config, drain_seconds=settings.shutdown_drain_seconds, on_drain=slot.drain)
+
+    def drain() -> None:  # in the signal handler: plain stores only
+        slot.drain()
+        if cluster is not None:
+            cluster.set_ready(False)
+
+    server = DrainingServer(
+        config,
+        drain_seconds=settings.shutdown_drain_seconds,
+        on_drain=drain,
+        parent=None if cluster is None else os.getppid(),
+    )
     # Everything imported and built so far lives as long as the process: move it out of the
     # collector's sight. Full collections scanning all of it were the /predict latency tail
     # (README, "Memory and pauses").
@@ -106,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     # counting; with the default trigger the young generation would be collected every couple of
     # requests for nothing.
     gc.set_threshold(50_000, 20, 100)
-    server.run()
-    return 1 if failures else 0
+    server.run(sockets=None if sock is None else [sock])
+    if failures:
+        return 1 if cluster is None else EXIT_LOAD_FAILED
+    return 0
 
 
 if __name__ == "__main__":

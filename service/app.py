@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from typing import Any
@@ -26,10 +27,11 @@ from service.api.errors import install_error_handlers
 from service.api.openapi import publish_request_schemas, route_scopes
 from service.auth import Access
 from service.batching import Batcher
+from service.cluster import Cluster
 from service.config import Settings
-from service.errors import REJECT_REASONS
+from service.errors import REJECT_REASONS, ServiceError
 from service.history import HistoryReads
-from service.lifecycle import ModelSlot, load_model
+from service.lifecycle import ModelSlot, load_model, publish_models
 from service.limits import Admission, LimitMiddleware
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
@@ -47,10 +49,16 @@ from service.schemas import (
 )
 from service.scoring import Scorer
 from service.shadow import ShadowScorer
+from service.siblings import Coordinator, handler, restore
 from service.store import EventStore, GuardedStore, StoreDownError, open_store
 from service.store.metrics import StoreMetrics
 from service.store.upkeep import compact_periodically, watch_health
 from service.v2 import InferenceRequest
+
+logger = logging.getLogger("service")
+
+#: How often a worker process refreshes its readiness cell (a SIGTERM clears it at once).
+READY_REPORT_SECONDS = 0.1
 
 _DESCRIPTION = """\
 Per-user purchase-intent predictions: send a user's purchase events, get the probability that
@@ -85,6 +93,13 @@ class ServiceApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+async def _report_ready(cluster: Cluster, slot: ModelSlot, store: GuardedStore | None) -> None:
+    """Keep this worker's readiness cell current: ``/readyz`` in any worker reads every cell."""
+    while True:
+        cluster.set_ready(slot.ready and (store is None or store.up))
+        await asyncio.sleep(READY_REPORT_SECONDS)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -93,17 +108,22 @@ def create_app(
     on_load_failure: Callable[[str], None] | None = None,
     slot: ModelSlot | None = None,
     store: EventStore | None = None,
+    cluster: Cluster | None = None,
 ) -> ServiceApp:
     """Build the app. The model is loaded (or ``predictor`` warmed up) after start-up, in the
     background; ``on_load_failure`` is called with the cause if that fails. ``slot`` is passed
     in by the CLI, whose signal handler drains it (readiness 503) on SIGTERM. ``store`` replaces
-    the configured event store backend (tests)."""
+    the configured event store backend (tests). ``cluster`` makes this app one of several worker
+    processes (``service/workers.py``): admin changes, scrapes, readiness and erasures then span
+    them all, and only worker 0 runs the store's periodic jobs."""
     metrics = Metrics(
         registry if registry is not None else CollectorRegistry(),
         latency_buckets=settings.latency_buckets,
         reject_reasons=REJECT_REASONS,
     )
     model_slot = slot if slot is not None else ModelSlot()
+    model_slot.on_switch = lambda models, previous: publish_models(metrics, models, previous)
+    leader = cluster is None or cluster.leader
     admission = Admission(settings.max_concurrent_requests)
     backend = store if store is not None else open_store(settings)  # no I/O until first use
     guarded = (
@@ -151,16 +171,36 @@ def create_app(
             admission=admission,
             history_reads=history_reads,
             monitor=monitor,
+            cluster=cluster,
+            coordinator=None if cluster is None else Coordinator(cluster, model_slot),
         )
         upkeep: list[asyncio.Task[None]] = []
         if guarded is not None:
             limiter = context.store_limiter
             assert limiter is not None
             upkeep.append(asyncio.create_task(watch_health(guarded, limiter)))
-            upkeep.append(asyncio.create_task(compact_periodically(guarded, settings, model_slot, limiter)))
-        upkeep.append(asyncio.create_task(watch(monitor, model_slot, guarded)))
+            if leader:
+                upkeep.append(
+                    asyncio.create_task(compact_periodically(guarded, settings, model_slot, limiter))
+                )
+        upkeep.append(asyncio.create_task(watch(monitor, model_slot, guarded, settle=leader)))
+        if cluster is not None:
+            await cluster.serve(handler(context))  # before loading: a change meanwhile is refused
+            upkeep.append(asyncio.create_task(_report_ready(cluster, model_slot, guarded)))
 
         async def load_models() -> None:
+            if cluster is not None:
+                async with cluster.exclusive():  # no change commits while the state is read
+                    state = cluster.read_state()
+                if state is not None:
+                    try:
+                        await restore(model_slot, settings, metrics, state)
+                    except ServiceError as exc:
+                        model_slot.fail("the other workers' models failed to load; see the service log")
+                        logger.error(f"cannot serve: {exc}")
+                        if on_load_failure is not None:
+                            on_load_failure(str(exc))
+                    return
             await load_model(
                 model_slot,
                 settings,
@@ -180,6 +220,9 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if cluster is not None:
+                cluster.set_ready(False)
+                await cluster.close()
             if batcher is not None:
                 await batcher.stop()
             await anyio.to_thread.run_sync(shadow.stop)

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port (``--port``); 0 lets the OS pick one."""
 
+    workers: int | None = Field(default=None, ge=1, le=256)
+    """Worker processes sharing the listening socket (``--workers``), each with its own event loop,
+    micro-batcher and onnxruntime session. Unset: the CPUs this process may use (the container's
+    CPU quota, else its affinity mask). 1 serves from this process alone, as the tests do. With
+    more, onnxruntime and batch threads and rate limits are divided between them (docs/operations.md)."""
+
     providers: Annotated[tuple[str, ...], NoDecode] = (
         "CUDAExecutionProvider",
         "CPUExecutionProvider",

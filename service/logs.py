@@ -28,6 +28,10 @@ class JsonFormatter(logging.Formatter):
 
     _second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
 
+    def __init__(self, static: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self._static = static or {}  # on every line: the worker process's index
+
     def _ts(self, created: float) -> str:
         """``isoformat(timespec="milliseconds")`` with the date and time part formatted once a
         second: an access line per request made that call a fifth of the formatting cost."""
@@ -47,6 +51,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            **self._static,
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
@@ -59,8 +64,9 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "info") -> None:
-    """Send the root logger and uvicorn's loggers to stderr as JSON (called by the CLI only)."""
+def configure_logging(level: str = "info", *, worker: int | None = None) -> None:
+    """Send the root logger and uvicorn's loggers to stderr as JSON (called by the CLI only);
+    each line names the ``worker`` process that wrote it, when there are several."""
     # Facts every record would otherwise collect (thread and process names, the caller's file and
     # line by walking the stack) that the JSON line never shows, paid on every access line.
     logging.logThreads = False
@@ -68,7 +74,7 @@ def configure_logging(level: str = "info") -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None  # the documented way to skip findCaller
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(None if worker is None else {"worker": worker}))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

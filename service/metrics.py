@@ -19,6 +19,8 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from service.cluster import GaugeMode
+
 go_float = cast(Callable[[float], str], floatToGoString)  # how client_python prints `le`
 
 PREFIX = "purchase_intent"
@@ -204,3 +206,61 @@ class Metrics:
         self.loaded_models.clear()
         for role, version in models:
             self.loaded_models.labels(role, version).set(1)
+
+
+#: How each gauge's values from several worker processes become one (``service/cluster.py``):
+#: ``sum`` for what each worker holds a part of, ``min`` where every worker must agree (ready),
+#: ``max`` for what all workers share (the loaded models) and for the drift figures each worker
+#: computes over its own window of scores (the most drifted one is reported), ``leader`` for what
+#: only worker 0 computes (the outcome job over the shared store). Counters and histograms are
+#: summed. A gauge missing here fails the scrape, and the tests that scrape every metric.
+GAUGE_MODES: dict[str, GaugeMode] = {
+    **dict.fromkeys(
+        [
+            f"{PREFIX}_requests_in_flight",
+            f"{PREFIX}_score_window_size",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+        ],
+        "sum",
+    ),
+    **dict.fromkeys([f"{PREFIX}_ready", f"{PREFIX}_store_up", "process_start_time_seconds"], "min"),
+    **dict.fromkeys(
+        [
+            f"{PREFIX}_model_info",
+            f"{PREFIX}_loaded_model_info",
+            f"{PREFIX}_model_load_duration_seconds",
+            f"{PREFIX}_model_load_timestamp_seconds",
+            f"{PREFIX}_model_provider_fallback",
+            f"{PREFIX}_model_offline_roc_auc",
+            f"{PREFIX}_model_offline_brier_score",
+            f"{PREFIX}_live_roc_auc_margin",
+            f"{PREFIX}_score_psi",
+            f"{PREFIX}_score_ks",
+            f"{PREFIX}_score_deciles",
+            f"{PREFIX}_score_psi_threshold",
+            f"{PREFIX}_score_reference_proportion",
+            f"{PREFIX}_shadow_mean_score_difference",
+            "process_max_fds",
+        ],
+        "max",
+    ),
+    **dict.fromkeys(
+        [
+            f"{PREFIX}_live_matured_predictions",
+            f"{PREFIX}_live_roc_auc",
+            f"{PREFIX}_live_brier_score",
+            f"{PREFIX}_live_log_loss",
+            f"{PREFIX}_live_base_rate",
+            f"{PREFIX}_live_mean_probability",
+            f"{PREFIX}_live_calibration_observed_rate",
+            f"{PREFIX}_live_calibration_mean_probability",
+            f"{PREFIX}_outcome_clock_timestamp_seconds",
+            f"{PREFIX}_outcome_evaluation_timestamp_seconds",
+            f"{PREFIX}_outcome_unsettled_predictions",
+            f"{PREFIX}_outcome_overdue_predictions",
+        ],
+        "leader",
+    ),
+}

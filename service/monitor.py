@@ -238,6 +238,13 @@ class Monitor:
                 self.recorder.forget(user_id)
             return store.erase(user_id)
 
+    def forget(self, user_id: str) -> None:
+        """Drop the user's predictions buffered for recording (an erasure answered by another worker
+        process). Blocks: call it in a worker thread."""
+        with self._flush_lock:
+            if self.recorder is not None:
+                self.recorder.forget(user_id)
+
     def evaluate(self, store: GuardedStore, now: float) -> None:
         """One round of the outcome job: settle what is due, prune, score the window."""
         s = self.settings
@@ -284,9 +291,12 @@ async def _every(
         logger.debug(f"model monitoring: {what} round", extra={"seconds": time.perf_counter() - started})
 
 
-async def watch(monitor: Monitor, slot: ModelSlot, store: GuardedStore | None) -> None:
+async def watch(
+    monitor: Monitor, slot: ModelSlot, store: GuardedStore | None, *, settle: bool = True
+) -> None:
     """The monitoring tasks, until cancelled. They take one thread of their own, so they never
-    queue behind requests for the prediction or store threads."""
+    queue behind requests for the prediction or store threads. ``settle=False`` leaves the outcome
+    job to another worker process (one per service settles the shared store)."""
     s = monitor.settings
     limiter = anyio.CapacityLimiter(1)
 
@@ -300,6 +310,7 @@ async def watch(monitor: Monitor, slot: ModelSlot, store: GuardedStore | None) -
         tasks.start_soon(_every, s.drift_interval_seconds, drift_round, limiter, "drift")
         if store is not None and monitor.recorder is not None:
             tasks.start_soon(_every, s.outcomes_flush_seconds, lambda: monitor.flush(store), limiter, "flush")
+        if store is not None and monitor.recorder is not None and settle:
             evaluate = lambda: monitor.evaluate(store, time.time())  # noqa: E731
             tasks.start_soon(_every, s.outcomes_interval_seconds, evaluate, limiter, "outcome")
 

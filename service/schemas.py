@@ -426,7 +426,9 @@ class ReadinessResponse(BaseModel):
     )
 
     ready: bool
-    status: str = Field(description="loading | ready | failed | draining | store_unavailable")
+    status: str = Field(
+        description="loading | ready | failed | draining | store_unavailable | workers_not_ready"
+    )
     reason: str | None = Field(description="Why not ready; null when ready.")
     model_version: str | None
     provider: str | None = Field(description="The execution provider onnxruntime actually runs on.")

@@ -11,6 +11,7 @@ cancelled. A second signal skips the rest of the drain.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -22,8 +23,16 @@ logger = logging.getLogger("service")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, *, drain_seconds: float, on_drain: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        drain_seconds: float,
+        on_drain: Callable[[], None],
+        parent: int | None = None,
+    ) -> None:
         super().__init__(config)
+        self._parent = parent  # a worker process's parent: if it goes, so does the worker
         self._drain_seconds = drain_seconds
         self._on_drain = on_drain
         self._drain_until: float | None = None
@@ -41,6 +50,9 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self._parent is not None and self._drain_until is None and os.getppid() != self._parent:
+            logger.error("the parent process is gone: shutting down")
+            self.handle_exit(int(signal.SIGTERM), None)
         if self._drain_until is not None:
             if not self._drain_logged:
                 self._drain_logged = True

@@ -15,8 +15,8 @@ from service.api.body import ModelT, check_content_type, parse_json
 from service.api.deps import Context, scoped
 from service.api.openapi import errors_doc, json_body
 from service.errors import ModelRejectedError
-from service.lifecycle import Role, reload_model
-from service.rollout import Placed, load_canary, load_shadow, promote_canary, reshare, unload
+from service.lifecycle import Role
+from service.rollout import Change, Placed, Planned, apply
 from service.schemas import (
     CanaryRequest,
     PlacedResponse,
@@ -69,12 +69,14 @@ async def reload(request: Request, ctx: Context) -> Response:
     path = Path(target.model_path) if target.model_path is not None else ctx.settings.model_path
     if path is None:
         raise ModelRejectedError("no model_path given and no PI_MODEL_PATH configured")
-    result = await reload_model(ctx.slot, ctx.settings, ctx.metrics, path, lock=ctx.reload_lock)
-    request.state.model_version = result.served.predictor.metadata.model_version
+    result = await _apply(ctx, Change("reload", path=str(path)))
+    assert result.placed is not None
+    served = result.placed.served
+    request.state.model_version = served.predictor.metadata.model_version
     answer = ReloadResponse(
-        model_version=result.served.predictor.metadata.model_version,
-        previous_version=result.previous_version,
-        load_seconds=result.served.load_seconds,
+        model_version=served.predictor.metadata.model_version,
+        previous_version=result.placed.previous_version,
+        load_seconds=served.load_seconds,
     )
     return Response(answer.model_dump_json(), media_type="application/json")
 
@@ -93,6 +95,12 @@ _ROLE_ERRORS = errors_doc(
     ),
     (503, "No model is being served yet to load one beside (`not_ready`)."),
 )
+
+
+async def _apply(ctx: Context, change: Change) -> Planned:
+    return await apply(
+        ctx.slot, ctx.settings, ctx.metrics, change, lock=ctx.reload_lock, coordinator=ctx.coordinator
+    )
 
 
 def _path(given: str | None, configured: Path | None, setting: str) -> Path:
@@ -152,12 +160,13 @@ async def put_shadow(request: Request, ctx: Context) -> Response:
     s = ctx.settings
     sample = s.shadow_sample if target.sample is None else target.sample
     if target.model_path is None and target.sample is not None:
-        kept = await reshare(ctx.slot, "shadow", sample, lock=ctx.reload_lock)
-        if kept is not None:
-            return _placed("shadow", kept)
+        kept = await _apply(ctx, Change("reshare", "shadow", share=sample))
+        if kept.placed is not None:
+            return _placed("shadow", kept.placed)
     path = _path(target.model_path, s.shadow_model, "PI_SHADOW_MODEL")
-    placed = await load_shadow(ctx.slot, s, ctx.metrics, path, sample, lock=ctx.reload_lock)
-    return _placed("shadow", placed)
+    placed = await _apply(ctx, Change("place", "shadow", str(path), sample))
+    assert placed.placed is not None
+    return _placed("shadow", placed.placed)
 
 
 @router.put(
@@ -181,12 +190,13 @@ async def put_canary(request: Request, ctx: Context) -> Response:
     s = ctx.settings
     percent = s.canary_percent if target.percent is None else target.percent
     if target.model_path is None and target.percent is not None:
-        kept = await reshare(ctx.slot, "canary", percent, lock=ctx.reload_lock)
-        if kept is not None:
-            return _placed("canary", kept)
+        kept = await _apply(ctx, Change("reshare", "canary", share=percent))
+        if kept.placed is not None:
+            return _placed("canary", kept.placed)
     path = _path(target.model_path, s.canary_model, "PI_CANARY_MODEL")
-    placed = await load_canary(ctx.slot, s, ctx.metrics, path, percent, lock=ctx.reload_lock)
-    return _placed("canary", placed)
+    placed = await _apply(ctx, Change("place", "canary", str(path), percent))
+    assert placed.placed is not None
+    return _placed("canary", placed.placed)
 
 
 @router.post(
@@ -201,9 +211,10 @@ async def put_canary(request: Request, ctx: Context) -> Response:
     "canary afterwards. (A rollback is `DELETE /admin/models/canary`.)",
 )
 async def promote(request: Request, ctx: Context) -> Response:
-    placed = await promote_canary(ctx.slot, ctx.metrics, lock=ctx.reload_lock)
-    request.state.model_version = placed.served.predictor.metadata.model_version
-    return _placed("primary", placed)
+    planned = await _apply(ctx, Change("promote", "canary"))
+    assert planned.placed is not None
+    request.state.model_version = planned.placed.served.predictor.metadata.model_version
+    return _placed("primary", planned.placed)
 
 
 _UNLOAD_DESCRIPTION = (
@@ -213,8 +224,8 @@ _UNLOAD_DESCRIPTION = (
 
 
 async def _unload(ctx: Context, role: Literal["shadow", "canary"]) -> Response:
-    gone = await unload(ctx.slot, ctx.metrics, role, lock=ctx.reload_lock)
-    answer = UnloadResponse(role=role, unloaded_version=gone)
+    planned = await _apply(ctx, Change("unload", role))
+    answer = UnloadResponse(role=role, unloaded_version=planned.unloaded)
     return Response(answer.model_dump_json(), media_type="application/json")
 
 

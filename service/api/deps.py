@@ -14,6 +14,7 @@ from starlette.types import Scope
 
 from service.auth import AUDITED, Access, Principal
 from service.batching import Batcher
+from service.cluster import Cluster
 from service.config import Settings
 from service.errors import NotReadyError, ServiceError, StoreUnavailableError
 from service.history import HistoryReads
@@ -21,6 +22,7 @@ from service.lifecycle import LoadedModel, ModelSlot
 from service.limits import Admission
 from service.metrics import Metrics
 from service.monitor import Monitor
+from service.rollout import Coordinator
 from service.scoring import Scorer
 from service.store import GuardedStore, StoreDownError
 
@@ -44,6 +46,8 @@ class AppContext:
     admission: Admission | None = None  # prediction requests in progress (service.limits)
     history_reads: HistoryReads | None = None  # gathers by-id store reads; None without a store
     monitor: Monitor | None = None  # live quality and drift (service/monitor.py)
+    cluster: Cluster | None = None  # the other worker processes (service/cluster.py); None: one process
+    coordinator: Coordinator | None = None  # admin changes across them (service/siblings.py)
 
 
 async def get_context(request: Request) -> AppContext:

@@ -47,6 +47,20 @@ async def readyz(ctx: Context) -> Response:
     served = slot.served
     store = ctx.store
     store_state = None if store is None else ("ok" if store.up else "unavailable")
+    cluster = ctx.cluster
+    if cluster is not None and served is not None and not slot.draining and store_state != "unavailable":
+        ready = cluster.workers_ready()
+        if ready < cluster.size:  # every worker ready, or none of them takes traffic
+            body = ReadinessResponse(
+                ready=False,
+                status="workers_not_ready",
+                reason=f"{ready} of {cluster.size} worker processes ready",
+                model_version=served.predictor.metadata.model_version,
+                provider=None,
+                provider_fallback=None,
+                store=store_state,
+            )
+            return Response(body.model_dump_json(), status_code=503, media_type="application/json")
     if served is None or slot.draining or store_state == "unavailable":
         status: str = slot.status
         reason = slot.reason

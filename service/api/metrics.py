@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from starlette.responses import Response
 
 from service.api.deps import Context, scoped
+from service.cluster import MergedCollector
+from service.metrics import GAUGE_MODES
 from service.scopes import METRICS
 
 router = APIRouter(tags=["operations"])
@@ -32,4 +34,9 @@ router = APIRouter(tags=["operations"])
     },
 )
 async def metrics(ctx: Context) -> Response:
-    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    registry = ctx.metrics.registry
+    if ctx.cluster is not None:  # every worker process's metrics, whichever answers
+        merged = CollectorRegistry()
+        merged.register(MergedCollector(await ctx.cluster.scrape(registry, GAUGE_MODES)))
+        registry = merged
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)

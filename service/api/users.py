@@ -169,6 +169,12 @@ async def erase_user(request: Request, ctx: Context, user_id: UserId) -> Respons
     store, _ = require_store(ctx)
     monitor = ctx.monitor
     erase = (lambda: monitor.erase(store, user_id)) if monitor is not None else (lambda: store.erase(user_id))
+    if ctx.cluster is not None and monitor is not None and monitor.recorder is not None:
+        # The other workers' buffers first: what they drained and wrote before this goes with the
+        # delete below. One that does not answer fails the erasure (503, retry) before it starts.
+        for answer in await ctx.cluster.call_others({"op": "forget", "user_id": user_id}):
+            if isinstance(answer, BaseException):
+                raise answer
     deleted = await in_store_thread(ctx, erase)
     body = ErasureResponse(user_id=user_id, deleted_events=deleted)
     return Response(body.model_dump_json(), media_type="application/json")

@@ -71,6 +71,7 @@ def start_service(model: Path, log: Path, *, env: dict[str, str] | None = None) 
     full_env = {
         **os.environ,
         "PI_PROVIDERS": "cpu",
+        "PI_WORKERS": "1",  # one process unless a test asks for more
         "PI_SHUTDOWN_DRAIN_SECONDS": "0",
         "PI_STORE_PATH": str(log.parent / f"{log.stem}.events.sqlite3"),  # a store per server
         **(env or {}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_a_full_shadow_queue_drops_and_counts_and_never_blocks() -> None:
     primary, candidate = FakePredictor(version="a"), FakePredictor(version="b", predict_gate=gate)
     slot = ModelSlot()
     slot.publish(_loaded(primary))
-    slot.shadow = Shadow(_loaded(candidate), 1.0)
+    slot.install(replace(slot.models, shadow=Shadow(_loaded(candidate), 1.0)))
     registry = CollectorRegistry()
     shadow = ShadowScorer(slot, registry, queue_size=2)
     shadow.start()
@@ -102,7 +103,7 @@ def test_sampling_takes_its_fraction_of_calls() -> None:
     primary, candidate = FakePredictor(version="a"), FakePredictor(version="b")
     slot = ModelSlot()
     slot.publish(_loaded(primary))
-    slot.shadow = Shadow(_loaded(candidate), 0.1)
+    slot.install(replace(slot.models, shadow=Shadow(_loaded(candidate), 0.1)))
     registry = CollectorRegistry()
     draws = iter(np.random.default_rng(3).random(2000).tolist())
     shadow = ShadowScorer(slot, registry, queue_size=5000, draw=lambda: next(draws))
