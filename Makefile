@@ -150,6 +150,13 @@ BENCH_AUTH_ARGS ?=
 bench-auth: $(VENV)/.stamp-dev system-deps $(filter $(MODEL),$(BENCH_MODEL))
 	$(BIN)/python -m bench.auth --model $(BENCH_MODEL) $(BENCH_AUTH_ARGS)
 
+# /predict from one and two worker processes beside the constant floor, in alternating rounds
+# (bench/README.md, "Worker processes"). E.g. make bench-workers BENCH_WORKERS_ARGS='--rounds 3'.
+BENCH_WORKERS_ARGS ?=
+.PHONY: bench-workers
+bench-workers: $(VENV)/.stamp-dev system-deps $(filter $(MODEL),$(BENCH_MODEL))
+	$(BIN)/python -m bench.workers --model $(BENCH_MODEL) $(BENCH_WORKERS_ARGS)
+
 # Everything, end-to-end tests included: what CI runs.
 test: $(VENV)/.stamp-dev system-deps $(MANIFEST_TOOLS)
 	$(BIN)/python -m pytest
