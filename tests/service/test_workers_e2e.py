@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -345,3 +346,24 @@ def test_one_worker_that_cannot_load_its_model_stops_the_service(tmp_path: Path)
     messages = [line["message"] for line in server.log_lines()]
     assert "a worker process cannot load its model: stopping" in messages
     assert "a worker process died; starting another" not in messages
+
+
+def test_an_erasure_drops_the_user_s_predictions_buffered_in_every_worker(
+    models: list[Path], tmp_path: Path
+) -> None:
+    """Predictions wait in each worker's buffer for the next flush (here: only the one at
+    shutdown). An erasure answered by one worker must empty the other's buffer too."""
+    store = tmp_path / "events.sqlite3"
+    env = {**WORKERS, "PI_STORE_PATH": str(store), "PI_OUTCOMES_FLUSH_SECONDS": "3600"}
+    with running_service(models[0], tmp_path / "service.log", env=env) as server:
+        with _fresh(server.url) as c:
+            for _ in range(40):
+                for user in ("erase-me", "keep-me"):
+                    assert c.post("/predict", json=_user(user)).status_code == 200
+            assert c.delete("/users/erase-me", headers=AUTH).status_code == 200
+        server.process.send_signal(signal.SIGTERM)  # each worker flushes its buffer on the way out
+        assert server.process.wait(timeout=30) == 0
+    assert set(_workers_in_log(server, "/predict")) == {0, 1}
+    with sqlite3.connect(store) as db:
+        users = {row[0] for row in db.execute("SELECT DISTINCT user_id FROM predictions")}
+    assert users == {"keep-me"}
