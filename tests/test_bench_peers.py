@@ -18,6 +18,7 @@ from bench.peers.lineup import lineup, v2_body
 from bench.peers.model import PeerModel
 from bench.peers.table import (
     OURS,
+    OURS_WORKERS,
     AnswerError,
     Best,
     Row,
@@ -145,12 +146,25 @@ def test_a_run_with_no_peer_installed_measures_ours_and_says_why_each_peer_is_mi
     code = peers_main.main([*argv, "--duration", "1", "--warmup", "0", "--connections", "1"])
     assert code == 0
     report = json.loads(out.read_text())
-    assert [(r["server"], r["connections"]) for r in report["rows"]] == [(OURS, 1)]
-    assert report["rows"][0]["requests"] > 0
-    assert report["rows"][0]["errors"] == 0
+    assert [(r["server"], r["connections"]) for r in report["rows"]] == [(OURS, 1), (OURS_WORKERS, 1)]
+    assert all(r["requests"] > 0 for r in report["rows"])
+    assert all(r["errors"] == 0 for r in report["rows"])
     assert set(report["failures"]) == {p.name for p in lineup()}
     assert all("is not installed" in why for why in report["failures"].values())
     assert report["verdict"].startswith("no verdict")
     printed = capsys.readouterr().out
     assert printed.startswith("| server | 1 conn req/s |")
     assert "not measured" in printed
+
+
+def test_ours_with_two_workers_gets_its_own_ratio_row_and_is_never_a_peer() -> None:
+    rows = [
+        Row(OURS, 64, 100, 1000.0, 1.0, 2.0, 0),
+        Row(OURS_WORKERS, 64, 100, 1800.0, 1.0, 2.0, 0),
+        Row("KServe, 2 workers", 64, 100, 900.0, 1.0, 2.0, 0),
+    ]
+    assert best_peers(rows)[64].peer == "KServe, 2 workers"
+    assert best_peers(rows, OURS_WORKERS)[64].ratio == 2.0
+    table = markdown(rows)
+    assert "**ours ÷ best peer**" in table
+    assert "**ours, 2 workers ÷ best peer**" in table

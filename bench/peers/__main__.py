@@ -26,7 +26,17 @@ from types import FrameType
 from bench import bodies, machine, processes, wrk
 from bench.__main__ import parse_duration
 from bench.peers.lineup import V2_BODY, Peer, lineup, v2_body
-from bench.peers.table import OURS, AnswerError, Row, best_peers, check_answer, markdown, probability, verdict
+from bench.peers.table import (
+    OURS,
+    OURS_WORKERS,
+    AnswerError,
+    Row,
+    best_peers,
+    check_answer,
+    markdown,
+    probability,
+    verdict,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 _RESULTS = REPO / "bench" / "results"
@@ -109,16 +119,19 @@ def _load(server: processes.Server, url: str, script: Path, args: argparse.Names
     return rows
 
 
-def _measure_ours(args: argparse.Namespace, workdir: Path, say: Say) -> tuple[float, list[Row]]:
+def _measure_ours(
+    args: argparse.Namespace, workdir: Path, say: Say, workers: int = 1
+) -> tuple[float, list[Row]]:
     body_file = workdir / "predict.json"
     script = wrk.write_post_script(workdir / "predict.lua", body_file)
     port = processes.free_port()
     argv = [sys.executable, "-m", "service", "--model", str(args.model.resolve())]
     argv += ["--host", processes.HOST, "--port", str(port)]
-    env = {"PI_STORE_PATH": str(workdir / "events.sqlite3")}
+    env = {"PI_STORE_PATH": str(workdir / f"events-{workers}.sqlite3"), "PI_WORKERS": str(workers)}
+    name = OURS if workers == 1 else OURS_WORKERS
     servers: list[processes.Server] = []
     with _started(servers):
-        server = processes.start(OURS, argv, port, workdir / "ours.log", cwd=REPO, env=env)
+        server = processes.start(name, argv, port, workdir / f"ours-{workers}.log", cwd=REPO, env=env)
         servers.append(server)
         processes.wait_ready(server)
         ours = _probability(server, "/predict", body_file.read_bytes())
@@ -164,6 +177,9 @@ def run(
     (workdir / "predict.json").write_bytes(bodies.predict_body())
     try:
         ours, rows = _measure_ours(args, workdir, say)
+        two, two_rows = _measure_ours(args, workdir, say, workers=2)
+        check_answer(OURS_WORKERS, two, ours, tolerance=0.0)
+        rows += two_rows
     except (AnswerError, processes.StartError, wrk.WrkError) as exc:
         raise PeersError(f"our service: {exc}") from exc
     answers = {OURS: ours}
@@ -194,6 +210,9 @@ def run(
             "load_average_after": machine.load_average(),
             "rows": [asdict(r) for r in rows],
             "ours_over_best_peer": {str(c): asdict(b) for c, b in best.items()},
+            "ours_2_workers_over_best_peer": {
+                str(c): asdict(b) for c, b in best_peers(rows, OURS_WORKERS).items()
+            },
             "verdict": verdict(best),
         },
     )

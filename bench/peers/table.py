@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 OURS = "ours"
+#: Ours again with two worker processes, beside the peers' multi-worker modes.
+OURS_WORKERS = "ours, 2 workers"
 #: Largest allowed difference between a peer's probability and ours for the same body.
 TOLERANCE = 1e-6
 #: The issue's target: ours at least this many times the best peer's req/s at every concurrency.
@@ -53,12 +55,12 @@ def check_answer(server: str, theirs: float, ours: float, tolerance: float = TOL
         raise AnswerError(f"{server} answered {theirs!r}, ours {ours!r}: beyond {tolerance}")
 
 
-def best_peers(rows: Sequence[Row]) -> dict[int, Best]:
+def best_peers(rows: Sequence[Row], ours_name: str = OURS) -> dict[int, Best]:
     """Ours ÷ the fastest peer per connection count; a phase with errors is never the best peer."""
-    ours = {r.connections: r.requests_per_s for r in rows if r.server == OURS}
+    ours = {r.connections: r.requests_per_s for r in rows if r.server == ours_name}
     best: dict[int, Row] = {}
     for r in rows:
-        if r.server == OURS or r.errors or r.requests_per_s <= 0:
+        if r.server in (OURS, OURS_WORKERS) or r.errors or r.requests_per_s <= 0:
             continue
         if r.connections not in best or r.requests_per_s > best[r.connections].requests_per_s:
             best[r.connections] = r
@@ -78,8 +80,8 @@ def verdict(best: dict[int, Best], target: float = TARGET) -> str:
 def markdown(rows: Sequence[Row]) -> str:
     """One table: a row per server (ours first), req/s, p50 and p99 per connection count, then ours ÷ best."""
     conns = sorted({r.connections for r in rows})
-    servers = [OURS] if any(r.server == OURS for r in rows) else []
-    servers += [s for s in dict.fromkeys(r.server for r in rows) if s != OURS]
+    servers = [s for s in (OURS, OURS_WORKERS) if any(r.server == s for r in rows)]
+    servers += [s for s in dict.fromkeys(r.server for r in rows) if s not in (OURS, OURS_WORKERS)]
     by = {(r.server, r.connections): r for r in rows}
     head = ["server"]
     for c in conns:
@@ -95,10 +97,13 @@ def markdown(rows: Sequence[Row]) -> str:
             flag = f" ({r.errors} errors!)" if r.errors else ""
             cells += [f"{r.requests_per_s:,.0f}{flag}", f"{r.p50_ms:.3g}", f"{r.p99_ms:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
-    best = best_peers(rows)
-    cells = ["**ours ÷ best peer**"]
-    for c in conns:
-        b = best.get(c)
-        cells += [f"**{b.ratio:.2f} x** ({b.peer})" if b else "", "", ""]
-    lines.append("| " + " | ".join(cells) + " |")
+    for name in (OURS, OURS_WORKERS):
+        if name not in servers:
+            continue
+        best = best_peers(rows, name)
+        cells = [f"**{name} ÷ best peer**"]
+        for c in conns:
+            b = best.get(c)
+            cells += [f"**{b.ratio:.2f} x** ({b.peer})" if b else "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
