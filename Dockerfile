@@ -58,8 +58,8 @@ EXPOSE 8000
 # because the slim image has no curl; urlopen raises (exit 1) on a 503 or a refused connection.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PI_PORT', '8000') + '/readyz', timeout=2)"]
-# One worker per container: scale with replicas (Prometheus counters live in the process).
-# Exec form, so SIGTERM reaches uvicorn directly and in-flight requests finish.
+# A worker process per CPU the container may use (its CPU quota; PI_WORKERS sets another count).
+# Exec form, so SIGTERM reaches the parent directly, which drains every worker.
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "service"]
 

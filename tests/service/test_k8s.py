@@ -249,17 +249,17 @@ def test_probes_ports_and_settings_are_the_service_s(overlay: str, monkeypatch: 
     assert not unknown, f"not settings of the service: {unknown}"
     assert all(n.startswith(PREFIX) for n in env), sorted(env)
     cpu_limit = _cpu_cores(container["resources"]["limits"]["cpu"])
-    # the thread counts follow this container's CPU limit through the downward API
-    for name in ("INTRA_OP_THREADS", "BATCH_THREADS"):
-        source = env[PREFIX + name]["valueFrom"]["resourceFieldRef"]
-        assert source["resource"] == "limits.cpu"
-        assert source["containerName"] == container["name"]
-        assert source.get("divisor", "1") == "1"
+    # a worker process per core of this container's CPU limit, through the downward API
+    source = env[PREFIX + "WORKERS"]["valueFrom"]["resourceFieldRef"]
+    assert source["resource"] == "limits.cpu"
+    assert source["containerName"] == container["name"]
+    assert source.get("divisor", "1") == "1"
     # what the process will read: every value parses as the setting it names
     for name, var in env.items():
         monkeypatch.setenv(name, var["value"] if "value" in var else str(cpu_limit))
     settings = Settings()
-    assert settings.intra_op_threads == cpu_limit
+    assert settings.workers == cpu_limit
+    assert settings.intra_op_threads * settings.workers <= cpu_limit
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == settings.port
     assert settings.host == "0.0.0.0"
