@@ -16,21 +16,18 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.auth import Access, TokenFileError, hash_token
-from service.cluster import Cluster
 from service.config import Settings
-from service.http_protocol import with_head_timeout
-from service.lifecycle import ModelSlot
 from service.logs import configure_logging
-from service.server import DrainingServer
 from service.workers import EXIT_LOAD_FAILED, Supervisor, per_worker, usable_cpus
+
+if TYPE_CHECKING:
+    from service.cluster import Cluster
 
 
 def _parse_args(argv: list[str] | None) -> dict[str, Any]:
@@ -105,6 +102,15 @@ def serve(
     overrides: dict[str, Any], *, cluster: Cluster | None = None, sock: socket.socket | None = None
 ) -> int:
     """One process serving: the whole service, or worker ``cluster.index`` of several on ``sock``."""
+    # Imported here, not at the top: the parent of worker processes never serves, and would hold
+    # the web stack and onnxruntime in memory for nothing.
+    import uvicorn
+
+    from service.app import create_app
+    from service.http_protocol import with_head_timeout
+    from service.lifecycle import ModelSlot
+    from service.server import DrainingServer
+
     settings = _settings(overrides)
     if settings is None:
         return 2
