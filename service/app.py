@@ -171,6 +171,7 @@ def create_app(
             admission=admission,
             history_reads=history_reads,
             monitor=monitor,
+            shadow=shadow,
             cluster=cluster,
             coordinator=None if cluster is None else Coordinator(cluster, model_slot),
         )

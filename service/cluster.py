@@ -8,8 +8,9 @@ micro-batcher, onnxruntime session) that also listens on a Unix socket in the ru
 - ``stage`` / ``drop``: plan an admin change of the models and keep it for a commit
   (:meth:`Cluster.commit`, the two-phase swap behind ``/admin/reload`` and the rollout routes);
 - ``sync``: switch to the committed models now and report them;
-- ``metrics``: the worker's own registry, so any worker can answer a scrape for all of them
-  (:func:`merge`: counters and histograms summed, gauges by their declared mode);
+- ``metrics``: the worker's own registry and drift windows, so any worker can answer a scrape for
+  all of them (:func:`merge`: counters and histograms summed, gauges by their declared mode;
+  ``siblings.scrape`` recomputes PSI, KS and the shadow's mean over all workers' data);
 - ``forget``: drop a user's predictions buffered for recording (erasure).
 
 Shared memory holds three kinds of int64 cells: the committed model generation, the last ticket
@@ -33,7 +34,6 @@ from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.to_thread
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
@@ -228,25 +228,6 @@ class Cluster:
         except FileNotFoundError:
             return None
         return state
-
-    # ---- scrapes ------------------------------------------------------------------------------
-
-    async def scrape(self, local: CollectorRegistry, modes: dict[str, GaugeMode]) -> list[Metric]:
-        """Every worker's metrics merged; :class:`NotReadyError` if one does not answer (a partial
-        sum would look like a counter reset)."""
-        others = await self.call_others({"op": "metrics"})
-        per_worker: list[list[Metric] | None] = [None] * self.size
-        per_worker[self.index] = list(local.collect())
-        j = 0
-        for i in range(self.size):
-            if i == self.index:
-                continue
-            answer = others[j]
-            j += 1
-            if isinstance(answer, BaseException):
-                raise answer
-            per_worker[i] = families_from_json(answer["families"])
-        return merge([m for m in per_worker if m is not None], modes)
 
 
 def raise_refusal(answer: dict[str, Any], index: int) -> None:

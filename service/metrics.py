@@ -210,10 +210,11 @@ class Metrics:
 
 #: How each gauge's values from several worker processes become one (``service/cluster.py``):
 #: ``sum`` for what each worker holds a part of, ``min`` where every worker must agree (ready),
-#: ``max`` for what all workers share (the loaded models) and for the drift figures each worker
-#: computes over its own window of scores (the most drifted one is reported), ``leader`` for what
-#: only worker 0 computes (the outcome job over the shared store). Counters and histograms are
-#: summed. A gauge missing here fails the scrape, and the tests that scrape every metric.
+#: ``max`` for what all workers share (the loaded models), ``leader`` for what only worker 0
+#: computes (the outcome job over the shared store). PSI, KS and the shadow's mean difference are
+#: then recomputed from every worker's scores (``siblings.scrape``); ``max`` stands only for a
+#: version the answering worker holds no reference of. Counters and histograms are summed. A gauge
+#: missing here fails the scrape, and the tests that scrape every metric.
 GAUGE_MODES: dict[str, GaugeMode] = {
     **dict.fromkeys(
         [

@@ -63,6 +63,9 @@ class Drift:
     total: float = 0.0  # sum of the scores counted, for the histogram's _sum
     psi: float | None = None
     ks: float | None = None
+    #: a copy of the window after the last round, replaced whole: other threads read it (the
+    #: worker processes' scrape computes PSI and KS over every worker's window)
+    recent: NDArray[np.float64] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,10 @@ class Monitor:
     def drift_of(self, version: str) -> Drift | None:
         return self._drift.get(version)
 
+    def windows(self) -> dict[str, NDArray[np.float64]]:
+        """Each version's recent scores as of the last drift round."""
+        return {v: state.recent for v, state in list(self._drift.items()) if state.recent is not None}
+
     # ---- the periodic work (worker threads) -------------------------------------------------
 
     def update_drift(self) -> None:
@@ -206,6 +213,7 @@ class Monitor:
             state.window.extend(new)
             state.bucket_counts += bin_counts(reference, new)
             state.total += float(new.sum())
+            state.recent = state.window.values().copy()
             if len(state.window) >= self.settings.drift_min_scores:
                 window = state.window.values()
                 state.psi, state.ks = psi(reference, window), ks(reference, window)

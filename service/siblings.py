@@ -16,10 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import numpy as np
+from prometheus_client.core import Metric
+from prometheus_client.samples import Sample
 
 from service.api.deps import AppContext
-from service.cluster import STAGE_TIMEOUT_SECONDS, Cluster, Handler, families_to_json, raise_refusal, refusal
+from service.cluster import (
+    STAGE_TIMEOUT_SECONDS,
+    Cluster,
+    Handler,
+    families_from_json,
+    families_to_json,
+    merge,
+    raise_refusal,
+    refusal,
+)
 from service.config import Settings
+from service.drift import ks, psi
 from service.errors import NotReadyError, ServiceError
 from service.lifecycle import (
     Canary,
@@ -31,7 +44,7 @@ from service.lifecycle import (
     prepare_candidate,
     publish_models,
 )
-from service.metrics import Metrics
+from service.metrics import GAUGE_MODES, PREFIX, Metrics
 from service.rollout import Change, Planned, plan
 
 logger = logging.getLogger(__name__)
@@ -120,7 +133,7 @@ def handler(ctx: AppContext) -> Handler:
         op = message.get("op")
         slot = ctx.slot
         if op == "metrics":
-            return {"ok": True, "families": families_to_json(ctx.metrics.registry.collect())}
+            return {"ok": True, "families": families_to_json(ctx.metrics.registry.collect()), **_windows(ctx)}
         if op == "stage":
             async with ctx.reload_lock:
                 try:
@@ -146,3 +159,72 @@ def handler(ctx: AppContext) -> Handler:
         return {"ok": False, "status": 400, "code": "unknown_op", "message": f"unknown call {op!r}"}
 
     return handle
+
+
+def _windows(ctx: AppContext) -> dict[str, Any]:
+    """What the merged PSI, KS and shadow mean are computed from: each version's recent scores,
+    and the shadow's signed difference sum and count."""
+    windows = {} if ctx.monitor is None else {v: w.tolist() for v, w in ctx.monitor.windows().items()}
+    shadow = (
+        {}
+        if ctx.shadow is None
+        else {v: [h.signed, int(h.counts.sum())] for v, h in ctx.shadow.differences()}
+    )
+    return {"windows": windows, "shadow": shadow}
+
+
+async def scrape(ctx: AppContext, cluster: Cluster) -> list[Metric]:
+    """Every worker's metrics merged (``cluster.merge``), then PSI and KS recomputed over the
+    union of the workers' windows and the shadow's mean difference over all its samples: figures a
+    gauge mode could only approximate. A version whose reference this worker does not hold (it
+    never scored it) keeps the merged value."""
+    local = {"families": families_to_json(ctx.metrics.registry.collect()), **_windows(ctx)}
+    answers: list[dict[str, Any]] = []
+    others = await cluster.call_others({"op": "metrics"})
+    position = 0
+    for index in range(cluster.size):
+        if index == cluster.index:
+            answers.append(local)
+            continue
+        answer = others[position]
+        position += 1
+        if isinstance(answer, BaseException):
+            raise answer
+        answers.append(answer)
+    merged = merge([families_from_json(a["families"]) for a in answers], GAUGE_MODES)
+    windows: dict[str, list[float]] = {}
+    shadow: dict[str, list[float]] = {}
+    for a in answers:
+        for version, scores in a["windows"].items():
+            windows.setdefault(version, []).extend(scores)
+        for version, (signed, count) in a["shadow"].items():
+            total = shadow.setdefault(version, [0.0, 0.0])
+            total[0] += signed
+            total[1] += count
+    exact: dict[str, dict[str, float]] = {f"{PREFIX}_score_psi": {}, f"{PREFIX}_score_ks": {}}
+    monitor = ctx.monitor
+    for version, scores in windows.items():
+        state = None if monitor is None else monitor.drift_of(version)
+        if state is None or len(scores) < ctx.settings.drift_min_scores:
+            continue
+        union = np.asarray(scores, dtype=np.float64)
+        exact[f"{PREFIX}_score_psi"][version] = psi(state.reference, union)
+        exact[f"{PREFIX}_score_ks"][version] = ks(state.reference, union)
+    exact[f"{PREFIX}_shadow_mean_score_difference"] = {
+        version: signed / count for version, (signed, count) in shadow.items() if count
+    }
+    for family in merged:
+        values = exact.get(family.name)
+        if values is None:
+            continue
+        family.samples = [
+            s._replace(value=values[s.labels["model_version"]])
+            if s.labels.get("model_version") in values
+            else s
+            for s in family.samples
+        ]
+        have = {s.labels.get("model_version") for s in family.samples}
+        family.samples += [
+            Sample(family.name, {"model_version": v}, x) for v, x in values.items() if v not in have
+        ]
+    return merged

@@ -24,6 +24,7 @@ from service.metrics import Metrics
 from service.monitor import Monitor
 from service.rollout import Coordinator
 from service.scoring import Scorer
+from service.shadow import ShadowScorer
 from service.store import GuardedStore, StoreDownError
 
 T = TypeVar("T")
@@ -46,6 +47,7 @@ class AppContext:
     admission: Admission | None = None  # prediction requests in progress (service.limits)
     history_reads: HistoryReads | None = None  # gathers by-id store reads; None without a store
     monitor: Monitor | None = None  # live quality and drift (service/monitor.py)
+    shadow: ShadowScorer | None = None  # the shadow model's scoring thread (service/shadow.py)
     cluster: Cluster | None = None  # the other worker processes (service/cluster.py); None: one process
     coordinator: Coordinator | None = None  # admin changes across them (service/siblings.py)
 

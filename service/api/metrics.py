@@ -8,8 +8,8 @@ from starlette.responses import Response
 
 from service.api.deps import Context, scoped
 from service.cluster import MergedCollector
-from service.metrics import GAUGE_MODES
 from service.scopes import METRICS
+from service.siblings import scrape
 
 router = APIRouter(tags=["operations"])
 
@@ -37,6 +37,6 @@ async def metrics(ctx: Context) -> Response:
     registry = ctx.metrics.registry
     if ctx.cluster is not None:  # every worker process's metrics, whichever answers
         merged = CollectorRegistry()
-        merged.register(MergedCollector(await ctx.cluster.scrape(registry, GAUGE_MODES)))
+        merged.register(MergedCollector(await scrape(ctx, ctx.cluster)))
         registry = merged
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)

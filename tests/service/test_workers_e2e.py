@@ -7,6 +7,7 @@ worker) and checks with the access log's ``worker`` field that both workers answ
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sqlite3
 import threading
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.drift import ScoreReference
+from service.drift import ScoreReference, ks, psi
 from service.rollout import in_canary
 from tests.service.fakes import make_metadata
 from tests.service.onnx_models import write_model
@@ -113,6 +115,7 @@ def test_a_scrape_counts_every_worker_s_requests_whichever_worker_answers(
         "PI_SHADOW_MODEL": str(models[1]),
         "PI_SHADOW_SAMPLE": "1",
         "PI_OUTCOMES_INTERVAL_SECONDS": "0.5",
+        "PI_DRIFT_MIN_SCORES": "10",
     }
     with running_service(models[0], tmp_path / "service.log", env=env) as server:
         _scrape_under_load(server)
@@ -124,14 +127,18 @@ def _scrape_under_load(server: ServiceProcess) -> None:
     stop = threading.Event()
     scrapes: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
 
-    def load() -> None:
+    probabilities: list[float] = []
+
+    def load(seed: int) -> None:
+        days = random.Random(seed)
         with _fresh(server.url) as c:
             while not stop.is_set():
-                r = c.post("/predict", json=_user())
+                r = c.post("/predict", json=_user(days=days.randint(1, 6)))
                 with lock:
                     sent[str(r.status_code)] += 1
+                    probabilities.append(r.json()["probability"])
 
-    threads = [threading.Thread(target=load) for _ in range(3)]
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
     try:
@@ -157,6 +164,11 @@ def _scrape_under_load(server: ServiceProcess) -> None:
         assert family in names, family
     deciles = ("purchase_intent_score_deciles_count", (("model_version", "m-00"),))
     assert quiet[0][deciles] == sent["200"]  # each worker's drift histogram, summed
+    # PSI and KS over both workers' windows together: every score served (fewer than a window)
+    scores = np.asarray(probabilities, dtype=np.float64)
+    served = (("model_version", "m-00"),)
+    assert quiet[0][("purchase_intent_score_psi", served)] == pytest.approx(psi(REFERENCE, scores), rel=1e-12)
+    assert quiet[0][("purchase_intent_score_ks", served)] == pytest.approx(ks(REFERENCE, scores), rel=1e-12)
     shadow = ("purchase_intent_shadow_calls_total", (("result", "scored"),))
     calls = ("purchase_intent_batch_size_count", ())  # a shadow on every scoring call
     assert quiet[0][shadow] == quiet[0][calls]
@@ -165,8 +177,8 @@ def _scrape_under_load(server: ServiceProcess) -> None:
         assert s[("purchase_intent_users_scored_total", ())] == sent["200"]
         duration = ("purchase_intent_request_duration_seconds_count", (("route", "/predict"),))
         assert s[duration] == sent["200"]
-        probabilities = ("purchase_intent_predicted_probability_count", ())
-        assert s[probabilities] == sent["200"]
+        counted = ("purchase_intent_predicted_probability_count", ())
+        assert s[counted] == sent["200"]
         assert s[("purchase_intent_ready", ())] == 1.0
         assert s[("purchase_intent_requests_in_flight", ())] >= 1.0  # the scrape itself
     assert set(_workers_in_log(server, "/predict")) == {0, 1}
