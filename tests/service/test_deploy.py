@@ -272,6 +272,9 @@ def test_compose_runs_two_replicas_on_one_durable_redis() -> None:
     assert len(host_ports) == 2
     assert "profiles" not in services["service"]
     assert services["service"]["read_only"] is True
+    for name in ("service", "replica-a", "replica-b"):  # worker processes keep their run directory in /tmp
+        assert "/tmp" in services[name]["tmpfs"], name
+        assert int(services[name]["environment"]["PI_WORKERS"]) >= 1, name
     mounts = [v.split(":") for v in services["service"]["volumes"]]
     assert ["service-data", "/data"] in mounts
     assert "service-data" in compose["volumes"]
