@@ -394,6 +394,7 @@ def encode_one(
         quantities = [quantities[i] for i in inside]
     else:
         cells = [n_bins - 1 - age // bin_days for age in ages]
+    event_cells = np.array(cells, dtype=np.int64)
     recent = [n_bins - 1 - age // bin_days for age in days if age < window]
     purchases = np.bincount(np.array(recent, dtype=np.int64), minlength=n_bins)
     first_t = n_bins - 1 - days[-1] // bin_days if has else n_bins  # below 0: before the window
@@ -409,9 +410,7 @@ def encode_one(
             continue
         if name == "log_spend" or name == "log_quantity":
             weights = amounts if name == "log_spend" else quantities
-            row[:] = np.bincount(
-                np.array(cells, dtype=np.int64), weights=np.array(weights, dtype=np.float64), minlength=n_bins
-            )
+            row[:] = np.bincount(event_cells, weights=np.array(weights, dtype=np.float64), minlength=n_bins)
         elif name == "log_bins_since_purchase":
             if has:
                 start = max(first_t, 0)
