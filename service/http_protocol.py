@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with a deadline for the request head, and one write per answer.
+"""uvicorn's httptools protocol with a deadline for the request head.
 
 uvicorn bounds idle keep-alive connections and the service bounds the body, but nothing bounds the
 request line and headers: a client that sends nothing, or trickles a header byte every few seconds
@@ -6,10 +6,6 @@ request line and headers: a client that sends nothing, or trickles a header byte
 ``head_timeout`` seconds after the connection opens or its previous response ends, or the client
 gets a 408 in the JSON envelope and is closed. The deadline is a number on the connection, checked
 by one sweep per event loop: a timer armed and cancelled per request costs throughput (bench/README.md).
-
-uvicorn writes a response's head and its body to the socket separately: two sends, and a client
-woken by the head that then waits for the body. Here what one step of the request's task writes
-leaves in one send (:class:`_Coalescing`).
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from typing import Any, cast
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -52,43 +48,6 @@ def _sweep(loop: asyncio.AbstractEventLoop, connections: set[Any], every: float)
     loop.call_later(every, _sweep, loop, connections, every)
 
 
-#: A write at least this large is not copied to join what is held: sent as it is, after it.
-_JOIN_MAX_BYTES = 16 * 1024
-
-
-class _Coalescing:
-    """The connection's transport, holding writes until the answer is complete (the protocol's
-    ``on_response_complete``) or, for a streamed answer or a ``100 Continue``, until the loop's
-    next turn; ``close`` sends what is held first. Everything else is the transport's own."""
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._held: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if len(data) >= _JOIN_MAX_BYTES:
-            self.flush()
-            self._transport.write(data)
-            return
-        if not self._held:
-            self._loop.call_soon(self.flush)
-        self._held.append(data)
-
-    def flush(self) -> None:
-        if self._held:
-            held = self._held
-            self._held = []
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class HeadTimeoutProtocol(HttpToolsProtocol):
     """Use :func:`with_head_timeout` to get one with its deadline set."""
 
@@ -102,8 +61,7 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._out = _Coalescing(transport, self.loop)
-        super().connection_made(cast(asyncio.Transport, self._out))
+        super().connection_made(transport)
         self._head_deadline = self.loop.time() + self.head_timeout
         if self.loop not in _SWEEPING:
             _SWEEPING.add(self.loop)
@@ -115,7 +73,6 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        self._out.flush()  # the answer's head and body, in one send
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
             # the next request's head, from now (time idle between requests counts)
