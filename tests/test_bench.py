@@ -501,6 +501,7 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
     assert [f["batch"] for f in data["ort"]] == [1, 20]
     assert set(data["ratios"]) == {
         "predict_c1",
+        "predict_c1_p50_floors",
         "predict_c4",
         "batch",
         "batch_columns",
