@@ -350,7 +350,7 @@ def encode_batch(
 
 #: Most events :func:`encode_one` takes: it walks the events in Python, which beats
 #: :func:`encode_batch`'s fixed cost of numpy calls only while a history is short.
-ONE_USER_MAX_EVENTS = 256
+ONE_USER_MAX_EVENTS = 128
 
 
 def encode_one(
