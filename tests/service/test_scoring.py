@@ -13,9 +13,11 @@ import pytest
 
 from service.api.columns import request_columns
 from service.columns import EventColumns, FoldedHistory, concat_columns, out_of_range
-from service.features import ALL_CHANNELS, FeatureSpec, encode_batch
+from service.features import ALL_CHANNELS, ONE_USER_MAX_EVENTS, FeatureSpec, encode_batch
 from service.schemas import PredictRequest
+from service.scoring import encode
 from service.timestamps import LATEST_SECONDS, epoch_seconds
+from tests.service.fakes import FakePredictor
 
 NOW = 1_000_000_000
 
@@ -160,3 +162,19 @@ def test_epoch_seconds_equal_the_floored_float_timestamps() -> None:
     ]
     with pytest.raises(ValueError, match="aware"):
         epoch_seconds([datetime(2000, 1, 1)])
+
+
+@pytest.mark.parametrize("n_events", [0, 20, ONE_USER_MAX_EVENTS, ONE_USER_MAX_EVENTS + 1, 500])
+def test_the_scorer_encodes_a_lone_user_as_the_batch_encoder_whatever_its_length(n_events: int) -> None:
+    """Short histories go to the one-user encoder, long ones to the batch encoder: the same tensor."""
+    rng = np.random.default_rng(n_events)
+    ts = NOW - rng.integers(-86_400, 900 * 86_400, size=n_events)
+    ts[: n_events // 3] = ts[n_events // 3 : 2 * (n_events // 3)]  # rows sharing their second
+    amounts, quantities = np.round(rng.exponential(20.0, n_events), 2), np.ones(n_events)
+    columns = EventColumns(
+        ts, amounts, quantities, np.array([0, n_events], dtype=np.int64), np.array([NOW], dtype=np.int64)
+    )
+    predictor = FakePredictor()
+    spec = predictor.metadata.feature_spec
+    want = encode_batch(ts, amounts, quantities, [0, n_events], NOW, spec)
+    assert encode(columns, predictor).tobytes() == want.tobytes()
