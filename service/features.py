@@ -1,7 +1,8 @@
 """The one events -> tensor encoder, shared by training (model_export) and serving (service).
 
-Both sides call :func:`encode_batch` with the model's own :class:`FeatureSpec`, so an offline and
-an online score of one user at one ``as_of`` see bit-identical inputs; numpy only, so the service
+Both sides call :func:`encode_batch` with the model's own :class:`FeatureSpec` (a lone user's short
+history goes through :func:`encode_one`, its one-user form: the same tensor), so an offline and an
+online score of one user at one ``as_of`` see bit-identical inputs; numpy only, so the service
 never pulls in pandas or torch to featurise a request. Timestamps are integer epoch seconds (UTC);
 an event falls in bin ``(day(as_of) - day(timestamp)) // bin_days`` of whole UTC days (events after
 ``as_of`` ignored, even on its day), and purchases are counted by :mod:`service.cleaning`'s rule.
@@ -427,6 +428,8 @@ def encode_one(
             row[:] = (days[0] if has else 0) / bin_days
         elif name == "log_spend_total":
             row[:] = total
+        else:  # a channel added to encode_batch only: tests/test_features.py runs every channel
+            raise ValueError(f"encode_one does not compute the channel {name!r}")
         np.log1p(row, out=row)
     result = np.empty((1, n_bins, spec.n_channels), dtype=np.float32)
     result[0] = rows.T
