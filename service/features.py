@@ -1,7 +1,8 @@
 """The one events -> tensor encoder, shared by training (model_export) and serving (service).
 
-Both sides call :func:`encode_batch` with the model's own :class:`FeatureSpec`, so an offline and
-an online score of one user at one ``as_of`` see bit-identical inputs; numpy only, so the service
+Both sides call :func:`encode_batch` with the model's own :class:`FeatureSpec` (a lone user's short
+history goes through :func:`encode_one`, its one-user form: the same tensor), so an offline and an
+online score of one user at one ``as_of`` see bit-identical inputs; numpy only, so the service
 never pulls in pandas or torch to featurise a request. Timestamps are integer epoch seconds (UTC);
 an event falls in bin ``(day(as_of) - day(timestamp)) // bin_days`` of whole UTC days (events after
 ``as_of`` ignored, even on its day), and purchases are counted by :mod:`service.cleaning`'s rule.
@@ -11,6 +12,7 @@ convolution reads time forwards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,6 +347,112 @@ def encode_batch(
     for k, name in enumerate(spec.channels):
         result[:, :, k] = out[name]
     return result
+
+
+#: Most events :func:`encode_one` takes: it walks the events in Python, which beats
+#: :func:`encode_batch`'s fixed cost of numpy calls only while a history is short.
+ONE_USER_MAX_EVENTS = 128
+
+
+def encode_one(
+    timestamps: Sequence[int],
+    amounts: Sequence[float],
+    quantities: Sequence[float],
+    as_of: int,
+    spec: FeatureSpec,
+) -> NDArray[np.float32]:
+    """:func:`encode_batch` for one user without folded counters: ``float32 [1, lookback_bins,
+    channels]``, bit for bit the same tensor (``tests/test_features.py`` compares them).
+
+    A lone request's encoding is a few dozen numpy calls on arrays of a few elements, each call
+    costing more than its work: here the per-event part (the ``as_of`` cut, exact duplicates,
+    purchase days, totals) runs in plain Python and numpy only does what is per bin. Sums run in
+    event order and ``log1p`` is numpy's on contiguous float64, as in :func:`encode_batch`, so
+    every float is computed the same way. Meant for at most :data:`ONE_USER_MAX_EVENTS` events.
+    """
+    n = len(timestamps)
+    if len(amounts) != n or len(quantities) != n:
+        raise ValueError(
+            f"timestamps, amounts and quantities differ in length: {n}, {len(amounts)}, {len(quantities)}"
+        )
+    n_bins, bin_days = spec.lookback_bins, spec.bin_days
+    # exact duplicates share their second: with distinct timestamps there are none to drop
+    if n and (max(timestamps) > as_of or len(set(timestamps)) < n):
+        timestamps, amounts, quantities = _kept_once(timestamps, amounts, quantities, as_of)
+    as_day = as_of // SECONDS_PER_DAY
+    ages = [as_day - ts // SECONDS_PER_DAY for ts in timestamps]
+    days = sorted(set(ages))  # newest first
+    has = bool(days)
+    total = 0.0
+    for amount in amounts:  # not sum(): the batch encoder's bincount adds in order, uncompensated
+        total += amount
+
+    window = n_bins * bin_days
+    if has and days[-1] >= window:  # some events older than the window
+        inside = [i for i, age in enumerate(ages) if age < window]
+        cells = [n_bins - 1 - ages[i] // bin_days for i in inside]
+        amounts = [amounts[i] for i in inside]
+        quantities = [quantities[i] for i in inside]
+    else:
+        cells = [n_bins - 1 - age // bin_days for age in ages]
+    event_cells = np.array(cells, dtype=np.int64)
+    recent = [n_bins - 1 - age // bin_days for age in days if age < window]
+    purchases = np.bincount(np.array(recent, dtype=np.int64), minlength=n_bins)
+    first_t = n_bins - 1 - days[-1] // bin_days if has else n_bins  # below 0: before the window
+
+    rows = np.zeros((spec.n_channels, n_bins), dtype=np.float64)  # [channels, bins]
+    for k, name in enumerate(spec.channels):
+        row = rows[k]
+        if name == "purchases":
+            row[:] = purchases
+            continue
+        if name == "active":
+            row[max(first_t, 0) :] = 1.0
+            continue
+        if name == "log_spend" or name == "log_quantity":
+            weights = amounts if name == "log_spend" else quantities
+            row[:] = np.bincount(event_cells, weights=np.array(weights, dtype=np.float64), minlength=n_bins)
+        elif name == "log_bins_since_purchase":
+            if has:
+                start = max(first_t, 0)
+                older = len(recent) < len(days)  # the newest purchase before the window seeds it
+                seed = n_bins - 1 - days[len(recent)] // bin_days if older else _I64_MIN // 2
+                t_index = np.arange(n_bins, dtype=np.int64)
+                last_t = np.maximum.accumulate(np.where(purchases > 0, t_index, seed))
+                row[start:] = t_index[start:] - last_t[start:]
+        elif name == "log_frequency_total":
+            row[:] = len(days)
+        elif name == "log_age_bins":
+            row[:] = (days[-1] if has else 0) / bin_days
+        elif name == "log_recency_bins":
+            row[:] = (days[0] if has else 0) / bin_days
+        elif name == "log_spend_total":
+            row[:] = total
+        else:  # a channel added to encode_batch only: tests/test_features.py runs every channel
+            raise ValueError(f"encode_one does not compute the channel {name!r}")
+        np.log1p(row, out=row)
+    result = np.empty((1, n_bins, spec.n_channels), dtype=np.float32)
+    result[0] = rows.T
+    return result
+
+
+def _kept_once(
+    timestamps: Sequence[int], amounts: Sequence[float], quantities: Sequence[float], as_of: int
+) -> tuple[list[int], list[float], list[float]]:
+    """The events up to ``as_of``, each exact duplicate dropped after its first, in the order given
+    (:func:`service.cleaning.exact_duplicates`' rule for one user)."""
+    seen: set[tuple[int, float, float]] = set()
+    kept_ts: list[int] = []
+    kept_amounts: list[float] = []
+    kept_quantities: list[float] = []
+    for row in zip(timestamps, amounts, quantities, strict=True):
+        if row[0] > as_of or row in seen:
+            continue
+        seen.add(row)
+        kept_ts.append(row[0])
+        kept_amounts.append(row[1])
+        kept_quantities.append(row[2])
+    return kept_ts, kept_amounts, kept_quantities
 
 
 def encode(

@@ -8,6 +8,7 @@ raw path or an error message.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import cast
@@ -41,6 +42,7 @@ class ArrayHistogram(Collector):
         self._name = name
         self._documentation = documentation
         self._upper = np.asarray(buckets, dtype=np.float64)
+        self._bounds = self._upper.tolist()
         self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last: above every bound (+Inf)
         self._sum = 0.0
         self._lock = threading.Lock()
@@ -53,6 +55,13 @@ class ArrayHistogram(Collector):
         with self._lock:
             self._counts += counts
             self._sum += total
+
+    def observe(self, value: float) -> None:
+        """One finite value, counted as :meth:`observe_many` counts it, without its numpy calls."""
+        index = bisect.bisect_left(self._bounds, value)  # bisect_left: searchsorted's side="left"
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += float(value)
 
     def _family(self, with_samples: bool) -> HistogramMetricFamily:
         if not with_samples:

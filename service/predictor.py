@@ -181,6 +181,8 @@ class OnnxPredictor:
 
     def predict(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
         n = features.shape[0]
+        if n == 1:  # a lone request: one is always a warmed size, no search for it
+            return self._run(features)
         if n > self._max:
             return np.concatenate([self.predict(features[i : i + self._max]) for i in range(0, n, self._max)])
         size = int(self._sizes[np.searchsorted(self._sizes, n)])

@@ -7,10 +7,13 @@ vectorised over epoch-second columns by the prediction routes.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic_core import TzInfo
 
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2100, 1, 1, tzinfo=UTC)
@@ -33,6 +36,37 @@ def check_range(value: datetime) -> datetime:
     return value
 
 
+_SECOND = timedelta(seconds=1)
+_FEW = 64  # values below which a range check runs in Python
+_FIXED_OFFSET = (timezone, TzInfo)  # one offset whatever the date, unlike a zoneinfo zone
+_EPOCH_ORDINAL = EARLIEST.toordinal()
+
+
+def epoch_seconds(values: Sequence[datetime]) -> list[int]:
+    """Aware datetimes as whole epoch seconds, floored: ``math.floor(value.timestamp())`` each, in
+    integer arithmetic. ``timestamp()`` asks the tzinfo for its offset on every call, the larger
+    part of a short history's conversion; here a fixed-offset tzinfo (what pydantic parses RFC 3339
+    into) is asked once. The same integers wherever the float holds the second exactly, which
+    covers the whole range and far beyond."""
+    out: list[int] = []
+    zone: tzinfo | None = None
+    offset: int | None = None  # whole seconds; None: ask timestamp() (a zone, a fractional offset)
+    for value in values:
+        if value.tzinfo is not zone or zone is None:
+            zone = value.tzinfo
+            delta = value.utcoffset()
+            if delta is None:
+                raise ValueError("epoch_seconds takes aware datetimes only")
+            fixed = type(zone) in _FIXED_OFFSET and delta % _SECOND == timedelta(0)
+            offset = delta // _SECOND if fixed else None
+        if offset is None:
+            out.append(math.floor(value.timestamp()))
+        else:  # the microseconds cannot carry below the whole-second offset: floored away
+            days = value.toordinal() - _EPOCH_ORDINAL
+            out.append(days * 86_400 + value.hour * 3600 + value.minute * 60 + value.second - offset)
+    return out
+
+
 def in_range(seconds: NDArray[np.int64] | NDArray[np.float64]) -> NDArray[np.bool_]:
     """Which epoch seconds obey the rule (NaN does not)."""
     return (seconds >= EARLIEST_SECONDS) & (seconds < LATEST_SECONDS)
@@ -40,4 +74,7 @@ def in_range(seconds: NDArray[np.int64] | NDArray[np.float64]) -> NDArray[np.boo
 
 def all_in_range(seconds: NDArray[np.int64] | NDArray[np.float64]) -> bool:
     """:func:`in_range` for every value, in two reductions and no temporary masks (the common case)."""
+    if seconds.size <= _FEW and seconds.dtype.kind == "i":  # a lone request's: numpy's reductions cost more
+        values = seconds.tolist()
+        return not values or (min(values) >= EARLIEST_SECONDS and max(values) < LATEST_SECONDS)
     return seconds.size == 0 or bool(seconds.min() >= EARLIEST_SECONDS and seconds.max() < LATEST_SECONDS)

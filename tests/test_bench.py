@@ -332,6 +332,23 @@ def test_table_and_json_carry_ratios_and_targets(tmp_path: Path) -> None:
     assert "on ÷ off" not in table
 
 
+@pytest.mark.parametrize(("service_p50", "met"), [(0.30, True), (0.33, False)])
+def test_a_lone_predict_is_judged_against_the_constant_floor_plus_one_session_run(
+    service_p50: float, met: bool
+) -> None:
+    """p50 at one connection ≤ 1.5 x (constant FastAPI's p50 + a batch-1 session.run's p50)."""
+    ort_1 = floors.OrtFloor(
+        batch=1, calls=100, seconds=1.0, calls_per_s=100, users_per_s=100, p50_ms=0.05, p99_ms=0.1
+    )
+    constant = dataclasses.replace(_phase("constant", "/predict", 1, 6000), p50_ms=0.15)
+    service = dataclasses.replace(_phase("service", "/predict", 1, 3000), p50_ms=service_p50)
+    result = _report([constant, service], [ort_1])
+    assert report.ratios(result)["predict_c1_p50_floors"] == pytest.approx(service_p50 / 0.2)
+    assert report.targets(result)["predict_c1_p50_floors"] is met
+    verdict = "met" if met else "**missed**"
+    assert f"p50 ≤ 1.5 x (constant + onnxruntime batch 1): {verdict}" in report.markdown(result)
+
+
 UNBATCHED = report.UNBATCHED_SERVER
 
 
@@ -484,6 +501,7 @@ def test_a_short_run_end_to_end(tiny_model_dir: TinyModel, tmp_path: Path) -> No
     assert [f["batch"] for f in data["ort"]] == [1, 20]
     assert set(data["ratios"]) == {
         "predict_c1",
+        "predict_c1_p50_floors",
         "predict_c4",
         "batch",
         "batch_columns",

@@ -1,13 +1,16 @@
-"""The shared encoder: edge cases a user would notice, and vectorised == per-user."""
+"""The shared encoder: edge cases a user would notice, vectorised == per-user, and the one-user form
+== the batch form, bit for bit."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from numpy.typing import NDArray
 
+from model_export.data import load_transactions
 from service.columns import FoldedHistory
-from service.features import ALL_CHANNELS, FeatureSpec, encode, encode_batch, summarise
+from service.features import ALL_CHANNELS, FeatureSpec, encode, encode_batch, encode_one, summarise
 
 DAY = 86_400
 AS_OF = 1_000 * DAY + 12 * 3600  # noon on day 1000
@@ -194,3 +197,87 @@ def test_bad_offsets_are_rejected() -> None:
         encode_batch([1, 2], [1.0, 1.0], [1, 1], [0, 1], AS_OF, SPEC)
     with pytest.raises(ValueError, match="differ in length"):
         encode_batch([1, 2], [1.0], [1, 1], [0, 2], AS_OF, SPEC)
+
+
+# ---- encode_one: the one-user form must give encode_batch's tensor, bit for bit ----------------
+
+SPECS = (
+    FeatureSpec(),  # the default a served model carries
+    SPEC,
+    FeatureSpec(lookback_bins=2, bin_days=1, channels=ALL_CHANNELS[::-1]),
+    FeatureSpec(lookback_bins=10, bin_days=30, channels=("log_bins_since_purchase", "log_spend_total")),
+)
+
+
+def assert_same_as_batch(
+    ts: NDArray[np.int64], amt: NDArray[np.float64], qty: NDArray[np.float64], as_of: int, spec: FeatureSpec
+) -> None:
+    batch = encode_batch(ts, amt, qty, [0, ts.size], as_of, spec)
+    one = encode_one(ts.tolist(), amt.tolist(), qty.tolist(), as_of, spec)
+    assert one.dtype == np.float32
+    assert one.shape == batch.shape
+    assert one.tobytes() == batch.tobytes()  # not allclose: a lone request and a batch answer alike
+
+
+Events = tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]
+
+
+def _history(rng: np.random.Generator, as_of: int) -> Events:
+    n = int(rng.integers(0, 60))
+    span = int(rng.choice([1, 3, 30, 400, 3000])) * DAY
+    ts = as_of - rng.integers(-span // 8, span, n)  # some after as_of
+    amt = np.round(rng.exponential(30.0, n), int(rng.integers(0, 3)))
+    qty = rng.integers(1, 5, n).astype(np.float64)
+    if n and rng.random() < 0.5:  # rows logged twice, and other rows on the same second or day
+        src = rng.integers(0, n, n // 2)
+        ts[: n // 2] = ts[src]
+        if rng.random() < 0.7:
+            amt[: n // 2], qty[: n // 2] = amt[src], qty[src]
+    if n and rng.random() < 0.2:
+        amt[rng.integers(0, n)] = 0.0
+    return ts, amt, qty
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.lookback_bins}x{s.bin_days}d-{len(s.channels)}ch")
+def test_encode_one_equals_the_batch_encoder_on_random_histories(spec: FeatureSpec) -> None:
+    rng = np.random.default_rng(len(spec.channels))
+    for _ in range(2000):
+        as_of = int(rng.integers(900_000_000, 1_100_000_000))
+        assert_same_as_batch(*_history(rng, as_of), as_of, spec)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.lookback_bins}x{s.bin_days}d-{len(s.channels)}ch")
+def test_encode_one_equals_the_batch_encoder_at_the_edges(spec: FeatureSpec) -> None:
+    window = spec.lookback_bins * spec.bin_days
+    cases: list[tuple[list[int], list[float]]] = [
+        ([], []),  # no history
+        ([0], [5.0]),  # on as_of's day
+        ([window - 1], [5.0]),  # the oldest day inside the window
+        ([window], [5.0]),  # the newest day outside it
+        ([window, window + 400], [1.0, 2.0]),  # only purchases older than the window
+        ([window + 3, 2, 2, 1], [1.0, 1.0, 1.0, 9.0]),  # same day, same row twice, an old seed
+        ([5] * 30, [2.5] * 30),  # one row logged thirty times
+    ]
+    for ages, amounts in cases:
+        ts = days_ago(*ages) if ages else np.zeros(0, dtype=np.int64)
+        amt = np.array(amounts, dtype=np.float64)
+        assert_same_as_batch(ts, amt, np.ones(len(ages)), AS_OF, spec)
+    # a row a second after as_of is ignored, as on the same day
+    assert_same_as_batch(np.array([AS_OF, AS_OF + 1]), np.array([1.0, 2.0]), np.ones(2), AS_OF, spec)
+
+
+def test_encode_one_equals_the_batch_encoder_on_cdnow_customers() -> None:
+    tx = load_transactions("cdnow")
+    rng = np.random.default_rng(3)
+    users = rng.choice(tx.user_ids.size, size=3000, replace=False)
+    spec = FeatureSpec()
+    for as_of_day in ("1997-03-31", "1997-09-30", "1998-06-30"):
+        as_of = int(pd.Timestamp(as_of_day, tz="UTC").timestamp()) + DAY - 1
+        for u in users:
+            lo, hi = tx.offsets[u], tx.offsets[u + 1]
+            assert_same_as_batch(tx.timestamps[lo:hi], tx.amounts[lo:hi], tx.quantities[lo:hi], as_of, spec)
+
+
+def test_encode_one_refuses_columns_of_different_lengths() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        encode_one([1, 2], [1.0], [1.0, 1.0], AS_OF, SPEC)

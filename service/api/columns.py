@@ -22,7 +22,7 @@ from service.history import StoredUsers, merge_histories, read_histories
 from service.lifecycle import LoadedModel
 from service.schemas import PredictRequest
 from service.store import History
-from service.timestamps import RANGE_MESSAGE
+from service.timestamps import RANGE_MESSAGE, epoch_seconds
 
 _MAX_LISTED = 10  # users named in one error; the count says the rest
 _MAX_FIELDS = 100  # timestamps named in one out-of-range error
@@ -121,10 +121,9 @@ def request_columns(users: Sequence[PredictRequest], now: int) -> EventColumns:
 def _one_user(user: PredictRequest, now: int) -> EventColumns:
     """:func:`request_columns` for the single-user ``/predict``, without the flattening it does not need."""
     events = user.events or ()
-    seconds = np.array([e.timestamp.timestamp() for e in events], dtype=np.float64)
-    as_of = now if user.as_of is None else math.floor(user.as_of.timestamp())
+    as_of = now if user.as_of is None else epoch_seconds([user.as_of])[0]
     return EventColumns(
-        timestamps=np.floor(seconds).astype(np.int64),
+        timestamps=np.array(epoch_seconds([e.timestamp for e in events]), dtype=np.int64),
         amounts=np.array([e.amount for e in events], dtype=np.float64),
         quantities=np.array([e.quantity for e in events], dtype=np.float64),
         offsets=np.array([0, len(events)], dtype=np.int64),

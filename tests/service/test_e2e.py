@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import math
 import signal
 import subprocess
 import time
@@ -25,6 +26,10 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import Client, Columns, Event, StoredEvent, User
+from service.config import Settings
+from service.features import encode_batch
+from service.predictor import OnnxPredictor
+from service.schemas import PredictResponse
 from tests import waiting
 from tests.conftest import TinyModel
 from tests.service.processes import (
@@ -154,6 +159,56 @@ def raw_offline(tiny_model_dir: TinyModel) -> list[dict[str, Any]]:
         }
         for row in _read_csv(tiny_model_dir.scores)
     ]
+
+
+def _general_path(predictor: OnnxPredictor, body: dict[str, Any]) -> float:
+    """One user's probability the way every batch is scored: ``encode_batch`` on columns with
+    ``math.floor(timestamp())`` seconds, then the session at batch size one."""
+    as_of = math.floor(datetime.fromisoformat(body["as_of"]).timestamp())
+    events = body["events"]
+    ts = [math.floor(datetime.fromisoformat(e["timestamp"]).timestamp()) for e in events]
+    features = encode_batch(
+        np.array(ts, dtype=np.int64),
+        np.array([e["amount"] for e in events], dtype=np.float64),
+        np.array([e["quantity"] for e in events], dtype=np.float64),
+        [0, len(events)],
+        as_of,
+        predictor.metadata.feature_spec,
+    )
+    return float(predictor.predict(features)[0])
+
+
+def test_a_lone_request_answers_as_the_general_path_bit_for_bit(
+    server: ServiceProcess,
+    tiny_model_dir: TinyModel,
+    offline: list[dict[str, Any]],
+    raw_offline: list[dict[str, Any]],
+) -> None:
+    """A lone ``/predict`` (one user, nothing else in flight: the one-user encoder, no batcher)
+    gives the float32 of the batch encoder and a batch-one session on the same file, and the
+    answer's bytes are the response model's; raw rows with duplicates, a user without history and
+    a user whose events all follow ``as_of`` included."""
+    raw = [u["body"] for u in raw_offline if _repeats(u["body"]) != (0, 0)][:40]
+    bodies = [u["body"] for u in offline[:80]] + raw
+    bodies += [{"user_id": "nobody", "events": [], "as_of": "1998-01-01T00:00:00Z"}]
+    bodies += [{**raw[0], "user_id": "later", "as_of": "1997-01-01T12:00:00+05:30"}]
+    predictor = OnnxPredictor.load(tiny_model_dir.model, Settings())
+    meta = predictor.metadata
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        alone = [client.post("/predict", json=body) for body in bodies]
+    for body, single in zip(bodies, alone, strict=True):
+        probability = _general_path(predictor, body)
+        want = PredictResponse(
+            user_id=body["user_id"],
+            probability=probability,
+            will_purchase=probability >= meta.threshold,
+            threshold=meta.threshold,
+            horizon_days=meta.horizon_days,
+            model_version=meta.model_version,
+        )
+        assert single.status_code == 200
+        assert single.json()["probability"] == probability, body["user_id"]
+        assert single.content == want.model_dump_json().encode()
 
 
 def _repeats(body: dict[str, Any]) -> tuple[int, int]:

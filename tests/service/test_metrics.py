@@ -33,6 +33,23 @@ def test_array_histogram_matches_client_python_histogram() -> None:
     assert abs(got_sum - float(values.sum())) < 1e-9
 
 
+def test_array_histogram_counts_one_value_as_observe_many_does() -> None:
+    """A lone request's probability goes through ``observe``: the same buckets, count and sum as
+    ``observe_many``, bounds included (``le`` is "<=")."""
+    values = [*PROBABILITY_BUCKETS, 0.0, 1.0, 0.3333, *np.random.default_rng(1).random(300).tolist()]
+    one_registry, many_registry = CollectorRegistry(), CollectorRegistry()
+    one, many = (
+        ArrayHistogram("p", "doc", PROBABILITY_BUCKETS),
+        ArrayHistogram("p", "doc", PROBABILITY_BUCKETS),
+    )
+    one_registry.register(one)
+    many_registry.register(many)
+    for v in values:  # one call per value on both: a sum of many in one call is added pairwise
+        one.observe(float(np.float32(v)))
+        many.observe_many(np.asarray([v], dtype=np.float32))
+    assert generate_latest(one_registry) == generate_latest(many_registry)
+
+
 def test_metrics_output_passes_promtool(client: TestClient) -> None:
     promtool = require_binary("promtool")
     client.post("/predict", json={"user_id": "u", "events": []})

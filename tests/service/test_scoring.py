@@ -4,16 +4,20 @@ range check's quick "all in range" answer agrees with the full search."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+import math
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
 
 from service.api.columns import request_columns
 from service.columns import EventColumns, FoldedHistory, concat_columns, out_of_range
-from service.features import ALL_CHANNELS, FeatureSpec, encode_batch
+from service.features import ALL_CHANNELS, ONE_USER_MAX_EVENTS, FeatureSpec, encode_batch
 from service.schemas import PredictRequest
-from service.timestamps import LATEST_SECONDS
+from service.scoring import encode
+from service.timestamps import LATEST_SECONDS, epoch_seconds
+from tests.service.fakes import FakePredictor
 
 NOW = 1_000_000_000
 
@@ -116,3 +120,61 @@ def test_joined_columns_with_folded_history_encode_as_each_alone() -> None:
     assert not np.array_equal(
         encode(concat_columns([part(2, 0), part(5, 0)])), alone[[1, 3]]
     )  # folded counts
+
+
+def test_epoch_seconds_equal_the_floored_float_timestamps() -> None:
+    """The integer conversion a lone request uses gives ``math.floor(value.timestamp())`` (what the
+    batch columns compute) for RFC 3339 offsets, fractions of a second, and both edges of the range."""
+    rng = np.random.default_rng(11)
+    zones: list[tzinfo] = [
+        UTC,
+        timezone(timedelta(hours=5, minutes=30)),
+        timezone(-timedelta(hours=8)),
+        timezone(timedelta(0)),
+    ]
+    zones.append(timezone(timedelta(seconds=1, microseconds=500_000)))  # not whole seconds: the float path
+    zones.append(ZoneInfo("Europe/Paris"))  # an offset that changes with the date
+    values = [datetime(1970, 1, 1, tzinfo=UTC), datetime(2099, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)]
+    values += [
+        datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+        datetime(2100, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+    ]
+    for s, us, z in zip(
+        rng.integers(-(2**31), 2**32, size=3000),
+        rng.integers(0, 1_000_000, size=3000),
+        rng.integers(0, len(zones), size=3000),
+        strict=True,
+    ):
+        zone = zones[int(z)]
+        values.append(datetime.fromtimestamp(int(s), tz=zone).replace(microsecond=int(us)))
+    want = [math.floor(v.timestamp()) for v in values]
+    assert epoch_seconds(values) == want
+    rfc3339 = [v for v in values if (v.utcoffset() or timedelta(0)) % timedelta(minutes=1) == timedelta(0)][
+        :300
+    ]
+    body = {
+        "user_id": "u",
+        "events": [{"timestamp": v.isoformat(), "amount": 1.0, "quantity": 1} for v in rfc3339],
+    }
+    parsed = PredictRequest.model_validate_json(json.dumps(body))  # pydantic's tzinfo, as /predict sees it
+    assert epoch_seconds([e.timestamp for e in parsed.events or ()]) == [
+        math.floor(v.timestamp()) for v in rfc3339
+    ]
+    with pytest.raises(ValueError, match="aware"):
+        epoch_seconds([datetime(2000, 1, 1)])
+
+
+@pytest.mark.parametrize("n_events", [0, 20, ONE_USER_MAX_EVENTS, ONE_USER_MAX_EVENTS + 1, 500])
+def test_the_scorer_encodes_a_lone_user_as_the_batch_encoder_whatever_its_length(n_events: int) -> None:
+    """Short histories go to the one-user encoder, long ones to the batch encoder: the same tensor."""
+    rng = np.random.default_rng(n_events)
+    ts = NOW - rng.integers(-86_400, 900 * 86_400, size=n_events)
+    ts[: n_events // 3] = ts[n_events // 3 : 2 * (n_events // 3)]  # rows sharing their second
+    amounts, quantities = np.round(rng.exponential(20.0, n_events), 2), np.ones(n_events)
+    columns = EventColumns(
+        ts, amounts, quantities, np.array([0, n_events], dtype=np.int64), np.array([NOW], dtype=np.int64)
+    )
+    predictor = FakePredictor()
+    spec = predictor.metadata.feature_spec
+    want = encode_batch(ts, amounts, quantities, [0, n_events], NOW, spec)
+    assert encode(columns, predictor).tobytes() == want.tobytes()
