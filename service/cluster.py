@@ -182,13 +182,13 @@ class Cluster:
 
     async def call_others(
         self, message: dict[str, Any], *, timeout: float = CALL_TIMEOUT_SECONDS
-    ) -> list[dict[str, Any] | BaseException]:
-        """Every other worker's answer (or the error calling it), in worker order."""
+    ) -> dict[int, dict[str, Any] | BaseException]:
+        """Every other worker's answer (or the error calling it), by worker index."""
         others = [i for i in range(self.size) if i != self.index]
         results = await asyncio.gather(
             *(self.call(i, message, timeout=timeout) for i in others), return_exceptions=True
         )
-        return list(results)
+        return dict(zip(others, results, strict=True))
 
     # ---- one admin change at a time, in every worker -------------------------------------------
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -240,7 +240,7 @@ async def apply(
     async with contextlib.AsyncExitStack() as stack:
         if coordinator is not None:
             await stack.enter_async_context(coordinator.exclusive())
-        await stack.enter_async_context(_locked(lock))
+        await stack.enter_async_context(lock)
         try:
             planned = await plan(slot, settings, change)
             if planned.message is not None:  # something to change
@@ -259,12 +259,6 @@ async def apply(
     if planned.message is not None:
         logger.info(planned.message, extra=planned.extra)
     return planned
-
-
-@contextlib.asynccontextmanager
-async def _locked(lock: anyio.Lock) -> AsyncIterator[None]:
-    async with lock:
-        yield
 
 
 async def load_configured(

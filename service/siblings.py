@@ -66,8 +66,7 @@ class Coordinator:
         slot.stage(ticket, planned.models)
         message = {"op": "stage", "ticket": ticket, "change": change.to_json()}
         answers = await c.call_others(message, timeout=STAGE_TIMEOUT_SECONDS)
-        others = [i for i in range(c.size) if i != c.index]
-        for index, answer in zip(others, answers, strict=True):
+        for index, answer in answers.items():
             if isinstance(answer, BaseException) or not answer.get("ok"):
                 slot.drop(ticket)
                 await c.call_others({"op": "drop", "ticket": ticket})
@@ -80,7 +79,7 @@ class Coordinator:
         c.commit_generation(ticket)
         slot.current()  # this worker switches now
         synced = await c.call_others({"op": "sync"})
-        for index, answer in zip(others, synced, strict=True):
+        for index, answer in synced.items():
             if isinstance(answer, BaseException) or answer.get("generation") != ticket:
                 # it switches at its next read anyway; say so rather than fail a committed change
                 logger.warning(
@@ -178,16 +177,11 @@ async def scrape(ctx: AppContext, cluster: Cluster) -> list[Metric]:
     union of the workers' windows and the shadow's mean difference over all its samples: figures a
     gauge mode could only approximate. A version whose reference this worker does not hold (it
     never scored it) keeps the merged value."""
-    local = {"families": families_to_json(ctx.metrics.registry.collect()), **_windows(ctx)}
+    got: dict[int, dict[str, Any] | BaseException] = dict(await cluster.call_others({"op": "metrics"}))
+    got[cluster.index] = {"families": families_to_json(ctx.metrics.registry.collect()), **_windows(ctx)}
     answers: list[dict[str, Any]] = []
-    others = await cluster.call_others({"op": "metrics"})
-    position = 0
-    for index in range(cluster.size):
-        if index == cluster.index:
-            answers.append(local)
-            continue
-        answer = others[position]
-        position += 1
+    for index in range(cluster.size):  # worker 0 first: the leader's gauges come from it
+        answer = got[index]
         if isinstance(answer, BaseException):
             raise answer
         answers.append(answer)

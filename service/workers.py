@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 from service.cluster import READY, Shared
+from service.config import Settings
 
 logger = logging.getLogger("service")
 
@@ -53,7 +54,7 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
-def per_worker(settings: Any, workers: int) -> dict[str, Any]:
+def per_worker(settings: Settings, workers: int) -> dict[str, Any]:
     """The settings each of ``workers`` processes gets, so that together they use what one
     process would: onnxruntime and batch threads divided (``workers x threads <= cores``) and each
     rate limit divided (each worker keeps its own buckets). Returns the changed fields."""
@@ -82,7 +83,7 @@ def bind(host: str, port: int) -> socket.socket:
 class Supervisor:
     """The parent process; see the module docstring."""
 
-    def __init__(self, overrides: dict[str, Any], settings: Any, workers: int) -> None:
+    def __init__(self, overrides: dict[str, Any], settings: Settings, workers: int) -> None:
         self._overrides = overrides
         self._settings = settings
         self._workers = workers

@@ -172,7 +172,7 @@ async def erase_user(request: Request, ctx: Context, user_id: UserId) -> Respons
     if ctx.cluster is not None and monitor is not None and monitor.recorder is not None:
         # The other workers' buffers first: what they drained and wrote before this goes with the
         # delete below. One that does not answer fails the erasure (503, retry) before it starts.
-        for answer in await ctx.cluster.call_others({"op": "forget", "user_id": user_id}):
+        for answer in (await ctx.cluster.call_others({"op": "forget", "user_id": user_id})).values():
             if isinstance(answer, BaseException):
                 raise answer
     deleted = await in_store_thread(ctx, erase)
