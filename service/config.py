@@ -153,8 +153,9 @@ class Settings(BaseSettings):
     is read, or as soon as a streamed (chunked) body passes the limit."""
 
     max_concurrent_requests: int = Field(default=64, ge=1)
-    """Prediction requests being processed at once (body read, queued or computing); one more is
-    shed at once with 503 ``overloaded`` and ``Retry-After`` instead of queueing without bound."""
+    """Prediction requests being processed at once (body read, queued or computing), per worker
+    process; one more is shed at once with 503 ``overloaded`` and ``Retry-After`` instead of
+    queueing without bound."""
 
     request_timeout_seconds: float = Field(default=10.0, gt=0)
     """Seconds a prediction request may take to arrive whole and reach a worker: a body that
