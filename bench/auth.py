@@ -222,23 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{'present' if rate.retry_after_seen else 'MISSING'} (±{TARGET_RATE_ERROR:.0%}: "
         f"{'met' if met_rate else 'MISSED'})"
     )
-    out = args.json or REPO / "bench" / "results" / f"auth-{started.replace(':', '')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "started": started,
-                "machine": asdict(host),
-                "load_average": {"before": before, "after": after},
-                "phases": [asdict(p) for p in phases],
-                "tokens_ratio": ratio,
-                "rate": asdict(rate),
-                "met": {"tokens_ratio": met_ratio, "rate": met_rate},
-            },
-            indent=2,
-        )
+    machine.write_run(
+        "auth",
+        started,
+        args.json,
+        host,
+        (before, after),
+        {
+            "phases": [asdict(p) for p in phases],
+            "tokens_ratio": ratio,
+            "rate": asdict(rate),
+            "met": {"tokens_ratio": met_ratio, "rate": met_rate},
+        },
     )
-    print(f"\nJSON: {out}")
     return 0 if met_ratio and met_rate else 1
 
 

@@ -4,9 +4,12 @@ little). The load average before and after says whether something else was runni
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -75,3 +78,31 @@ def describe() -> Machine:
         packages={name: _version(name) for name in (*_PACKAGES, *_OPTIONAL)},
         load_average=load_average(),
     )
+
+
+def write_run(
+    kind: str,
+    started: str,
+    path: Path | None,
+    host: Machine,
+    load: tuple[tuple[float, float, float], tuple[float, float, float]],
+    record: dict[str, Any],
+) -> Path:
+    """A bench's JSON record: ``path``, or ``bench/results/<kind>-<started>.json``; the machine and
+    the load average before and after go first. Prints where it went."""
+    out = (
+        path
+        or Path(__file__).resolve().parents[1]
+        / "bench"
+        / "results"
+        / f"{kind}-{started.replace(':', '')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = {
+        "started": started,
+        "machine": asdict(host),
+        "load_average": {"before": load[0], "after": load[1]},
+    }
+    out.write_text(json.dumps({**head, **record}, indent=2))
+    print(f"\nJSON: {out}")
+    return out

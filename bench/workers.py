@@ -17,7 +17,6 @@ worker's peak RSS ≤ 300 MB.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -216,24 +215,20 @@ def main(argv: list[str] | None = None) -> int:
         f"- peak RSS per worker: {', '.join(f'{p:.0f}' for p in peaks)} MB "
         f"(≤ {TARGET_RSS_MB:.0f}: {verdict(met['rss'])})"
     )
-    out = args.json or REPO / "bench" / "results" / f"workers-{started.replace(':', '')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "started": started,
-                "machine": asdict(host),
-                "load_average": {"before": before, "after": after},
-                "phases": [asdict(p) for p in phases],
-                "scaling": scaling,
-                "p99_ms": {"workers-2": p99_two, "constant": p99_floor},
-                "worker_peak_rss_mb": peaks,
-                "met": met,
-            },
-            indent=2,
-        )
+    machine.write_run(
+        "workers",
+        started,
+        args.json,
+        host,
+        (before, after),
+        {
+            "phases": [asdict(p) for p in phases],
+            "scaling": scaling,
+            "p99_ms": {"workers-2": p99_two, "constant": p99_floor},
+            "worker_peak_rss_mb": peaks,
+            "met": met,
+        },
     )
-    print(f"\nJSON: {out}")
     return 0 if all(met.values()) else 1
 
 
